@@ -1,0 +1,1 @@
+"""One module per `dtr` sub-command; each exposes `register(app: typer.Typer)`."""
