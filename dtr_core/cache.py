@@ -1,0 +1,65 @@
+"""The hybrid cache: a KV cache for full-attention layers, a fixed-size state for linear layers.
+
+Built on transformers' own `DynamicCache` and `LinearAttentionLayer` (the cache Qwen3-Next and other
+hybrids use): a linear layer keeps its recurrent state (and JetBlock its last `conv_size - 1` values)
+instead of a growing key/value list. `RecurrentStateLayer` also counts the tokens it has seen, so a
+model whose every layer is linear still knows its position for RoPE.
+"""
+
+from __future__ import annotations
+
+from transformers import DynamicCache, PretrainedConfig
+from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin, LinearAttentionLayer
+
+FULL = "full"  # the layer-map entry of a layer that keeps its softmax attention
+
+
+class RecurrentStateLayer(LinearAttentionLayer):
+    """`LinearAttentionLayer` that also counts the tokens it has absorbed."""
+
+    def __init__(self, number_of_states: int = 1, **kwargs):
+        super().__init__(number_of_states=number_of_states, **kwargs)
+        self.seen_tokens = 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen_tokens = 0
+
+
+class HybridCache(DynamicCache):
+    """DynamicCache whose layer i is a KV layer if `layer_map[i] == "full"`, else a recurrent-state layer."""
+
+    def __init__(self, config: PretrainedConfig | None = None, layer_map: list[str] | None = None):
+        if layer_map is None:
+            layer_map = list(getattr(config, "dtr_layer_mixers", None) or [])
+        super().__init__()
+        self.layers = [DynamicLayer() if kind == FULL else RecurrentStateLayer() for kind in layer_map]
+        self.layer_class_to_replicate = DynamicLayer
+
+    def _all_linear(self) -> bool:
+        return bool(self.layers) and all(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in self.layers)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if self._all_linear():
+            return getattr(self.layers[0], "seen_tokens", 0)
+        return super().get_seq_length(layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        if self._all_linear():  # no layer reads the mask; keep transformers' mask builder consistent
+            return self.get_seq_length() + query_length, 0
+        return super().get_mask_sizes(query_length, layer_idx)
+
+
+def recurrent_layer(cache: DynamicCache, layer_idx: int) -> LinearAttentionLayer:
+    """The linear-attention cache layer at `layer_idx`, converting a plain KV slot if needed.
+
+    Lets a student swapped into an ordinary model (whose forward made a plain `DynamicCache`) keep its
+    state in the same cache object.
+    """
+    while len(cache.layers) <= layer_idx:
+        cache.layers.append(DynamicLayer())
+    layer = cache.layers[layer_idx]
+    if not isinstance(layer, LinearAttentionCacheLayerMixin):
+        layer = RecurrentStateLayer()
+        cache.layers[layer_idx] = layer
+    return layer

@@ -1,0 +1,192 @@
+"""Hybrid models as first-class Hugging Face models.
+
+A hybrid of family `f` (llama, qwen2, qwen3, mistral) is a `Dtr<F>ForCausalLM` with model_type
+`dtr_<f>`: the family's own model class whose config adds
+    dtr_layer_mixers: ["full", "gated_deltanet", "full", ...]   # one entry per layer
+    dtr_mixer_config: {"use_rope": true, ...}                   # MixerConfig of the students
+`import dtr_core` registers these with `AutoConfig` / `AutoModelForCausalLM`, so
+`AutoModelForCausalLM.from_pretrained(dir)` loads a saved hybrid without `trust_remote_code`, and
+`save_pretrained` writes safetensors. `forward(use_cache=True)` and `generate()` use `HybridCache`:
+a KV cache for full layers and a fixed-size recurrent state for linear ones.
+"""
+
+from __future__ import annotations
+
+import torch
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from dtr_core.cache import FULL, HybridCache
+from dtr_core.families import HYBRID_PREFIX, base_model_type, get_family
+from dtr_core.mixers import LinearMixer, MixerConfig, build_student, get_mixer_class
+from dtr_core.surgery import decoder_layers, swap_layers
+
+
+class HybridMixin:
+    """Behaviour shared by every `Dtr<F>ForCausalLM`: students built from the config, hybrid cache."""
+
+    def _install_students(self) -> None:
+        layer_map = self.config.dtr_layer_mixers
+        if layer_map is None:
+            layer_map = [FULL] * self.config.num_hidden_layers
+            self.config.dtr_layer_mixers = layer_map
+        if len(layer_map) != self.config.num_hidden_layers:
+            raise ValueError(
+                f"dtr_layer_mixers has {len(layer_map)} entries but the model has {self.config.num_hidden_layers} layers"
+            )
+        mixer_config = MixerConfig.from_dict(self.config.dtr_mixer_config)
+        students = {
+            layer_idx: build_student(kind, self.config, layer_idx, mixer_config)
+            for layer_idx, kind in enumerate(layer_map)
+            if kind != FULL
+        }
+        swap_layers(self, students)
+
+    def forward(self, *args, cache=None, use_cache=None, **kwargs):
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = HybridCache(self.config)
+        return super().forward(*args, cache=cache, use_cache=use_cache, **kwargs)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("cache")
+        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+            model_kwargs["cache"] = HybridCache(self.config)
+
+
+def _hybrid_classes(base_config: type, base_model: type) -> tuple[type, type]:
+    family = base_config.model_type
+    config_cls = strict(
+        type(
+            f"Dtr{base_config.__name__}",
+            (base_config,),
+            {
+                "__annotations__": {"dtr_layer_mixers": list[str] | None, "dtr_mixer_config": dict | None},
+                "dtr_layer_mixers": None,
+                "dtr_mixer_config": None,
+                "model_type": HYBRID_PREFIX + family,
+                "__module__": __name__,
+            },
+        )
+    )
+
+    def __init__(self, config):
+        base_model.__init__(self, config)
+        self._install_students()
+        self.post_init()
+
+    model_cls = type(
+        f"Dtr{base_model.__name__}",
+        (HybridMixin, base_model),
+        {"config_class": config_cls, "__init__": __init__, "__module__": __name__},
+    )
+    return config_cls, model_cls
+
+
+HYBRID_CLASSES: dict[str, tuple[type, type]] = {
+    config.model_type: _hybrid_classes(config, model)
+    for config, model in [
+        (LlamaConfig, LlamaForCausalLM),
+        (MistralConfig, MistralForCausalLM),
+        (Qwen2Config, Qwen2ForCausalLM),
+        (Qwen3Config, Qwen3ForCausalLM),
+    ]
+}
+
+for _config_cls, _model_cls in HYBRID_CLASSES.values():
+    AutoConfig.register(_config_cls.model_type, _config_cls, exist_ok=True)
+    AutoModelForCausalLM.register(_config_cls, _model_cls, exist_ok=True)
+
+
+def layer_map(model: PreTrainedModel) -> list[str]:
+    """Per layer: "full" or the mixer name of its student."""
+    return [
+        layer.self_attn.name if isinstance(layer.self_attn, LinearMixer) else FULL
+        for layer in decoder_layers(model)
+    ]
+
+
+def make_hybrid(
+    model: PreTrainedModel,
+    students: dict[int, nn.Module],
+    mixer_config: MixerConfig | None = None,
+) -> PreTrainedModel:
+    """A new hybrid model: `model`'s weights with `students[i]` as layer i's attention.
+
+    The teacher is left untouched (weights are copied). With no students, the hybrid computes
+    exactly what the teacher computes.
+    """
+    family = get_family(model.config)
+    config_cls, model_cls = HYBRID_CLASSES[family.model_type]
+    mixers = list(layer_map(model))
+    for layer_idx, student in students.items():
+        if not 0 <= layer_idx < len(mixers):
+            raise ValueError(f"layer index {layer_idx} is out of range; this model has layers 0..{len(mixers) - 1}")
+        get_mixer_class(student.name)
+        mixers[layer_idx] = student.name
+    if mixer_config is None:
+        configs = {student.mixer_config for student in students.values()}
+        mixer_config = configs.pop() if len(configs) == 1 else MixerConfig()
+    values = model.config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "dtr_layer_mixers", "dtr_mixer_config"):
+        values.pop(key, None)
+    config = config_cls(**values, dtr_layer_mixers=mixers, dtr_mixer_config=mixer_config.to_dict())
+    reference = next(model.parameters())
+    with torch.device("meta"):
+        hybrid = model_cls(config)
+    state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    for layer_idx, student in students.items():
+        prefix = f"model.layers.{layer_idx}.self_attn."
+        state = {name: tensor for name, tensor in state.items() if not name.startswith(prefix)}
+        state.update({prefix + name: tensor.detach().clone() for name, tensor in student.state_dict().items()})
+    missing, unexpected = hybrid.load_state_dict(state, strict=False, assign=True)
+    missing = [name for name in missing if name != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise RuntimeError(f"hybrid weights do not match: missing {missing}, unexpected {unexpected}")
+    teacher_buffers = dict(model.named_buffers())
+    for name, buffer in list(hybrid.named_buffers()):
+        if buffer.is_meta:  # non-persistent buffers (RoPE inv_freq) are not in the state dict
+            module_name, _, buffer_name = name.rpartition(".")
+            hybrid.get_submodule(module_name).register_buffer(
+                buffer_name, teacher_buffers[name].clone(), persistent=False
+            )
+    hybrid.tie_weights()
+    hybrid.generation_config = model.generation_config
+    return hybrid.to(device=reference.device, dtype=reference.dtype).eval()
+
+
+def is_hybrid(model: PreTrainedModel) -> bool:
+    return model.config.model_type != base_model_type(model.config)
+
+
+def cache_bytes(model: PreTrainedModel, context_len: int, batch_size: int = 1, dtype: torch.dtype | None = None) -> int:
+    """Decoding cache size at `context_len`: K and V of every full layer + the fixed state of linear layers."""
+    dtype = dtype or next(model.parameters()).dtype
+    element = torch.empty((), dtype=dtype).element_size()
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    total = 0
+    for layer in decoder_layers(model):
+        if isinstance(layer.self_attn, LinearMixer):
+            total += layer.self_attn.state_bytes(batch_size, dtype)
+        else:
+            total += 2 * batch_size * kv_heads * head_dim * context_len * element
+    return total
