@@ -1,0 +1,91 @@
+"""Export a searched hybrid (M_best or M_opt) as a self-contained `save_pretrained` folder.
+
+    runs/<run_id>/hybrids/best/   config.json (model_type dtr_<family>, dtr_layer_mixers), model.safetensors,
+                                  tokenizer files, dtr_export.json (what this hybrid is and where it came from)
+
+`dtr_export.json` is written inside the same atomically renamed folder, so a folder that has it is complete.
+Its `key` hashes what determines the weights (teacher fingerprint, students' keys, layers, mixer): a folder
+with the same key is reused, not rewritten. Loading needs only `import dtr_core` and
+`AutoModelForCausalLM.from_pretrained(folder)` (or `dtr_core.models.load_model(folder)`).
+MLflow packaging of these folders lives in `tasks/` (dtr_core never imports MLflow).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dtr_core.artifacts import atomic_dir, hash_json, read_json, write_json
+from dtr_core.build_hybrid import build_hybrid
+from dtr_core.hybrid import layer_map
+
+logger = logging.getLogger(__name__)
+
+EXPORT_FORMAT = 1
+EXPORT_INFO = "dtr_export.json"
+
+__all__ = ["EXPORT_INFO", "export_hybrid", "read_export_info"]
+
+
+def read_export_info(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The `dtr_export.json` of a complete exported hybrid folder, else None."""
+    path = Path(folder) / EXPORT_INFO
+    return read_json(path) if path.is_file() else None
+
+
+def _students_keys(students_dir: Path, layers: list[int]) -> dict[str, str]:
+    keys = {}
+    for layer in layers:
+        meta_path = students_dir / f"layer_{layer:03d}" / "meta.json"
+        if not meta_path.is_file():
+            raise ValueError(f"no distilled student for layer {layer} in {students_dir}")
+        keys[str(layer)] = read_json(meta_path)["key"]
+    return keys
+
+
+def export_hybrid(
+    teacher: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    students_dir: str | os.PathLike,
+    layers: list[int] | tuple[int, ...],
+    mixer: str,
+    out_dir: str | os.PathLike,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build the hybrid of `teacher` with `layers` linear (students from `students_dir`) and save it.
+
+    `metadata` (JSON-able: role, scores, run id...) is stored in `dtr_export.json`. Returns that dict,
+    with `"reused": True` when a complete folder with the same key already existed.
+    """
+    from dtr_core.models import model_fingerprint
+
+    students_dir, out_dir = Path(students_dir), Path(out_dir)
+    layers = sorted(int(layer) for layer in layers)
+    key = hash_json({"format": EXPORT_FORMAT, "teacher": model_fingerprint(teacher), "layers": layers,
+                     "mixer": mixer, "students": _students_keys(students_dir, layers)})
+    existing = read_export_info(out_dir)
+    if existing is not None and existing.get("key") == key:
+        logger.info("export: reusing %s (key %s)", out_dir, key[:12])
+        return {**existing, "reused": True}
+    hybrid = build_hybrid(teacher, layers, mixer, students_dir=students_dir)
+    info = {
+        "format": EXPORT_FORMAT,
+        "key": key,
+        "linear_layers": layers,
+        "num_layers": len(layer_map(hybrid)),
+        "layer_map": layer_map(hybrid),
+        "mixer": mixer,
+        "model_type": hybrid.config.model_type,
+        "parameters": sum(p.numel() for p in hybrid.parameters()),
+        "metadata": metadata or {},
+    }
+    with atomic_dir(out_dir) as staging:
+        hybrid.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        write_json(staging / EXPORT_INFO, info)  # last: the completion marker
+    logger.info("export: %d linear layers %s -> %s", len(layers), layers, out_dir)
+    return {**info, "reused": False}

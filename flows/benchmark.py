@@ -1,0 +1,40 @@
+"""Sub-flow `benchmark`: prefill latency, decode rate and cache size of models at one context length.
+
+Models are measured one after another in the same process (timings of different runs do not compare);
+speedups are relative to the first model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from dtr_core.speed import speedup
+from flows.params import SpeedParams
+from tasks.runtime import serial_threads
+from tasks.speed import speed_task
+
+
+@flow(name="benchmark", task_runner=ThreadPoolTaskRunner(max_workers=1),
+      description="Prefill/decode speed and cache size of models at a long context")
+def benchmark(
+    models: list[str] = ["smollm2-135m"],  # noqa: B006 - Prefect needs a literal default for the UI form
+    labels: list[str] | None = None,
+    speed: SpeedParams = SpeedParams(),
+) -> list[dict[str, Any]]:
+    """One `SpeedResult` dict per model (+ speedups vs the first model)."""
+    logger = get_run_logger()
+    labels = labels or list(models)
+    if len(labels) != len(models):
+        raise ValueError(f"{len(labels)} labels for {len(models)} models")
+    results = []
+    for model, label in zip(models, labels):
+        result = speed_task(model, label, speed.context_len, speed.decode_tokens, speed.repeats, serial_threads())
+        if results:
+            result.update(speedup(results[0], result))
+        results.append(result)
+        logger.info("%s at %d tokens: prefill %.2fs, decode %.1f tok/s, cache %.1f MB", label, speed.context_len,
+                    result["prefill_seconds"], result["decode_tokens_per_second"], result["cache_bytes"] / 2**20)
+    return results

@@ -1,0 +1,184 @@
+"""Flow `convert`: the whole DtR conversion of a pretrained transformer for one task, as Prefect tasks.
+
+It follows the numbered listing of `dtr_core/reference.py` (and chooses the same layers; tested):
+
+    0. parameters validated before any work; one MLflow parent run with the full config
+    1. P_base: the teacher on the task's validation split (search) and test split (report)
+    2. phase 1 (sub-flow `distill`): capture the teacher once; distil every layer as its own task, in parallel
+    3. phase 2 (sub-flow `replace`): greedy replacement, every candidate of a round its own task
+    4. export M_best and M_opt as hybrid folders; score both on validation and test
+    5. measure prefill/decode speed and cache size of teacher, M_best, M_opt (sub-flow `benchmark`)
+    6. plots, summary, and — only now that everything succeeded — register M_best and M_opt in MLflow
+
+Resume: the run folder is named by a hash of the parameters that decide the result, so the same parameters
+land in the same folder; completed captures, layers, candidates, exports and evaluations are reused by
+content key. `summary.json` is written last: a folder without it is an unfinished run.
+Runners: see `flows/runners.py`; call `run_convert(params)` (what `dtr convert` does) to get the shared
+temporary Prefect API that process and Dask workers need in embedded mode.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from dtr_core.artifacts import write_json
+from dtr_core.conversion import RunLayout
+from flows.benchmark import benchmark as benchmark_flow
+from flows.distill import distill as distill_flow
+from flows.params import (
+    AcceptanceParams,
+    ConvertParams,
+    DistillBudget,
+    MixerName,
+    RunnerParams,
+    SpeedParams,
+    TaskParams,
+    ToleranceParams,
+    TrackingParams,
+    build_params,
+    check_params,
+    one_line,
+)
+from flows.replace import replace as replace_flow
+from flows.runners import dask_cluster, make_task_runner, shared_api
+from tasks.evaluate import evaluate_task
+from tasks.export import export_task
+from tasks.pyfunc_model import task_card
+from tasks.registry import register_task
+from tasks.report import plots_task, publish_summary_task, summary_rows
+from tasks.runtime import serial_threads
+from tasks.runtime import task as build_task
+from tasks.tracking import Tracking, resolve_tracking_uri
+
+DEFAULTS = build_params("default")
+
+
+@flow(name="convert", task_runner=ThreadPoolTaskRunner(max_workers=1), validate_parameters=True,
+      flow_run_name="convert-{model}",
+      description="Distill-then-Replace: a task-specific hybrid of full and linear attention from a pretrained model")
+def convert(
+    model: str = DEFAULTS.model,
+    task: TaskParams = DEFAULTS.task,
+    mixer: MixerName = DEFAULTS.mixer,
+    distill: DistillBudget = DEFAULTS.distill,
+    tolerance: ToleranceParams = DEFAULTS.tolerance,
+    acceptance: AcceptanceParams = DEFAULTS.acceptance,
+    max_layers: int | None = DEFAULTS.max_layers,
+    seed: int = DEFAULTS.seed,
+    runner: RunnerParams = DEFAULTS.runner,
+    speed: SpeedParams = DEFAULTS.speed,
+    tracking: TrackingParams = DEFAULTS.tracking,
+    output_dir: str = DEFAULTS.output_dir,
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    """Convert `model` for `task`; returns the summary (also `runs/<run_id>/summary.json`)."""
+    from pydantic import ValidationError
+
+    try:
+        params = ConvertParams(model=model, task=task, mixer=mixer, distill=distill, tolerance=tolerance,
+                               acceptance=acceptance, max_layers=max_layers, seed=seed, runner=runner, speed=speed,
+                               tracking=tracking, output_dir=output_dir, run_id=run_id)
+    except ValidationError as error:
+        raise ValueError(one_line(error)) from None
+    check_params(params)  # 0. bad parameters: one line, before any work
+    return _convert(params)
+
+
+def _convert(params: ConvertParams) -> dict[str, Any]:
+    logger = get_run_logger()
+    started = time.perf_counter()
+    run_id = params.resolved_run_id()
+    layout = RunLayout(Path(params.output_dir).resolve() / run_id)
+    layout.summary.unlink(missing_ok=True)  # a re-run is unfinished until it finishes
+    write_json(layout.config, {**params.model_dump(mode="json"), "run_id": run_id})
+    tracking = Tracking.start_parent(
+        resolve_tracking_uri(params.tracking.tracking_uri), params.tracking.experiment, run_id,
+        params.model_dump(mode="json"),
+        tags={"dtr.model": params.model, "dtr.task": params.task.label, "dtr.mixer": params.mixer,
+              "dtr.run_dir": str(layout.root), "prefect.flow_run_id": str(FlowRunContext.get().flow_run.id)})
+    logger.info("run %s in %s; MLflow run %s", run_id, layout.root, tracking.parent_run_id)
+    try:
+        summary = _steps(params, run_id, layout, tracking, logger, started)
+    except BaseException:
+        tracking.finish("FAILED")
+        raise
+    tracking.finish("FINISHED")
+    return summary
+
+
+def _steps(params: ConvertParams, run_id: str, layout: RunLayout, tracking: Tracking, logger, started: float):
+    model, task, serial = params.model, params.task, serial_threads()
+    limits = {"validation": task.validation_limit, "test": task.test_limit}
+
+    # 1. P_base: the teacher on validation (the search's reference) and test (the report)
+    teacher_eval = evaluate_task(model, task, limits, "teacher", str(layout.reports / "eval_teacher.json"), serial)
+    tracking.log_metrics({"teacher_validation": teacher_eval["validation"]["score"],
+                          "teacher_test": teacher_eval["test"]["score"]})
+    logger.info("teacher: validation %.4f, test %.4f", teacher_eval["validation"]["score"], teacher_eval["test"]["score"])
+
+    with dask_cluster(params.runner) as dask_address:
+        # 2. phase 1: blockwise local distillation, one task per layer
+        layer_results = distill_flow.with_options(task_runner=make_task_runner(params.runner, dask_address))(
+            model=model, budget=params.distill, mixer=params.mixer, seed=params.seed, run_dir=str(layout.root),
+            runner=params.runner, tracking=tracking)
+        failed = [r["layer"] for r in layer_results if r["status"] != "ok"]
+        tracking.log_metrics({"layers_distilled": len(layer_results) - len(failed), "layers_failed": len(failed)})
+
+        # 3. phase 2: greedy replacement, one task per candidate
+        trajectory = replace_flow.with_options(task_runner=make_task_runner(params.runner, dask_address))(
+            model=model, task=task, mixer=params.mixer, run_dir=str(layout.root), tolerance=params.tolerance,
+            acceptance=params.acceptance, max_layers=params.max_layers, seed=params.seed, runner=params.runner,
+            tracking=tracking)
+    plots_task(str(layout.reports), trajectory, layer_results, str(layout.trajectory), tracking)
+
+    # 4. export M_best and M_opt; their validation and test scores
+    roles = {"best": trajectory["best_layers"], "opt": trajectory["opt_layers"]}
+    paths = {"teacher": model}
+    evals = {"teacher": teacher_eval}
+    for role, layers in roles.items():
+        export = export_task(model, str(layout.students), layers, params.mixer, str(layout.hybrid(role)), role,
+                             {"run_id": run_id, "search_score": trajectory[f"{role}_score"]}, serial)
+        paths[role] = export["path"]
+        evals[role] = evaluate_task(export["path"], task, limits, role, str(layout.reports / f"eval_{role}.json"), serial)
+        logger.info("M_%s: %d linear layers %s, validation %.4f, test %.4f", role, len(layers), layers,
+                    evals[role]["validation"]["score"], evals[role]["test"]["score"])
+
+    # 5. speed at a long context, measured one after another in this process
+    measured = benchmark_flow(models=[paths["teacher"], paths["best"], paths["opt"]], labels=["teacher", "M_best", "M_opt"],
+                              speed=params.speed)
+    speeds = dict(zip(("teacher", "best", "opt"), measured))
+    write_json(layout.reports / "speed.json", measured)
+
+    # 6. summary; register only now that every step succeeded
+    summary = {
+        "run_id": run_id, "run_dir": str(layout.root), "model": model, "task": task.label, "mixer": params.mixer,
+        "metric": teacher_eval["validation"]["metric"], "num_layers": trajectory["num_layers"],
+        "p_min": trajectory["p_min"], "stop_reason": trajectory["stop_reason"], "speed": params.speed.model_dump(),
+        "rounds": len(trajectory["rounds"]), "swap_order": trajectory["swap_order"],
+        "rows": summary_rows(trajectory, evals, speeds, paths),
+        "mlflow": {"uri": tracking.uri, "experiment_id": tracking.experiment_id, "run_id": tracking.parent_run_id,
+                   "url": tracking.run_url()},
+        "registered": None,
+    }
+    if params.tracking.register_models:
+        card = task_card(build_task(task))
+        descriptions = {role: f"{model} for {task.label}: {len(layers)} linear layers {layers}, run {run_id}"
+                        for role, layers in roles.items()}
+        summary["registered"] = register_task(tracking, params.registered_name(),
+                                              {role: paths[role] for role in roles}, card, descriptions)
+    summary["seconds"] = time.perf_counter() - started
+    return publish_summary_task(summary, str(layout.summary), tracking)
+
+
+def run_convert(params: ConvertParams) -> dict[str, Any]:
+    """Validate, then run the `convert` flow with the shared API its runner needs (see flows/runners.py)."""
+    check_params(params)
+    values = params.model_dump()
+    with shared_api(params.runner.kind):
+        return convert(**{name: getattr(params, name) for name in values})

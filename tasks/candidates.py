@@ -1,0 +1,63 @@
+"""Task: score one greedy candidate (current hybrid + one more linear layer) and log its MLflow child run.
+
+The round's shared work (a copy of the model with the committed layers swapped, and the hidden states
+entering every layer) is built once per process by `runtime.round_scorer`; this task scores one layer
+from it. Every scored candidate is written to `greedy/candidates/rNN_lLLL.json` with a key over everything
+that decides it, so a run killed in the middle of a round resumes without rescoring finished candidates.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks import runtime
+from tasks.tracking import Tracking
+
+
+def candidate_key(run_key: str, students_dir: str, committed: tuple[int, ...], layer: int) -> str:
+    from dtr_core.artifacts import hash_json, read_json
+    from dtr_core.distill import META, layer_dir
+
+    students = {str(i): read_json(layer_dir(students_dir, i) / META)["key"] for i in (*committed, layer)}
+    return hash_json({"run": run_key, "committed": list(committed), "layer": layer, "students": students})
+
+
+@task(name="score-candidate", cache_policy=NO_CACHE, task_run_name="round-{round_index:02d}-layer-{layer:03d}")
+def score_candidate_task(model: str, task_params: Any, students_dir: str, mixer: str, committed: tuple[int, ...],
+                         layer: int, round_index: int, limit: int | None, result_file: str, run_key: str,
+                         tracking: Tracking | None, threads: int) -> dict[str, Any]:
+    """`CandidateScore.to_dict()` of `committed + (layer,)` on the validation split (plus `seconds`, `reused`)."""
+    from pathlib import Path
+
+    from dtr_core.artifacts import read_json, write_json
+
+    committed = tuple(committed)
+    key = candidate_key(run_key, students_dir, committed, layer)
+    path = Path(result_file)
+    stored = read_json(path) if path.is_file() else None
+    if stored is not None and stored.get("key") == key:
+        result = {**stored["score"], "seconds": stored["seconds"], "reused": True}
+    else:
+        started = time.perf_counter()
+        with runtime.torch_threads(threads):
+            scorer = runtime.round_scorer(model, task_params, students_dir, mixer, committed, limit)
+            score = scorer.score(layer)
+        seconds = time.perf_counter() - started
+        write_json(path, {"key": key, "round": round_index, "layer": layer, "committed": list(committed),
+                          "score": score.to_dict(), "seconds": round(seconds, 3)})
+        result = {**score.to_dict(), "seconds": round(seconds, 3), "reused": False}
+    if tracking is not None:
+        tracking.child_run(
+            f"r{round_index:02d}-l{layer:03d}",
+            params={"round": round_index, "layer": layer, "committed": ",".join(map(str, committed)) or "-"},
+            metrics={"score": result["score"], "upper_bound": result["upper_bound"],
+                     "evaluated_fraction": result["evaluated_fraction"], "seconds": result["seconds"],
+                     "round": round_index, "layer": layer},
+            tags={"dtr.kind": "candidate", "dtr.round": round_index, "dtr.layer": layer,
+                  "dtr.rejected_early": result["rejected_early"], "dtr.reused": result["reused"]},
+        )
+    return result

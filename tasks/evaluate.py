@@ -1,0 +1,56 @@
+"""Task: score a model (teacher, or an exported hybrid folder) on task splits (one `evaluate` call per split).
+
+Results are stored as JSON next to the run (`reports/eval_<label>.json`) with a key over the model, the task
+and the limits, so a resumed run does not evaluate the same model twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks import runtime
+
+
+def _model_key(model: str) -> str:
+    """What identifies the model's weights: the export key of a hybrid folder, else the source string
+    (built-in names are fixed), plus a content fingerprint for other folders and hub ids."""
+    from dtr_core.export import read_export_info
+    from dtr_core.models import BUILTIN_MODELS, model_fingerprint
+
+    info = read_export_info(model) if Path(model).is_dir() else None
+    if info is not None:
+        return f"export:{info['key']}"
+    if model in BUILTIN_MODELS:
+        return f"builtin:{model}"
+    return f"weights:{model_fingerprint(runtime.teacher(model)[0])}"
+
+
+@task(name="evaluate", cache_policy=NO_CACHE, task_run_name="evaluate-{label}")
+def evaluate_task(model: str, task_params: Any, splits: dict[str, int | None], label: str, out_file: str | None,
+                  threads: int, per_example: bool = False) -> dict[str, dict[str, Any]]:
+    """{split: EvalResult.to_dict()} for each split (first `limit` examples; None = all)."""
+    from dtr_core.artifacts import hash_json, read_json, write_json
+    from dtr_core.evaluation import evaluate
+    from dtr_core.models import load_model
+
+    key = hash_json({"model": _model_key(model), "task": task_params.model_dump(mode="json"), "splits": splits,
+                     "per_example": per_example})
+    if out_file is not None and Path(out_file).is_file():
+        stored = read_json(out_file)
+        if stored.get("key") == key:
+            return stored["results"]
+    with runtime.torch_threads(threads):
+        if Path(model).is_dir() and (Path(model) / "dtr_export.json").is_file():
+            loaded, tokenizer = load_model(model)  # an exported hybrid: used once, not cached
+        else:
+            loaded, tokenizer = runtime.teacher(model)
+        task_obj = runtime.task(task_params)
+        results = {split: evaluate(loaded, tokenizer, task_obj, split, limit=limit).to_dict(per_example=per_example)
+                   for split, limit in splits.items()}
+    if out_file is not None:
+        write_json(out_file, {"key": key, "model": model, "results": results})
+    return results

@@ -1,0 +1,117 @@
+"""Tasks that report a conversion: plots + trajectory to MLflow, the summary (JSON, MLflow metrics, Prefect
+markdown artifact), and the pure functions that build the summary table (also used by `dtr convert`).
+
+Summary rows: teacher, M_best, M_opt — linear layers, validation and test score, decoding cache size at the
+benchmark context, measured prefill and decode speedups vs the teacher.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.tracking import Tracking
+
+ROLES = (("teacher", "teacher"), ("best", "M_best"), ("opt", "M_opt"))
+
+
+@task(name="plots", cache_policy=NO_CACHE)
+def plots_task(reports_dir: str, trajectory: dict[str, Any], layer_results: list[dict[str, Any]],
+               trajectory_file: str, tracking: Tracking | None) -> list[str]:
+    """Write the three plots to `reports_dir` and log them (and the trajectory JSON) to the parent run."""
+    from tasks.plots import plot_distill_losses, plot_layer_map, plot_score_trajectory
+
+    reports = Path(reports_dir)
+    paths = [
+        plot_score_trajectory(trajectory, reports / "score_vs_linear_layers.png", trajectory.get("metric", "score")),
+        plot_distill_losses(layer_results, reports / "distill_normalized_loss.png"),
+        plot_layer_map(trajectory["num_layers"], {"M_best": trajectory["best_layers"],
+                                                  "M_opt": trajectory["opt_layers"]}, reports / "layer_map.png"),
+    ]
+    if tracking is not None:
+        for path in paths:
+            tracking.log_artifact(path, "plots")
+        tracking.log_artifact(trajectory_file, "greedy")
+    return [str(p) for p in paths]
+
+
+def summary_rows(trajectory: dict[str, Any], evals: dict[str, dict[str, Any]], speeds: dict[str, dict[str, Any]],
+                 paths: dict[str, str]) -> list[dict[str, Any]]:
+    """teacher / M_best / M_opt rows. `evals[role][split]` are EvalResult dicts, `speeds[role]` SpeedResult dicts."""
+    layers = {"teacher": [], "best": trajectory["best_layers"], "opt": trajectory["opt_layers"]}
+    base = speeds["teacher"]
+    rows = []
+    for role, name in ROLES:
+        speed = speeds[role]
+        rows.append({
+            "model": name,
+            "linear_layers": list(layers[role]),
+            "num_linear": len(layers[role]),
+            "validation": evals[role]["validation"]["score"],
+            "test": evals[role]["test"]["score"],
+            "cache_bytes": speed["cache_bytes"],
+            "prefill_seconds": speed["prefill_seconds"],
+            "decode_tokens_per_second": speed["decode_tokens_per_second"],
+            "prefill_speedup": base["prefill_seconds"] / speed["prefill_seconds"],
+            "decode_speedup": speed["decode_tokens_per_second"] / base["decode_tokens_per_second"],
+            "cache_reduction": 1.0 - speed["cache_bytes"] / base["cache_bytes"],
+            "path": paths[role],
+        })
+    return rows
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The Prefect markdown artifact: the table, where things are, the MLflow link."""
+    context = summary["speed"]["context_len"]
+    lines = [
+        f"# dtr conversion `{summary['run_id']}`",
+        "",
+        f"{summary['model']} on **{summary['task']}** ({summary['metric']}), mixer `{summary['mixer']}`, "
+        f"{summary['num_layers']} layers; search stopped: {summary['stop_reason']} "
+        f"(P_min {summary['p_min']:.4f}).",
+        "",
+        f"| model | linear layers | validation | test | KV cache @ {context} | prefill speedup | decode speedup |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in summary["rows"]:
+        linear = ", ".join(map(str, row["linear_layers"])) or "none"
+        lines.append(f"| {row['model']} | {row['num_linear']} ({linear}) | {row['validation']:.4f} | {row['test']:.4f} "
+                     f"| {row['cache_bytes'] / 2**20:.1f} MB | {row['prefill_speedup']:.2f}x | {row['decode_speedup']:.2f}x |")
+    lines += ["", f"- run folder: `{summary['run_dir']}`",
+              f"- MLflow run: {summary['mlflow']['url']}"]
+    for role, info in (summary.get("registered") or {}).items():
+        lines.append(f"- registered: `{info['registered_uri']}` (version {info['version']})")
+    lines.append(f"- wall time: {summary['seconds'] / 60:.1f} min")
+    return "\n".join(lines) + "\n"
+
+
+@task(name="publish-summary", cache_policy=NO_CACHE)
+def publish_summary_task(summary: dict[str, Any], summary_file: str, tracking: Tracking | None) -> dict[str, Any]:
+    """Parent-run metrics and summary artifact, the Prefect markdown artifact, then `summary.json` (last)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from dtr_core.artifacts import write_json
+    from dtr_core.conversion import slug
+
+    if tracking is not None:
+        metrics: dict[str, float] = {"seconds": summary["seconds"]}
+        for row in summary["rows"]:
+            prefix = {"teacher": "teacher", "M_best": "best", "M_opt": "opt"}[row["model"]]
+            metrics.update({f"{prefix}_validation": row["validation"], f"{prefix}_test": row["test"],
+                            f"{prefix}_cache_mb": row["cache_bytes"] / 2**20})
+            if prefix != "teacher":
+                metrics.update({f"{prefix}_layers_linear": row["num_linear"],
+                                f"{prefix}_kv_cache_reduction": row["cache_reduction"],
+                                f"{prefix}_prefill_speedup": row["prefill_speedup"],
+                                f"{prefix}_decode_speedup": row["decode_speedup"]})
+        metrics["layers_swapped"] = summary["rows"][2]["num_linear"]
+        tracking.log_metrics(metrics)
+    create_markdown_artifact(summary_markdown(summary), key=f"dtr-summary-{slug(summary['run_id'], 40)}",
+                             description=f"dtr conversion {summary['run_id']}")
+    write_json(summary_file, summary)  # last: the run is complete
+    if tracking is not None:
+        tracking.log_artifact(summary_file)
+    return summary
