@@ -1,0 +1,45 @@
+"""`dtr eval`: score a model (teacher or saved hybrid) on a task split.
+
+    dtr eval --model smollm2-135m --task sentiment --split validation --limit 200
+    dtr eval --model runs/x/hybrids/best --task my_task.json --split test --json
+"""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+
+def eval_command(
+    model: str = typer.Option(..., "--model", "-m", help="built-in name (smollm2-135m, tiny-llama, ...), "
+                              "a save_pretrained folder (teacher or hybrid) or a hub id"),
+    task: str = typer.Option(..., "--task", "-t", help="sentiment, trec, bbc-topic, bbc-lm, or a task spec .json file"),
+    split: str = typer.Option("validation", "--split", "-s", help="validation or test (or train)"),
+    limit: int | None = typer.Option(None, "--limit", "-n", help="score only the first N examples of the split"),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", help="sequences per forward pass"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
+    per_example: bool = typer.Option(False, "--per-example", help="with --json: include per-example results"),
+) -> None:
+    """Print a task metric for a model (label-likelihood accuracy, or perplexity)."""
+    from dtr_core.evaluation import evaluate, get_task
+    from dtr_core.models import load_model
+
+    task_obj = get_task(task)  # fail on a bad task before loading the model
+    task_obj.split(split)
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    loaded_model, tokenizer = load_model(model)
+    result = evaluate(loaded_model, tokenizer, task_obj, split=split, limit=limit, batch_size=batch_size)
+    if as_json:
+        typer.echo(json.dumps({"model": model, **result.to_dict(per_example=per_example)}, indent=None))
+        return
+    others = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k != result.metric)
+    typer.echo(f"{result.task}/{result.split} (n={result.n}, {result.seconds:.1f} s): "
+               f"{result.metric} {result.metrics[result.metric]:.4f}  [{others}]")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)
