@@ -24,7 +24,7 @@ from tasks.runtime import serial_threads
 from tasks.tracking import Tracking
 
 
-def _eta(seconds_done: float, done: int, total: int) -> str:
+def eta_text(seconds_done: float, done: int, total: int) -> str:
     if done == 0:
         return "?"
     left = seconds_done / done * (total - done)
@@ -66,5 +66,5 @@ def distill(
                     result["layer"], "reused" if result["reused"] else result["status"],
                     "-" if result["normalized_loss"] is None else f"{result['normalized_loss']:.3f}",
                     "" if result["status"] == "ok" else f" FAILED: {result['reason']}",
-                    _eta(time.perf_counter() - started, len(results), len(layers)))
+                    eta_text(time.perf_counter() - started, len(results), len(layers)))
     return sorted(results, key=lambda r: r["layer"])

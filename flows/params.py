@@ -183,7 +183,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "default": {
         "model": "smollm2-135m",
         "task": {"name": "sentiment", "validation_limit": 100, "test_limit": 300},
-        "distill": {"tokens": 8192, "seq_len": 256, "steps": 30},
+        "distill": {"tokens": 8192, "seq_len": 256, "steps": 40, "lr": 3e-3},  # fast budget: layer 15 reached 0.71 in 30 steps at 3e-3
         "max_layers": 4,
         "speed": {"context_len": 2048, "decode_tokens": 32},
     },

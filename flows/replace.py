@@ -24,6 +24,7 @@ from dtr_core.artifacts import hash_json, read_json, write_json
 from dtr_core.conversion import RunLayout, slug
 from dtr_core.distill import read_layer_results
 from dtr_core.greedy import CandidateScore, RoundRecord, greedy_replace
+from flows.distill import eta_text
 from flows.params import AcceptanceParams, MixerName, RunnerParams, TaskParams, ToleranceParams
 from flows.runners import parallel_threads
 from tasks.candidates import score_candidate_task
@@ -93,7 +94,18 @@ def replace(
         futures = [score_candidate_task.submit(model, task, str(layout.students), mixer, tuple(committed), layer,
                                                index, task.validation_limit, str(layout.candidate(index, layer)),
                                                run_key, tracking, threads) for layer in order]
-        results = {layer: future.result() for layer, future in zip(order, futures)}
+        from prefect.futures import as_completed
+
+        layer_of = {id(future): layer for layer, future in zip(order, futures)}
+        results: dict[int, dict[str, Any]] = {}
+        every = max(1, len(order) // 4)
+        for future in as_completed(futures):
+            results[layer_of[id(future)]] = future.result()
+            done = len(results)
+            if done % every == 0 and done < len(order):
+                elapsed = time.perf_counter() - started
+                logger.info("greedy round %d: %d/%d candidates scored, round ETA %s", index, done, len(order),
+                            eta_text(elapsed, done, len(order)))
         logger.info("greedy round %d: %d scored, %d rejected early in %.0fs", index,
                     sum(r["score"] is not None for r in results.values()),
                     sum(r["rejected_early"] for r in results.values()), time.perf_counter() - started)

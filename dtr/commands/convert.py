@@ -1,0 +1,198 @@
+"""`dtr convert`: the whole DtR conversion (the Prefect flow `flows/convert.py`) from the command line.
+
+    dtr convert                          # smollm2-135m for `sentiment`, the 2-core budget (profile default)
+    dtr convert --profile smoke          # the same path on tiny-llama, well under two minutes
+    dtr convert --task trec --mixer gla --max-layers all --runner dask --workers 2
+
+Every flow parameter is an option (help texts are the parameters' own descriptions); options left out come
+from the profile. Parameters are validated before anything starts (one-line error, exit code 2). Prefect
+runs embedded unless PREFECT_API_URL is set; MLflow uses MLFLOW_TRACKING_URI or ./mlflow.db.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from typing import Any
+
+import typer
+
+PROFILE_NAMES = ["default", "smoke"]
+
+
+def _help(path: str) -> str:
+    """The description of a ConvertParams field ("distill.steps")."""
+    from flows.params import ConvertParams
+
+    model: Any = ConvertParams
+    parts = path.split(".")
+    for part in parts[:-1]:
+        model = model.model_fields[part].annotation
+    return model.model_fields[parts[-1]].description or ""
+
+
+def _verbalisers(values: list[str] | None) -> dict[str, str] | None:
+    if not values:
+        return None
+    parsed = {}
+    for value in values:
+        if "=" not in value:
+            raise ValueError(f"--verbaliser {value!r} must look like LABEL=CONTINUATION, e.g. pos=' positive'")
+        label, continuation = value.split("=", 1)
+        parsed[label] = continuation
+    return parsed
+
+
+def _max_layers(value: str | None) -> Any:
+    if value is None:
+        return None
+    if value.lower() in ("all", "none"):
+        return "unlimited"
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--max-layers must be a number or 'all', got {value!r}") from None
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """Progress lines from the flow stay; per-task state lines and library progress bars go."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "WARNING")
+        for name in ("dtr_core", "tasks", "mlflow", "alembic", "httpx"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    context = summary["speed"]["context_len"]
+    table = Table(title=f"{summary['model']} -> {summary['task']} ({summary['metric']}, mixer {summary['mixer']}, "
+                        f"{summary['num_layers']} layers)")
+    for column in ("model", "linear layers", "validation", "test", f"KV cache @{context}", "prefill speedup",
+                   "decode speedup"):
+        table.add_column(column, justify="left" if column in ("model", "linear layers") else "right")
+    for row in summary["rows"]:
+        linear = f"{row['num_linear']}" + (f" ({', '.join(map(str, row['linear_layers']))})" if row["num_linear"] else "")
+        table.add_row(row["model"], linear, f"{row['validation']:.4f}", f"{row['test']:.4f}",
+                      f"{row['cache_bytes'] / 2**20:.1f} MB", f"{row['prefill_speedup']:.2f}x",
+                      f"{row['decode_speedup']:.2f}x")
+    console = Console()
+    console.print(table)
+    console.print(f"search: {summary['rounds']} rounds, stopped: {summary['stop_reason']}, "
+                  f"P_min {summary['p_min']:.4f}; wall time {summary['seconds'] / 60:.1f} min")
+    console.print(f"run folder:  {summary['run_dir']}")
+    for row in summary["rows"][1:]:
+        console.print(f"{row['model']:<12} {row['path']}")
+    console.print(f"MLflow run:  {summary['mlflow']['url']}")
+    for role, info in (summary.get("registered") or {}).items():
+        console.print(f"registered:  {info['registered_uri']} (version {info['version']})")
+
+
+def convert_command(
+    profile: str = typer.Option("default", "--profile", "-p", help="Starting point: default (smollm2-135m on "
+                                "sentiment, <= 20 min on 2 CPU cores) or smoke (tiny-llama, < 2 min)"),
+    model: str | None = typer.Option(None, "--model", "-m", help=_help("model")),
+    task: str | None = typer.Option(None, "--task", "-t", help=_help("task.name")),
+    data_file: str | None = typer.Option(None, "--data-file", help=_help("task.data_file")),
+    text_column: str | None = typer.Option(None, "--text-column", help=_help("task.text_column")),
+    label_column: str | None = typer.Option(None, "--label-column", help=_help("task.label_column")),
+    template: str | None = typer.Option(None, "--template", help=_help("task.template")),
+    verbaliser: list[str] | None = typer.Option(None, "--verbaliser", help="data_file: LABEL=CONTINUATION "
+                                                "(repeat per label), e.g. --verbaliser pos=' positive'"),
+    validation_limit: int | None = typer.Option(None, "--val-limit", help=_help("task.validation_limit")),
+    test_limit: int | None = typer.Option(None, "--test-limit", help=_help("task.test_limit")),
+    mixer: str | None = typer.Option(None, "--mixer", help=_help("mixer") + ": gated_deltanet, gla or jetblock"),
+    corpus: str | None = typer.Option(None, "--corpus", help=_help("distill.corpus")),
+    tokens: int | None = typer.Option(None, "--distill-tokens", help=_help("distill.tokens")),
+    seq_len: int | None = typer.Option(None, "--seq-len", help=_help("distill.seq_len")),
+    steps: int | None = typer.Option(None, "--steps", help=_help("distill.steps")),
+    lr: float | None = typer.Option(None, "--lr", help=_help("distill.lr")),
+    distill_batch_size: int | None = typer.Option(None, "--distill-batch-size", help=_help("distill.batch_size")),
+    tolerance_mode: str | None = typer.Option(None, "--tolerance-mode", help=_help("tolerance.mode")),
+    tolerance: float | None = typer.Option(None, "--tolerance", help=_help("tolerance.value")),
+    acceptance: str | None = typer.Option(None, "--acceptance", help=_help("acceptance.mode")),
+    confidence: float | None = typer.Option(None, "--confidence", help=_help("acceptance.confidence")),
+    resamples: int | None = typer.Option(None, "--resamples", help=_help("acceptance.resamples")),
+    max_layers: str | None = typer.Option(None, "--max-layers", help=_help("max_layers") + "; 'all' for no cap"),
+    seed: int | None = typer.Option(None, "--seed", help=_help("seed")),
+    runner: str | None = typer.Option(None, "--runner", help=_help("runner.kind")),
+    workers: int | None = typer.Option(None, "--workers", help=_help("runner.workers")),
+    dask_address: str | None = typer.Option(None, "--dask-address", help=_help("runner.dask_address")),
+    context_len: int | None = typer.Option(None, "--context-len", help=_help("speed.context_len")),
+    decode_tokens: int | None = typer.Option(None, "--decode-tokens", help=_help("speed.decode_tokens")),
+    speed_repeats: int | None = typer.Option(None, "--speed-repeats", help=_help("speed.repeats")),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help=_help("tracking.tracking_uri")),
+    experiment: str | None = typer.Option(None, "--experiment", help=_help("tracking.experiment")),
+    register_models: bool | None = typer.Option(None, "--register/--no-register",
+                                                help=_help("tracking.register_models")),
+    model_name: str | None = typer.Option(None, "--model-name", help=_help("tracking.model_name")),
+    output_dir: str | None = typer.Option(None, "--output-dir", "-o", help=_help("output_dir")),
+    run_id: str | None = typer.Option(None, "--run-id", help=_help("run_id")),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object at the end"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show per-task and library log lines"),
+) -> None:
+    """Convert a pretrained transformer into a task-specific hybrid (Distill-then-Replace), end to end."""
+    from flows.params import build_params
+
+    layers_cap = _max_layers(max_layers)
+    overrides: dict[str, Any] = {
+        "model": model, "mixer": mixer, "seed": seed, "output_dir": output_dir, "run_id": run_id,
+        "max_layers": None if layers_cap is None else layers_cap,
+        "task": {"name": task, "data_file": data_file, "text_column": text_column, "label_column": label_column,
+                 "template": template, "verbalisers": _verbalisers(verbaliser),
+                 "validation_limit": validation_limit, "test_limit": test_limit},
+        "distill": {"corpus": corpus, "tokens": tokens, "seq_len": seq_len, "steps": steps, "lr": lr,
+                    "batch_size": distill_batch_size},
+        "tolerance": {"mode": tolerance_mode, "value": tolerance},
+        "acceptance": {"mode": acceptance, "confidence": confidence, "resamples": resamples},
+        "runner": {"kind": runner, "workers": workers, "dask_address": dask_address},
+        "speed": {"context_len": context_len, "decode_tokens": decode_tokens, "repeats": speed_repeats},
+        "tracking": {"tracking_uri": tracking_uri, "experiment": experiment, "register_models": register_models,
+                     "model_name": model_name},
+    }
+    overrides = {k: ({kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v)
+                 for k, v in overrides.items()}
+    if overrides.get("max_layers") == "unlimited":
+        overrides["max_layers"] = None
+        unlimited = True
+    else:
+        unlimited = False
+    params = build_params(profile, **overrides)
+    if unlimited:
+        params = params.model_copy(update={"max_layers": None})
+    from flows.params import check_params
+
+    check_params(params)  # before Prefect or any model starts: one-line errors
+    _quiet_libraries(verbose)
+    typer.echo(f"dtr convert: {params.model} for '{params.task.label}' (profile {profile}, mixer {params.mixer}, "
+               f"runner {params.runner.kind} x{params.runner.workers}) -> "
+               f"{os.path.join(params.output_dir, params.resolved_run_id())}")
+    from flows.convert import run_convert
+
+    # SIGTERM ends the run like Ctrl-C: the flow is marked crashed, the MLflow run FAILED and the temporary
+    # Prefect server stopped (the default action would leave it running). The run folder stays resumable.
+    signal.signal(signal.SIGTERM, _interrupt)
+    summary = run_convert(params)
+    _print_summary(summary)
+    if as_json:
+        typer.echo(json.dumps(summary))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("convert")(convert_command)

@@ -1,0 +1,138 @@
+"""The `convert` flow end to end on a tiny model: run folder, MLflow runs/metrics/plots/registry, pyfunc.
+
+One conversion (module-scoped) feeds most assertions; it runs under the session's single Prefect test
+harness with its own temporary sqlite MLflow store.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pipeline_support import _fresh_runtime_cache, mlflow_client, prefect_harness, runs_by_kind, tiny_params  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+@pytest.fixture(scope="module")
+def conversion(prefect_harness, tmp_path_factory):  # noqa: F811
+    from flows.convert import run_convert
+    from tasks import runtime
+
+    runtime.clear()
+    tmp_path = tmp_path_factory.mktemp("convert")
+    params = tiny_params(tmp_path)
+    summary = run_convert(params)
+    return params, summary
+
+
+def test_run_folder_is_complete(conversion):
+    from dtr_core.artifacts import read_json
+    from dtr_core.conversion import RunLayout
+
+    params, summary = conversion
+    layout = RunLayout(summary["run_dir"])
+    assert layout.summary.is_file() and read_json(layout.summary)["run_id"] == summary["run_id"]
+    assert read_json(layout.config)["model"] == "tiny-llama"
+    assert (layout.activations / "manifest.json").is_file()
+    assert sorted(p.name for p in layout.students.iterdir()) == [f"layer_{i:03d}" for i in range(4)]
+    trajectory = read_json(layout.trajectory)
+    assert len(trajectory["rounds"]) == summary["rounds"] >= 1
+    for index in range(len(trajectory["rounds"])):
+        assert layout.round(index).is_file()
+    for role in ("best", "opt"):
+        assert (layout.hybrid(role) / "dtr_export.json").is_file()
+        assert (layout.hybrid(role) / "config.json").is_file()
+    for name in ("score_vs_linear_layers.png", "distill_normalized_loss.png", "layer_map.png"):
+        assert (layout.reports / name).stat().st_size > 1000
+    rows = {row["model"]: row for row in summary["rows"]}
+    assert rows["M_best"]["linear_layers"] == trajectory["best_layers"]
+    assert rows["M_opt"]["linear_layers"] == trajectory["opt_layers"]
+    assert rows["teacher"]["num_linear"] == 0 and rows["teacher"]["decode_speedup"] == 1.0
+    if rows["M_opt"]["num_linear"]:
+        assert rows["M_opt"]["cache_bytes"] < rows["teacher"]["cache_bytes"]
+    # the exported M_best scores on validation what the search measured
+    assert rows["M_best"]["validation"] == pytest.approx(trajectory["best_score"], abs=1e-9)
+
+
+def test_mlflow_parent_child_runs_and_metrics(conversion):
+    from dtr_core.artifacts import read_json
+
+    params, summary = conversion
+    client = mlflow_client(params)
+    parent = client.get_run(summary["mlflow"]["run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["model"] == "tiny-llama"
+    assert parent.data.params["distill.steps"] == "4"
+    assert parent.data.params["task.name"] == "sentiment"
+    metrics = parent.data.metrics
+    for name in ("teacher_validation", "teacher_test", "best_validation", "best_test", "opt_validation", "opt_test",
+                 "layers_swapped", "opt_kv_cache_reduction", "opt_decode_speedup", "best_prefill_speedup",
+                 "round_best_score"):
+        assert name in metrics, name
+    history = client.get_metric_history(parent.info.run_id, "round_best_score")
+    assert [m.step for m in history] == list(range(summary["rounds"]))
+
+    children = runs_by_kind(client, parent.info.run_id)
+    distill_runs = children["distill"]
+    assert sorted(int(r.data.params["layer"]) for r in distill_runs) == [0, 1, 2, 3]
+    curve = client.get_metric_history(distill_runs[0].info.run_id, "train_loss")
+    assert len(curve) >= 2 and curve[-1].step == 4
+    assert all("normalized_loss" in r.data.metrics and "seconds" in r.data.metrics for r in distill_runs)
+
+    trajectory = read_json(summary["run_dir"] + "/greedy/trajectory.json")
+    expected = sorted((r["index"], c["layer"]) for r in trajectory["rounds"] for c in r["candidates"])
+    candidate_runs = children["candidate"]
+    assert sorted((int(r.data.params["round"]), int(r.data.params["layer"])) for r in candidate_runs) == expected
+    for run in candidate_runs:
+        assert "round" in run.data.metrics and "layer" in run.data.metrics
+        assert ("score" in run.data.metrics) != (run.data.tags["dtr.rejected_early"] == "True")
+
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert artifacts == {"plots/score_vs_linear_layers.png", "plots/distill_normalized_loss.png", "plots/layer_map.png"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "greedy")} == {"greedy/trajectory.json"}
+
+
+def test_registered_models_with_aliases_load_and_predict(conversion):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    params, summary = conversion
+    client = mlflow_client(params)
+    name = params.registered_name()
+    assert name == "dtr-tiny-llama-sentiment"
+    for role in ("best", "opt"):
+        version = client.get_model_version_by_alias(name, role)
+        assert version.version == summary["registered"][role]["version"]
+        assert version.tags["dtr.role"] == role
+    mlflow.set_tracking_uri(params.tracking.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{name}@best")
+    assert [c.name for c in model.metadata.get_input_schema().inputs] == ["text"]
+    out = model.predict(pd.DataFrame({"text": ["a great film", "dull and far too long"]}))
+    assert list(out.columns) == ["label", "confidence"]
+    assert set(out["label"]) <= {"positive", "negative"}
+    assert ((out["confidence"] >= 0.5) & (out["confidence"] <= 1.0)).all()
+
+
+def test_pyfunc_predictions_match_the_evaluator(conversion):
+    """predict classifies exactly as dtr_core.evaluation scores the exported hybrid."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from dtr_core.evaluation import evaluate, get_task
+    from dtr_core.models import load_model
+
+    params, summary = conversion
+    mlflow.set_tracking_uri(params.tracking.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{params.registered_name()}@opt")
+    task = get_task("sentiment")
+    examples = task.split("validation")[:8]
+    hybrid, tokenizer = load_model(summary["rows"][2]["path"])
+    expected = evaluate(hybrid, tokenizer, task, "validation", limit=8).predictions
+    out = model.predict(pd.DataFrame({"text": [e.text for e in examples]}))
+    assert list(out["label"]) == list(expected)
+
+
+def test_summary_json_round_trips(conversion):
+    params, summary = conversion
+    assert json.loads(json.dumps(summary)) == summary
