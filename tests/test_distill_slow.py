@@ -1,0 +1,58 @@
+"""Phase 1 on the real smollm2-135m: capture, distil two layers, swap them in, evaluate (minutes on CPU)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import pytest
+
+from dtr_core.capture import capture_activations
+from dtr_core.distill import DistillConfig, distill_layer, load_students
+
+logger = logging.getLogger(__name__)
+
+LAYERS = [4, 12]
+SEQ_LEN = 256
+TOKEN_BUDGET = 64 * SEQ_LEN  # 16k tokens: small, but enough to show the students learning
+CONFIG = DistillConfig(steps=100, warmup_steps=10)
+
+
+@pytest.mark.slow
+def test_smollm2_distil_two_layers_then_evaluate(tmp_path, record_property):
+    from dtr_core.corpus import load_corpus, token_chunks
+    from dtr_core.evaluation import evaluate
+    from dtr_core.models import load_model
+    from dtr_core.surgery import restore_layers, swap_layers
+
+    model, tokenizer = load_model("smollm2-135m")
+    token_ids = token_chunks(load_corpus("bbc"), tokenizer, SEQ_LEN, TOKEN_BUDGET)
+    manifest = capture_activations(model, token_ids, tmp_path / "activations", layers=LAYERS,
+                                   metadata={"corpus": "bbc", "token_budget": TOKEN_BUDGET})
+    record_property("capture_tokens_per_second", manifest["tokens_per_second"])
+    logger.info("capture: %d tokens, %.1f s, %.0f tok/s (layers %s, stops after the last)",
+                manifest["num_tokens"], manifest["seconds"], manifest["tokens_per_second"], LAYERS)
+
+    for layer in LAYERS:
+        result = distill_layer(model, layer, tmp_path / "activations", "gla", CONFIG, tmp_path / "students")
+        record_property(f"distill_seconds_layer_{layer}", result.seconds)
+        logger.info("layer %d: normalised loss %.3f -> %.3f in %.1f s", layer,
+                    result.initial_normalized_loss, result.normalized_loss, result.seconds)
+        assert result.ok, result.reason
+        assert result.normalized_loss < 0.5 * result.initial_normalized_loss
+
+    students = load_students(tmp_path / "students", model, mixer_name="gla")
+    assert sorted(students) == LAYERS
+    started = time.perf_counter()
+    base = evaluate(model, tokenizer, "sentiment", "validation", limit=48)
+    originals = swap_layers(model, students)
+    try:
+        hybrid = evaluate(model, tokenizer, "sentiment", "validation", limit=48)
+    finally:
+        restore_layers(model, originals)
+    record_property("evaluate_seconds", time.perf_counter() - started)
+    logger.info("sentiment (48 validation examples): full %.3f, hybrid with layers %s linear %.3f",
+                base.score, LAYERS, hybrid.score)
+    assert math.isfinite(hybrid.score) and 0.0 <= hybrid.score <= 1.0
+    assert hybrid.score >= 0.5 * base.score, "two distilled layers should not wreck the model"
