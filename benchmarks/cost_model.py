@@ -1,0 +1,236 @@
+"""The cost model behind the "ideal" speed-ups of `benchmarks.inference`: FLOPs and bytes moved per token.
+
+Counted for one sequence (batch 1) of a decoder with L layers, H query heads, K key/value heads, head dim
+D, weights and KV cache of e bytes per element; T is the context length (tokens already in the cache).
+Parameter counts are read from the real modules (teacher attention, a freshly built student, the rest of
+the model), not from formulas, so they include biases, norms and the students' extra projections.
+
+Decode, per generated token:
+- full-attention layer: bytes = P_attn * e (its weights) + 2 T K D e (read the cached K and V)
+  + 2 K D e (write the new K, V); FLOPs = 2 P_attn + 4 T H D (q.K^T and attn.V, 2 FLOPs per MAC).
+- linear layer (student): bytes = P_lin * e + 2 S (read and write its fixed state of S bytes, incl.
+  JetBlock's conv window); FLOPs = 2 P_lin + 7 H D^2 (gated delta rule step: decay, S^T k, rank-1 update,
+  S^T q) (+ 2 H D W for JetBlock's width-W value convolution).
+- the rest (MLPs, norms, final norm, LM head; one embedding row): bytes = P_rest * e, FLOPs ~ 2 P_rest.
+
+Why the ideal decode ratio is the bytes ratio: at batch 1 every weight is used once per token (2 FLOPs per
+e = 4 bytes: 0.5 FLOP/byte) and attention does 4 T H D FLOPs on 2 T K D e bytes of cached K/V
+(2 H / (K e) = 1.5 FLOP/byte for SmolLM2 in float32, H=9, K=3). A CPU core sustains many more FLOPs per
+byte of memory traffic than that (its "balance", measured by `measure_machine_balance` and printed in the
+report), so decode time ~ bytes moved / memory bandwidth, and
+ideal speed-up = bytes(teacher) / bytes(hybrid). Overheads the model ignores (Python and kernel launch per
+op, thread wake-ups) are what the measured/ideal ratio shows.
+
+"Ideal" assumes a cache that appends in place (a static or paged KV cache). transformers' `DynamicCache`
+(used by the teacher and by `HybridCache`'s full layers) appends with `torch.cat`, which reads the whole
+K/V and writes it again on every token: `decode_cost(..., kv_append="concat")` counts that too (3x the
+KV traffic). It is reported beside the ideal, as an explanation, never as the target.
+
+Prefill of T tokens (the logits of the last token only): compute-bound (each weight is reused T times), so
+the ideal ratio is the FLOPs ratio. Full layer: 2 P_attn T + 2 H D T (T + 1) (causal); linear layer in the
+chunked form (chunk C, transformers' `torch_chunk_gated_delta_rule`): 2 P_lin T + H T (10 C D + 2 C^2 / 3
++ 6 D^2) (five C x C x D products per chunk, the row-by-row triangular solve, three C x D x D state
+products); the rest: 2 (P_rest - P_lm_head) T + 2 P_lm_head.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+FULL = "full"
+STEP_FLOPS_PER_HD2 = 7  # gated delta rule step: decay (1) + S^T k (2) + rank-1 update (2) + S^T q (2), per H D^2
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What the cost model needs to know about a model and its students."""
+
+    num_layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    element_bytes: int  # weights and KV cache
+    rest_params: int  # per-token weights outside attention: MLPs, norms, LM head, + one embedding row
+    lm_head_params: int
+    embedding_row: int  # hidden size: the embedding lookup reads one row and does no FLOPs
+    full_attention_params: int  # one teacher attention module
+    linear_params: int  # one student module
+    linear_state_bytes: int  # one student's decoding state (recurrent + conv), batch 1
+    mixer: str
+    chunk_size: int
+    conv_size: int  # JetBlock's value-convolution width, 0 for mixers without one
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def profile_model(teacher: PreTrainedModel, student: nn.Module) -> ModelProfile:
+    """Profile from the teacher and one student (as built by `dtr_core.mixers.build_student`)."""
+    config = teacher.config
+    layers = teacher.model.layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    element = next(teacher.parameters()).element_size()
+    attention = sum(_params(layer.self_attn) for layer in layers)
+    embedding = teacher.get_input_embeddings().weight
+    lm_head = teacher.get_output_embeddings()
+    lm_head_params = _params(lm_head)
+    tied = lm_head.weight.data_ptr() == embedding.data_ptr()
+    unique = _params(teacher)  # parameters() yields tied tensors once
+    rest = unique - attention - embedding.numel() + (lm_head_params if tied else 0) + config.hidden_size
+    mixer_config = getattr(student, "mixer_config", None)
+    conv_size = mixer_config.conv_size if (mixer_config is not None and hasattr(student, "kernel_up")) else 0
+    return ModelProfile(
+        num_layers=len(layers),
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        element_bytes=element,
+        rest_params=rest,
+        lm_head_params=lm_head_params,
+        embedding_row=config.hidden_size,
+        full_attention_params=_params(layers[0].self_attn),
+        linear_params=_params(student),
+        linear_state_bytes=student.state_bytes(1, next(teacher.parameters()).dtype),
+        mixer=student.name,
+        chunk_size=mixer_config.chunk_size if mixer_config is not None else 64,
+        conv_size=conv_size,
+    )
+
+
+@dataclass(frozen=True)
+class Cost:
+    flops: float
+    bytes: float
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.flops + other.flops, self.bytes + other.bytes)
+
+    @property
+    def intensity(self) -> float:
+        """FLOPs per byte moved."""
+        return self.flops / self.bytes
+
+
+def _check(kinds: list[str], profile: ModelProfile) -> None:
+    if len(kinds) != profile.num_layers:
+        raise ValueError(f"{len(kinds)} layer kinds for a {profile.num_layers}-layer model")
+
+
+def kv_bytes_per_layer(profile: ModelProfile, context: int) -> int:
+    """K and V of one full-attention layer holding `context` tokens (batch 1)."""
+    return 2 * context * profile.kv_heads * profile.head_dim * profile.element_bytes
+
+
+def cache_bytes(profile: ModelProfile, kinds: list[str], context: int) -> int:
+    """Decoding cache: K/V of every full layer + the constant state of every linear layer."""
+    _check(kinds, profile)
+    full = sum(kind == FULL for kind in kinds)
+    return full * kv_bytes_per_layer(profile, context) + (len(kinds) - full) * profile.linear_state_bytes
+
+
+def decode_cost(profile: ModelProfile, kinds: list[str], context: int, kv_append: str = "static") -> Cost:
+    """FLOPs and bytes of one decoded token at `context` tokens in the cache.
+
+    kv_append: "static" (ideal: append in place) or "concat" (`torch.cat`: read + rewrite all of K/V).
+    """
+    _check(kinds, profile)
+    if kv_append not in ("static", "concat"):
+        raise ValueError(f"kv_append must be 'static' or 'concat', got {kv_append!r}")
+    p, e = profile, profile.element_bytes
+    total = Cost(2.0 * (p.rest_params - p.embedding_row), float(p.rest_params * e))
+    kv = kv_bytes_per_layer(p, context)
+    new_kv = kv_bytes_per_layer(p, 1)
+    for kind in kinds:
+        if kind == FULL:
+            moved = p.full_attention_params * e + kv + new_kv
+            if kv_append == "concat":
+                moved += kv + (kv + new_kv)  # torch.cat reads the old K/V and writes old + new
+            total += Cost(2.0 * p.full_attention_params + 4.0 * context * p.heads * p.head_dim, float(moved))
+        else:
+            step = STEP_FLOPS_PER_HD2 * p.heads * p.head_dim**2 + 2 * p.heads * p.head_dim * p.conv_size
+            total += Cost(2.0 * p.linear_params + step, float(p.linear_params * e + 2 * p.linear_state_bytes))
+    return total
+
+
+def prefill_cost(profile: ModelProfile, kinds: list[str], context: int) -> Cost:
+    """FLOPs (and weight bytes) of a prefill of `context` tokens, logits for the last token only."""
+    _check(kinds, profile)
+    p, t, e = profile, context, profile.element_bytes
+    c, d, h = p.chunk_size, p.head_dim, p.heads
+    body = p.rest_params - p.embedding_row - p.lm_head_params
+    total = Cost(2.0 * body * t + 2.0 * p.lm_head_params, float(p.rest_params * e))
+    for kind in kinds:
+        if kind == FULL:
+            flops = 2.0 * p.full_attention_params * t + 2.0 * h * d * t * (t + 1)
+            total += Cost(flops, float(p.full_attention_params * e + kv_bytes_per_layer(p, t)))
+        else:
+            chunked = h * t * (10 * c * d + 2 * c * c / 3 + 6 * d * d) + 2 * h * d * p.conv_size * t
+            total += Cost(2.0 * p.linear_params * t + chunked, float(p.linear_params * e + p.linear_state_bytes))
+    return total
+
+
+def ideal_decode_speedup(profile: ModelProfile, kinds: list[str], context: int, kv_append: str = "static") -> float:
+    """bytes(teacher) / bytes(hybrid) per decoded token (decode is memory-bound: see the module docstring)."""
+    teacher = [FULL] * profile.num_layers
+    hybrid = decode_cost(profile, kinds, context, kv_append)
+    return decode_cost(profile, teacher, context, kv_append).bytes / hybrid.bytes
+
+
+def ideal_prefill_speedup(profile: ModelProfile, kinds: list[str], context: int) -> float:
+    """FLOPs(teacher) / FLOPs(hybrid) for a prefill (compute-bound)."""
+    teacher = [FULL] * profile.num_layers
+    return prefill_cost(profile, teacher, context).flops / prefill_cost(profile, kinds, context).flops
+
+
+# --- the machine's balance point -------------------------------------------------------------------
+
+
+def _best_of(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def measure_machine_balance(size_mb: int = 256, gemm_n: int = 1024, repeats: int = 5) -> dict:
+    """Memory bandwidth and matmul throughput of this process (its torch threads), median of `repeats`.
+
+    - `read_gbps`: `x.sum()` over a `size_mb` float32 buffer (streams memory, ~1 FLOP per 4 bytes);
+    - `matvec_gbps`: weight bytes per second of a float32 matrix-vector product (what decode does per layer);
+    - `gemm_gflops`: `n x n` float32 matmul (2 n^3 FLOPs);
+    - `balance_flop_per_byte`: gemm_gflops / read_gbps; kernels with fewer FLOPs per byte are memory-bound.
+    """
+    n = size_mb * 2**20 // 4
+    x = torch.rand(n)
+    read_s = _best_of(lambda: x.sum(), repeats)
+    side = int((size_mb * 2**20 // 4) ** 0.5)
+    w, v = torch.rand(side, side), torch.rand(side)
+    mv_s = _best_of(lambda: torch.mv(w, v), repeats)
+    a, b = torch.rand(gemm_n, gemm_n), torch.rand(gemm_n, gemm_n)
+    mm_s = _best_of(lambda: torch.mm(a, b), repeats)
+    read_gbps = n * 4 / read_s / 1e9
+    gemm_gflops = 2 * gemm_n**3 / mm_s / 1e9
+    return {
+        "threads": torch.get_num_threads(),
+        "read_gbps": read_gbps,
+        "matvec_gbps": side * side * 4 / mv_s / 1e9,
+        "gemm_gflops": gemm_gflops,
+        "balance_flop_per_byte": gemm_gflops / read_gbps,
+        "buffer_mb": size_mb,
+        "gemm_n": gemm_n,
+    }
