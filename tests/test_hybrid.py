@@ -82,8 +82,9 @@ def test_cached_greedy_generation_equals_argmax_over_full_forwards(mixer, layers
     assert torch.equal(generated, ids)
 
 
-def test_cache_holds_exactly_full_layer_kv_plus_fixed_state():
-    model = tiny_model("tiny-llama")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cache_holds_exactly_full_layer_kv_plus_fixed_state(dtype):
+    model = tiny_model("tiny-llama", dtype=dtype)
     hybrid = make_hybrid(model, students_for(model, [1, 3], "jetblock"))
     out = hybrid(torch.randint(0, 250, (1, 50)), use_cache=True)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
@@ -95,7 +96,8 @@ def test_cache_holds_exactly_full_layer_kv_plus_fixed_state():
         else:
             held += layer.keys.numel() * layer.keys.element_size() * 2
     assert held == cache_bytes(hybrid, context_len=50)
-    assert cache_bytes(hybrid, 10_000) - cache_bytes(hybrid, 5_000) == 2 * (2 * 2 * 16 * 5_000 * 4)
+    element = torch.empty((), dtype=dtype).element_size()
+    assert cache_bytes(hybrid, 10_000) - cache_bytes(hybrid, 5_000) == 2 * (2 * 2 * 16 * 5_000 * element)
 
 
 def test_unsupported_architecture_names_supported_families():

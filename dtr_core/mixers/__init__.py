@@ -36,9 +36,9 @@ def build_student(
     """A student for layer `layer_idx`; with `teacher_attention`, q/k/v/o are copied from it."""
     student = get_mixer_class(name)(model_config, layer_idx, mixer_config)
     if teacher_attention is not None:
-        student.copy_from_teacher(teacher_attention)
         reference = teacher_attention.q_proj.weight
         student.to(device=reference.device, dtype=reference.dtype)
+        student.copy_from_teacher(teacher_attention)
     return student
 
 

@@ -204,9 +204,12 @@ class LinearMixer(nn.Module):
         raise NotImplementedError
 
     def state_bytes(self, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
-        """Bytes of the fixed-size recurrent (and conv) state this layer keeps while decoding."""
-        element = torch.empty((), dtype=dtype).element_size()
-        return batch_size * self.num_heads * self.head_dim * self.head_dim * element
+        """Bytes of the fixed-size state this layer keeps while decoding.
+
+        The recurrent state is always kept in float32 (the ops accumulate in float32, whatever the
+        model dtype); `dtype` is the model's dtype, used by states stored in it (JetBlock's conv state).
+        """
+        return batch_size * self.num_heads * self.head_dim * self.head_dim * 4
 
 
 def inverse_softplus(value: float) -> float:
