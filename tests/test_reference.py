@@ -1,0 +1,83 @@
+"""The reference listing (dtr_core/reference.py) is the oracle: the optimised path (FastEvaluator +
+greedy_replace on the same distilled students) must choose the same swap order, M_best and M_opt."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from dtr_core.acceptance import Tolerance
+from dtr_core.distill import DistillConfig, load_students, read_layer_results
+from dtr_core.evaluation.tasks import ClassificationTask, Example, LanguageModelingTask
+from dtr_core.models import load_model
+from dtr_core.reference import run_reference
+from dtr_core.search import encode_split, run_greedy_search
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls with 2 threads on a busy 2-core machine spin far slower than with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _texts(n, seed):
+    rng = random.Random(seed)
+    return [" ".join("".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 6))) for _ in range(rng.randint(3, 9)))
+            for _ in range(n)]  # fmt: skip
+
+
+def toy_tasks():
+    cls_examples = [Example(uid=f"c{i}", text=t, label="x" if i % 3 else "y") for i, t in enumerate(_texts(60, 0))]
+    lm_examples = [Example(uid=f"d{i}", text=t) for i, t in enumerate(_texts(24, 1))]
+    return [
+        ClassificationTask(name="toy-cls", load=lambda: cls_examples, validation_size=40, test_size=4,
+                           template="{text} =", verbalisers={"x": "A", "y": "B"}),
+        LanguageModelingTask(name="toy-lm", load=lambda: lm_examples, validation_size=12, test_size=4, max_tokens=40),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    """tiny-llama with students distilled by the reference's own steps 1-2 (shared by the tests below)."""
+    model, tokenizer = load_model("tiny-llama")
+    token_ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    config = DistillConfig(steps=4, batch_size=2, warmup_steps=1, log_every=1)
+    return model, tokenizer, token_ids, config, tmp_path_factory.mktemp("dtr-reference")
+
+
+@pytest.mark.parametrize("task_index", [0, 1], ids=["accuracy", "perplexity"])
+@pytest.mark.parametrize("tolerance", [0.05, 0.5])
+def test_optimised_path_matches_reference(distilled, task_index, tolerance):
+    model, tokenizer, token_ids, config, work_dir = distilled
+    task = toy_tasks()[task_index]
+    reference = run_reference(model, tokenizer, token_ids, task, "gla", work_dir, config, tolerance=tolerance)
+
+    students = load_students(work_dir / "students", model)
+    assert sorted(students) == [0, 1, 2, 3]
+    losses = read_layer_results(work_dir / "students")
+    first_hint = {layer: -losses[layer].normalized_loss for layer in students}
+    batches = encode_split(task, tokenizer)  # the batches `evaluate` builds: scores agree bit for bit
+    result, teacher, cost = run_greedy_search(model, task, batches, students, Tolerance("relative", tolerance),
+                                              first_hint=first_hint)  # fmt: skip
+
+    assert teacher.score == reference["teacher_score"]
+    assert list(result.swap_order) == reference["swap_order"]
+    assert list(result.best_layers) == reference["best_layers"]
+    assert list(result.opt_layers) == reference["opt_layers"]
+    assert [r.chosen for r in result.rounds] == [r["chosen"] for r in reference["rounds"]]
+    assert [r.accepted for r in result.rounds] == [r["accepted"] for r in reference["rounds"]]
+    assert [r.score for r in result.rounds] == [r["score"] for r in reference["rounds"]]
+    for fast_round, reference_round in zip(result.rounds, reference["rounds"]):
+        for layer, candidate in fast_round.candidates.items():
+            if candidate.score is not None:
+                assert candidate.score == reference_round["scores"][layer]
+            else:  # rejected early: its bound proves it could not have been chosen
+                assert candidate.upper_bound >= reference_round["scores"][layer] * (1 - 1e-9)
+                assert reference_round["scores"][layer] <= reference_round["score"]
+    if tolerance == 0.5:
+        assert len(result.rounds) >= 2
