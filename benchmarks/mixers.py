@@ -9,13 +9,15 @@ and, once per T, `torch.nn.functional.scaled_dot_product_attention`:
 - `sdpa`: causal prefill of the whole sequence;
 - `sdpa_decode`: one query against T cached keys/values, per token.
 
-Every number is measured (the naive loop too, at every T): one warm-up call, then the median of
-repeats with the min-max spread. `vs naive` and `vs SDPA` are speed-ups (reference time / this time)
+Every number is measured (the naive loop too, at every T): one warm-up call (on a prefix for long
+sequences), then the median of up to `repeats` calls (at least 3; slow ones stop after ~20 s) with the
+min-max spread. `--clock cpu` times this process's CPU time instead of wall time: with `--threads 1` it
+stays meaningful when other jobs share the machine. `vs naive` and `vs SDPA` are speed-ups (reference time / this time)
 against the naive loop and against SDPA in the same unit: whole-sequence rows against `sdpa`, per-token
 rows against `sdpa_decode` and against the naive loop's time per token. The crossover is the smallest
 measured T from which the chunked form beats SDPA prefill at every larger measured T.
 
-    python -m benchmarks.mixers [--quick] [--json] [--threads N]
+    python -m benchmarks.mixers [--quick] [--json] [--threads N] [--clock wall|cpu]
     dtr bench mixers [--quick] [--json]
 """
 
@@ -46,6 +48,7 @@ QUICK_LENGTHS = (512, 2048, 8192)
 TINY_LENGTHS = (64, 130)  # tests only: checks the output's shape in seconds, says nothing about speed
 HEADS, HEAD_DIM = 9, 64  # SmolLM2-135M: 9 query heads of 64
 DECODE_STEPS = 32  # consecutive steps timed together for the per-token rows
+WARMUP_MAX_LENGTH = 8192  # warm-up calls of the whole-sequence rows run on at most this prefix
 GLA_GATE_NORMALIZER = 16.0  # GLA's logsigmoid(x) / 16 gate, so decay is realistic, not instant
 OPS = ("gla", "gated_delta_rule")
 
@@ -64,13 +67,21 @@ class Row:
     vs_sdpa: float | None = None  # sdpa (prefill or decode) time / this time, same unit
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = time.perf_counter
+MIN_REPEATS, REPEAT_BUDGET_S = 3, 20.0  # past 3 repeats, stop once a measurement has taken 20 s
+
+
 def _time_ms(fn: Callable[[], object], repeats: int, warmup: Callable[[], object] | None = None) -> list[float]:
+    """Times of `repeats` calls after one warm-up call (fewer, but at least 3, for slow calls)."""
     (warmup or fn)()
-    times = []
+    times: list[float] = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = _clock()
         fn()
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append((_clock() - start) * 1e3)
+        if len(times) >= MIN_REPEATS and sum(times) > REPEAT_BUDGET_S * 1e3:
+            break
     return times
 
 
@@ -107,9 +118,10 @@ def _spread(op: str, impl: str, length: int, unit: str, times: list[float], per:
 def _measure_op(op: str, length: int, heads: int, dim: int, repeats: int) -> list[Row]:
     inputs = _inputs(op, length, heads, dim, torch.Generator().manual_seed(length))
     warm = _head(inputs, min(length, 256))  # warm the naive loop on a prefix: its cost is per token anyway
+    warm_chunk = _head(inputs, min(length, WARMUP_MAX_LENGTH))
     rows = [
         _spread(op, "naive", length, "sequence", _time_ms(lambda: NAIVE[op](**inputs), repeats, lambda: NAIVE[op](**warm))),
-        _spread(op, "chunk", length, "sequence", _time_ms(lambda: CHUNK[op](**inputs), repeats)),
+        _spread(op, "chunk", length, "sequence", _time_ms(lambda: CHUNK[op](**inputs), repeats, lambda: CHUNK[op](**warm_chunk))),
     ]
     _, state = CHUNK[op](**inputs, output_final_state=True)  # decode from the state after `length` tokens
     steps = min(DECODE_STEPS, length)
@@ -127,7 +139,12 @@ def _measure_op(op: str, length: int, heads: int, dim: int, repeats: int) -> lis
 def _measure_sdpa(length: int, heads: int, dim: int, repeats: int) -> list[Row]:
     gen = torch.Generator().manual_seed(length)
     q, k, v = (torch.randn(1, heads, length, dim, generator=gen) for _ in range(3))  # (B, H, T, D): SDPA layout
-    prefill = _time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats)
+    warm = [x[:, :, :WARMUP_MAX_LENGTH] for x in (q, k, v)]
+    prefill = _time_ms(
+        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        repeats,
+        lambda: F.scaled_dot_product_attention(*warm, is_causal=True),
+    )
     steps = min(DECODE_STEPS, length)
 
     def decode() -> None:
@@ -149,8 +166,8 @@ def _with_ratios(rows: list[Row]) -> list[Row]:
         naive_ms = None
         if naive is not None:
             naive_ms = naive.median_ms if row.unit == "sequence" else naive.median_ms / row.length
-        vs_naive = round(naive_ms / row.median_ms, 2) if naive_ms else None
-        vs_sdpa = round(sdpa.median_ms / row.median_ms, 2) if sdpa else None
+        vs_naive = naive_ms / row.median_ms if naive_ms else None
+        vs_sdpa = sdpa.median_ms / row.median_ms if sdpa else None
         result.append(Row(**{**asdict(row), "vs_naive": vs_naive, "vs_sdpa": vs_sdpa}))
     return result
 
@@ -170,8 +187,11 @@ def crossover(rows: list[Row], op: str) -> dict[str, int | None]:
     return {"from_length": lengths[first], "after_length": lengths[first - 1] if first > 0 else None}
 
 
-def run(lengths: tuple[int, ...], heads: int, dim: int, repeats: int) -> dict:
+def run(lengths: tuple[int, ...], heads: int, dim: int, repeats: int, clock: str = "wall") -> dict:
+    global _clock
+    _clock = CLOCKS[clock]
     load_before = os.getloadavg()
+    started = time.perf_counter()
     rows: list[Row] = []
     with torch.inference_mode():
         for length in lengths:
@@ -190,21 +210,24 @@ def run(lengths: tuple[int, ...], heads: int, dim: int, repeats: int) -> dict:
         "dtype": "float32",
         "lengths": list(lengths),
         "repeats": repeats,
+        "clock": clock,
+        "wall_s": round(time.perf_counter() - started, 1),
         "loadavg_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
     }
     return {"meta": meta, "rows": [asdict(row) for row in rows], "crossover": {op: crossover(rows, op) for op in OPS}}
 
 
 def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.2f}x"
+    return "" if value is None else f"{value:.3g}x"
 
 
 def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [
         f"batch {meta['batch']}, H={meta['heads']}, D={meta['head_dim']}, {meta['dtype']}, "
-        f"{meta['threads']} threads, torch {meta['torch']}, median of {meta['repeats']} "
-        f"(1-min load avg before/after: {meta['loadavg_1min_before_after']})",
+        f"{meta['threads']} threads, torch {meta['torch']}, {meta['clock']} clock, median of up to "
+        f"{meta['repeats']} repeats (1-min load avg before/after: {meta['loadavg_1min_before_after']}; "
+        f"run took {meta['wall_s']} s)",
         "",
         "| op | impl | T | unit | median ms | min-max ms | vs naive | vs SDPA |",
         "|---|---|---:|---|---:|---:|---:|---:|",
@@ -233,6 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"T in {QUICK_LENGTHS}, 3 repeats (< 2 min)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed time (default); cpu: this process's CPU time, summed over threads, which with "
+        "--threads 1 is robust to other jobs sharing the machine",
+    )
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: tiny shapes, seconds
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -240,11 +270,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     if args.tiny:
-        result = run(TINY_LENGTHS, heads=2, dim=16, repeats=2)
+        result = run(TINY_LENGTHS, heads=2, dim=16, repeats=2, clock=args.clock)
     elif args.quick:
-        result = run(QUICK_LENGTHS, HEADS, HEAD_DIM, repeats=3)
+        result = run(QUICK_LENGTHS, HEADS, HEAD_DIM, repeats=3, clock=args.clock)
     else:
-        result = run(FULL_LENGTHS, HEADS, HEAD_DIM, repeats=5)
+        result = run(FULL_LENGTHS, HEADS, HEAD_DIM, repeats=5, clock=args.clock)
     print(json.dumps(result, indent=2) if args.json else markdown(result))
     return 0
 

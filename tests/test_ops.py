@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from dtr_core.ops import dispatch
+from dtr_core.ops import gated_delta_rule as gdr_module
+from dtr_core.ops import gla as gla_module
 from dtr_core.ops.gated_delta_rule import (
     chunk_gated_delta_rule,
     naive_recurrent_gated_delta_rule,
@@ -82,6 +84,14 @@ def test_chunk_gla_matches_naive_outputs_grads_state(length, key_dim, value_dim,
     expected = outputs_and_grads(naive_recurrent_gla, inputs)
     actual = outputs_and_grads(chunk_gla, inputs, chunk_size=chunk)
     assert_all_close(actual, expected, F64, "chunk_gla")
+
+
+def test_chunk_gla_long_sequences_run_in_segments(monkeypatch):
+    inputs = gla_inputs(130, 60, 64)
+    expected = outputs_and_grads(naive_recurrent_gla, inputs)
+    monkeypatch.setattr(gla_module, "SEGMENT_LENGTH", 32)  # 130 tokens: five segments of two chunks
+    actual = outputs_and_grads(chunk_gla, inputs, chunk_size=16)
+    assert_all_close(actual, expected, F64, "segmented chunk_gla")
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 8, 32, 128])
@@ -180,6 +190,14 @@ def test_chunk_gated_delta_rule_matches_naive_outputs_grads_state(length, key_di
     assert_all_close(actual, expected, F32, "chunk_gated_delta_rule")
 
 
+def test_chunk_gated_delta_rule_long_sequences_run_in_segments(monkeypatch):
+    inputs = gdr_inputs(130, 60, 64)
+    expected = outputs_and_grads(naive_recurrent_gated_delta_rule, inputs)
+    monkeypatch.setattr(gdr_module, "SEGMENT_LENGTH", 32)
+    actual = outputs_and_grads(chunk_gated_delta_rule, inputs, chunk_size=16)
+    assert_all_close(actual, expected, F32, "segmented chunk_gated_delta_rule")
+
+
 def test_gated_delta_rule_float32_inputs_and_scale():
     inputs = {name: x.float() for name, x in gdr_inputs(130, 60, 64).items()}
     reference = {name: x.double() for name, x in inputs.items()}
@@ -272,6 +290,8 @@ def test_cpu_paths_never_import_triton_or_fla():
     script = """
 import sys, torch
 from dtr_core.ops import dispatch
+from dtr_core.ops import gated_delta_rule as gdr_module
+from dtr_core.ops import gla as gla_module
 q = torch.randn(1, 9, 2, 8); g = torch.zeros(1, 9, 2)
 dispatch.gla(q, q, q, -torch.ones_like(q))
 dispatch.gated_delta_rule(q, q, q, g, g + 0.5)

@@ -16,21 +16,28 @@ decay inside a chunk (inclusive, so `b_i - b_j` is the decay from token `j` to t
 
 Numerical stability: no positive number is ever exponentiated (so strong decay, e.g. `gk ~ -20`, cannot
 overflow). The intra-chunk score `(q_i * exp(b_i - b_j)) . k_j` is not a plain matmul because the decay
-is per key dim; we build it by recursive halving with a reference point, the same idea as fla's
-secondary chunking: for a block of rows `i` in the second half and columns `j` in the first half of a
-span, with `r` the last row of the first half,
+is per key dim; we build it by recursive halving with reference points, the idea behind fla's secondary
+chunking: for rows `i` in the second half and columns `j` in the first half of an aligned block, with `r`
+the last row of the first half,
 
     exp(b_i - b_j) = exp(b_i - b_r) * exp(b_r - b_j),   both exponents <= 0,
 
-so the block is `(q * exp(b - b_r)) @ (k * exp(b_r - b))^T`. Halving down to single tokens (whose
-score is `q_i . k_i`) covers every pair `j <= i` exactly once, with `log2(C)` batched matmuls. Memory
-is linear in `T`: the scores are `[.., T/C, C, C]` and the per-chunk states `[.., T/C, Dk, Dv]`.
+so that block is `(q * exp(b - b_r)) @ (k * exp(b_r - b))^T`. Halving from the chunk down to single tokens
+(score `q_i . k_i`) covers every pair `j <= i` exactly once with `log2(C)` batched matmuls. The decayed
+q and k of one level are the previous level's times one block decay (a product of exps of sums of `gk`,
+all `<= 1`), and the top level yields `q * exp(b)` and `k * exp(b_last - b)` for the inter-chunk terms.
+Memory is linear in `T`: scores `[.., T/C, C, C]`, per-chunk states `[.., T/C, Dk, Dv]`; sequences over
+`SEGMENT_LENGTH` tokens run segment by segment with the state carried over.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+# Long sequences run in segments of this many tokens, the state carried over: the same result, but the
+# working set stays in cache (measured on 2 CPU cores: T = 32K about 2x faster than one pass).
+SEGMENT_LENGTH = 1024
 
 
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -129,28 +136,78 @@ def recurrent_gla_step(
     return out.unsqueeze(1).to(dtype), state
 
 
-def _intra_chunk_scores(q: torch.Tensor, k: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Decayed causal scores inside each chunk, every exponent <= 0.
+def _chunk_scores_and_decays(
+    q: torch.Tensor, k: torch.Tensor, gk: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Intra-chunk decayed scores plus the decayed q/k the inter-chunk terms need; every exponent <= 0.
 
-    q, k, b: (..., C, Dk) with C a power of two and b the inclusive cumulative log decay of the chunk.
-    Returns (..., C, C): [i, j] = sum_d q_id k_jd exp(b_id - b_jd) for j <= i, 0 above the diagonal.
+    q, k, gk: contiguous (..., C, Dk), C a power of two. With b the inclusive cumulative sum of gk:
+    returns scores (..., C, C) with [i, j] = sum_d q_id k_jd exp(b_id - b_jd) for j <= i (0 above),
+    q * exp(b), k * exp(b_last - b) (both (..., C, Dk)), and exp(b_last) (..., 1, Dk).
+
+    Level s (s = 1, 2, 4, ..): the span of each aligned 2s-block splits into sibling s-blocks; the block of
+    rows in the second sibling and columns in the first is (q_i exp(b_i - b_r)) @ (k_j exp(b_r - b_j))^T
+    with r the last row of the first sibling. `q_ref` holds q_i exp(b_i - b_r) and `k_ref` holds
+    k_j exp(b_r' - b_j) for the current level's reference points; moving up a level multiplies the second
+    sibling of `q_ref` by the first sibling's total decay, and the first sibling of `k_ref` by the second's.
     """
     *lead, chunk, dim = q.shape
-    scores = (q * k).sum(-1)[..., None, None]  # (..., C, 1, 1): blocks of one token, exp(b_i - b_i) = 1
+    block_decay = gk.exp()  # (..., C/s, Dk): total decay of each aligned s-block, here s = 1
+    block_log = gk
+    q_ref = q * block_decay  # s = 1: q_i exp(b_i - b_{i-1})
+    k_ref = k  # s = 1: k_j exp(b_j - b_j)
+    scores = q.new_zeros(*lead, chunk, chunk)
+    torch.diagonal(scores, dim1=-2, dim2=-1).copy_((q * k).sum(-1))  # j == i: exp(0) = 1
     size = 1
     while size < chunk:
         pairs = chunk // (2 * size)
-        q_h, k_h, b_h = (x.reshape(*lead, pairs, 2, size, dim) for x in (q, k, b))  # (..., P, 2, s, Dk)
-        b_ref = b_h[..., 0, -1:, :]  # (..., P, 1, Dk): last row of each first half
-        q_second = q_h[..., 1, :, :] * (b_h[..., 1, :, :] - b_ref).exp()  # rows after r: b_i <= b_r
-        k_first = k_h[..., 0, :, :] * (b_ref - b_h[..., 0, :, :]).exp()  # rows up to r: b_r <= b_j
-        lower = q_second @ k_first.transpose(-1, -2)  # (..., P, s, s)
-        blocks = scores.reshape(*lead, pairs, 2, size, size)
-        top = torch.cat([blocks[..., 0, :, :], torch.zeros_like(lower)], dim=-1)  # (..., P, s, 2s)
-        bottom = torch.cat([lower, blocks[..., 1, :, :]], dim=-1)
-        scores = torch.cat([top, bottom], dim=-2)  # (..., P, 2s, 2s)
+        q_h = q_ref.view(*lead, pairs, 2, size, dim)  # (..., P, 2 siblings, s, Dk)
+        k_h = k_ref.view(*lead, pairs, 2, size, dim)
+        lower = q_h[..., 1, :, :] @ k_h[..., 0, :, :].transpose(-1, -2)  # (..., P, s, s)
+        target = scores.view(*lead, pairs, 2, size, pairs, 2, size)[..., :, 1, :, :, 0, :]  # (..., P, s, P, s)
+        torch.diagonal(target, dim1=-4, dim2=-2).copy_(lower.movedim(-3, -1))  # block p of rows, p of cols
+        decay = block_decay.view(*lead, pairs, 2, 1, dim)
+        q_ref = torch.cat([q_h[..., :1, :, :], q_h[..., 1:, :, :] * decay[..., :1, :, :]], dim=-3)
+        k_ref = torch.cat([k_h[..., :1, :, :] * decay[..., 1:, :, :], k_h[..., 1:, :, :]], dim=-3)
+        q_ref, k_ref = q_ref.view(*lead, chunk, dim), k_ref.view(*lead, chunk, dim)
+        siblings = block_log.view(*lead, pairs, 2, dim)
+        block_log = siblings[..., 0, :] + siblings[..., 1, :]  # (..., P, Dk): log decay of each 2s-block
+        block_decay = block_log.exp()
         size *= 2
-    return scores.squeeze(-3)
+    return scores, q_ref, k_ref, block_decay  # at s = C: q exp(b), k exp(b_last - b), exp(b_last)
+
+
+def _chunk_gla_segment(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor, scale: float, state: torch.Tensor, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One segment in compute dtype: inputs (B, T, H, D), state (B, H, Dk, Dv) -> (o (B, T, H, Dv), state)."""
+    batch, length, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    chunk = min(chunk, 1 << (length - 1).bit_length())  # short inputs: no padding to a full chunk
+    pad = (-length) % chunk
+
+    def to_chunks(x: torch.Tensor) -> torch.Tensor:  # (B, T, H, D) -> contiguous (B, H, N, C, D)
+        x = x.transpose(1, 2)
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))  # zero k, v and gk: padded tokens leave the state unchanged
+        return x.contiguous().view(batch, heads, -1, chunk, x.shape[-1])
+
+    q, k, v, gk = (to_chunks(x) for x in (q, k, v, gk))
+    scores, q_decayed, k_decayed, chunk_decay = _chunk_scores_and_decays(q, k, gk)
+    intra = scores @ v  # (B, H, N, C, Dv)
+    chunk_updates = k_decayed.transpose(-1, -2) @ v  # (B, H, N, Dk, Dv): what each chunk adds to the state
+    chunk_decay = chunk_decay.transpose(-1, -2)  # (B, H, N, Dk, 1)
+    states_in = []  # the state entering each chunk
+    for n in range(q.shape[2]):
+        states_in.append(state)
+        state = torch.addcmul(chunk_updates[:, :, n], chunk_decay[:, :, n], state)
+    states_in = torch.stack(states_in, dim=2)  # (B, H, N, Dk, Dv)
+    # o = scale * (intra + q exp(b) @ S_in), as one batched multiply-add over (B H N)
+    output = torch.baddbmm(
+        intra.flatten(0, 2), q_decayed.flatten(0, 2), states_in.flatten(0, 2), beta=scale, alpha=scale
+    )
+    output = output.view(batch, heads, -1, value_dim)[:, :, :length].transpose(1, 2)  # (B, T, H, Dv)
+    return output, state
 
 
 def chunk_gla(
@@ -167,6 +224,7 @@ def chunk_gla(
 
     q, k, gk: [B, T, H, Dk]; v: [B, T, H, Dv]; initial_state: [B, H, Dk, Dv]; chunk_size a power of two.
     Returns (o [B, T, H, Dv] in q's dtype, final_state [B, H, Dk, Dv] in compute dtype | None).
+    Sequences longer than `SEGMENT_LENGTH` run segment by segment, the state carried over.
     """
     _check_inputs(q, k, v, gk)
     if chunk_size < 1 or chunk_size & (chunk_size - 1):
@@ -174,34 +232,19 @@ def chunk_gla(
     if initial_state is not None:
         _check_state(initial_state, q, v)
     batch, length, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
     dtype = q.dtype
     compute = _compute_dtype(q.dtype, v.dtype)
     scale = key_dim**-0.5 if scale is None else scale
-    pad = (-length) % chunk_size
-
-    def to_chunks(x: torch.Tensor) -> torch.Tensor:  # (B, T, H, D) -> (B, H, N, C, D)
-        x = x.to(compute).transpose(1, 2)
-        if pad:
-            x = F.pad(x, (0, 0, 0, pad))  # zero k, v and gk: padded tokens leave the state unchanged
-        return x.reshape(batch, heads, -1, chunk_size, x.shape[-1])
-
-    q, k, v, gk = (to_chunks(x) for x in (q, k, v, gk))
-    q = q * scale
-    num_chunks = q.shape[2]
-    b = gk.cumsum(-2)  # (B, H, N, C, Dk), <= 0, non-increasing along C
-    b_last = b[..., -1:, :]  # (B, H, N, 1, Dk)
-
-    output = _intra_chunk_scores(q, k, b) @ v  # (B, H, N, C, Dv)
-    chunk_updates = (k * (b_last - b).exp()).transpose(-1, -2) @ v  # (B, H, N, Dk, Dv)
-    chunk_decay = b_last.exp().transpose(-1, -2)  # (B, H, N, Dk, 1)
-
-    state = q.new_zeros(batch, heads, key_dim, value_dim) if initial_state is None else initial_state.to(compute)
-    states_in = []  # the state entering each chunk
-    for n in range(num_chunks):
-        states_in.append(state)
-        state = chunk_decay[:, :, n] * state + chunk_updates[:, :, n]
-    output = output + (q * b.exp()) @ torch.stack(states_in, dim=2)  # inter-chunk: (B, H, N, C, Dv)
-
-    output = output.reshape(batch, heads, -1, value_dim)[:, :, :length].transpose(1, 2)  # (B, T, H, Dv)
+    if initial_state is None:
+        state = q.new_zeros(batch, heads, key_dim, v.shape[-1], dtype=compute)
+    else:
+        state = initial_state.to(compute)
+    q, k, v, gk = (x.to(compute) for x in (q, k, v, gk))
+    segment = max(1, SEGMENT_LENGTH // chunk_size) * chunk_size  # whole chunks: no padding mid-sequence
+    outputs = [v.new_zeros(batch, 0, heads, v.shape[-1])]  # T == 0 returns an empty output
+    for start in range(0, length, segment):
+        piece = (x[:, start : start + segment] for x in (q, k, v, gk))
+        output, state = _chunk_gla_segment(*piece, scale, state, chunk_size)
+        outputs.append(output)
+    output = torch.cat(outputs, dim=1) if len(outputs) > 2 else outputs[-1]
     return output.to(dtype), state if output_final_state else None
