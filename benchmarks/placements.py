@@ -95,7 +95,7 @@ def distill_config(steps: int, seed: int = 0):
 
 def ensure_students(model, tokenizer, model_name: str, mixer: str, work_dir: str | os.PathLike,
                     layers: Sequence[int], tokens: int, seq_len: int, steps: int) -> dict:
-    """Capture + distil `layers` into `work_dir/<model>-<mixer>/{activations,students}` (reusing completed work).
+    """Capture + distil `layers` into `work_dir/<model>-<mixer>-<budget>/{activations,students}`, reusing work.
 
     Returns {"dir", "seconds", "distilled", "reused", "failed"}.
     """
@@ -104,10 +104,12 @@ def ensure_students(model, tokenizer, model_name: str, mixer: str, work_dir: str
     from dtr_core.corpus import load_corpus, token_chunks
     from dtr_core.distill import distill_layer
 
-    root = Path(work_dir) / f"{slug(model_name)}-{mixer}"
+    # one folder per budget: a quick run never overwrites the students of a full one
+    root = Path(work_dir) / f"{slug(model_name)}-{mixer}-t{tokens}-s{seq_len}-n{steps}"
     started = time.perf_counter()
     token_ids = token_chunks(load_corpus("bbc"), tokenizer, seq_len, tokens)
-    manifest = capture_activations(model, token_ids, root / "activations", layers=list(layers),
+    # every layer is captured (whatever `layers` is), so a later call for other layers reuses the capture
+    manifest = capture_activations(model, token_ids, root / "activations",
                                    metadata={"corpus": "bbc", "token_budget": tokens, "seq_len": seq_len})
     config = distill_config(steps)
     distilled, reused, failed = [], [], []
@@ -212,8 +214,11 @@ def run_task(model, tokenizer, task_name: str, students: Mapping[int, torch.nn.M
         logger.info("%s: greedy round %d (%d candidates)", task_name, len(committed), len(candidates))
         return fast(committed, candidates, hint)
 
-    # 2. the greedy trajectory, forced to commit k_max rounds (absolute threshold 0: every score passes)
-    forced = greedy_replace(score_candidates, L, available, teacher_val.score, Tolerance("absolute", 0.0),
+    # 2. the greedy trajectory, forced on for up to k_max rounds: a round is committed unless its best candidate
+    #    has collapsed to the majority-class rate on validation (then later rounds would measure noise)
+    chance_val = majority_rate(task, "validation", settings.val_limit)
+    floor = Tolerance("absolute", 0.0 if chance_val is None else chance_val + 1e-9)
+    forced = greedy_replace(score_candidates, L, available, teacher_val.score, floor,
                             teacher_per_example=teacher_val.per_example, max_layers=k_max)
     search_seconds = time.perf_counter() - search_started
 
@@ -227,6 +232,9 @@ def run_task(model, tokenizer, task_name: str, students: Mapping[int, torch.nn.M
                                         max_layers=len(forced.rounds), completed_rounds=forced.rounds)
         except ValueError as error:  # bootstrap needs a mean-of-examples metric
             acceptance[mode] = {"error": str(error)}
+            continue
+        except RuntimeError:  # accepted past the point where the forced search stopped (collapsed)
+            acceptance[mode] = {"error": "the search collapsed before this rule stopped"}
             continue
         opt_test = test_scores(replay.opt_layers)
         last = replay.rounds[len(replay.opt_layers) - 1] if replay.opt_layers else None
@@ -242,8 +250,9 @@ def run_task(model, tokenizer, task_name: str, students: Mapping[int, torch.nn.M
         }
 
     # 4. layer sets of every strategy, test scores until each collapses
+    greedy_order = [r.chosen for r in forced.rounds]  # the committed layers, then the round that collapsed
     plans = {
-        "greedy": lambda k, seed: tuple(sorted(forced.swap_order[:k])) if k <= len(forced.swap_order) else None,
+        "greedy": lambda k, seed: tuple(sorted(greedy_order[:k])) if k <= len(greedy_order) else None,
         "uniform": lambda k, seed: uniform_layers(L, k, available),
         "random": lambda k, seed: random_layers(L, k, seed, available),
         "local importance": lambda k, seed: local_importance_layers(
@@ -275,7 +284,8 @@ def run_task(model, tokenizer, task_name: str, students: Mapping[int, torch.nn.M
         "task": task_name, "metric": task.metric, "num_layers": L, "available_layers": available, "ks": ks,
         "teacher": {"validation": teacher_val.score, "test": teacher_test.score, "n_validation": teacher_val.n,
                     "n_test": teacher_test.n},
-        "chance": chance, "tolerance": TOLERANCE,
+        "chance": chance, "chance_validation": chance_val, "tolerance": TOLERANCE,
+        "search_stop": forced.stop_reason,
         "p_min": tolerance.threshold(teacher_val.score), "test_threshold": tolerance.threshold(teacher_test.score),
         "single_swap": {str(l): s.score for l, s in sorted(single.items())},
         "greedy_trajectory": greedy_val, "search_cost": {**fast.cost.to_dict(), "seconds_total": search_seconds},
