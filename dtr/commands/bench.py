@@ -14,14 +14,17 @@ import importlib.util
 
 import typer
 
-# name -> (module with `main(argv: list[str] | None) -> int`, one-line help)
+# name -> (module with `main(argv: list[str] | None) -> int`, one-line help); registered if the module exists
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "mixers": ("benchmarks.mixers", "CPU time of the linear-attention ops (naive, chunked, step) vs causal SDPA."),
-    "search": ("benchmarks.search", "Fast greedy-search evaluator vs the reference listing."),
+    "search": ("benchmarks.search_cost", "Greedy search cost: fast evaluator vs the plain one, same answer."),
+    "distill": ("benchmarks.distill_cost", "Blockwise distillation cost per layer, 1 vs 2 workers."),
     "inference": ("benchmarks.inference", "Hybrid vs teacher: prefill/decode speed and cache size."),
-    "placements": ("benchmarks.placements", "Accuracy of layer placements: greedy vs baselines."),
-    "all": ("benchmarks.all", "Every benchmark, quick settings."),
+    "placements": ("benchmarks.placements", "Layer placements: greedy DtR vs baselines."),
+    "recall": ("benchmarks.recall", "Long-context recall probe: teacher vs hybrid."),
+    "all": ("benchmarks.all", "Every benchmark; assembles docs/BENCHMARKS.md."),
 }
+
 
 def _module_exists(module: str) -> bool:
     try:
