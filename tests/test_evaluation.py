@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import Counter
@@ -92,13 +93,15 @@ def test_builtin_tasks_split_disjoint_and_stable(name):
 
 def test_builtin_data_and_few_shot_demonstrations_come_from_train():
     assert len(get_task("sentiment").split("train")) + 700 == 10566
-    trec = get_task("trec")
+    trec = dataclasses.replace(get_task("trec"), num_shots=8)
     shots = trec.demonstrations
-    assert [e.label for e in shots] == list(trec.labels)
+    assert [e.label for e in shots] == list(trec.labels) + list(trec.labels[:2])
     train = {e.uid for e in trec.split("train")}
     assert all(e.uid in train for e in shots)
     prompt = trec.prompt(trec.split("test")[0])
-    assert prompt.endswith("\nAnswer type:") and prompt.count("Question:") == 7
+    assert prompt.endswith("\nAnswer type:") and prompt.count("Question:") == 9
+    assert prompt.startswith(trec.instruction + "\n\nQuestion: " + shots[0].text + "\nAnswer type: abbreviation\n\n")
+    assert get_task("trec").demonstrations == ()
     assert get_task("sentiment").prompt(Example("u", "Great.", "positive")) == \
         "Movie review: Great.\nSentiment (positive or negative):"
     held_out_lm = {e.uid for s in ("validation", "test") for e in get_task("bbc-lm").split(s)}
