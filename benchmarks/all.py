@@ -1,0 +1,289 @@
+"""Run every benchmark and assemble `docs/BENCHMARKS.md` from their outputs (issue 5: one command for all tables).
+
+    python -m benchmarks.all [--quick] [--only placements,recall] [--skip inference] [--extra NAME="ARGS"]
+                             [--assemble-only] [--out-root docs/bench] [--doc docs/BENCHMARKS.md]
+    dtr bench all [same options]
+
+Each benchmark runs in its own process (`python -m benchmarks.<module> ...`; memory is returned between them,
+one failure does not stop the others), in this order: mixers, search, distill, placements, inference, recall.
+Outputs land in `<out-root>/<name>/`: benchmarks that write their own report (`--out`) leave
+`<name>.md`, `<name>.json` and plots there; for those that print (mixers, search) the JSON they print is saved
+as `<name>.json` and rendered with the module's own `markdown` function. Nothing is re-measured or edited here.
+
+Wiring between benchmarks: inference takes the greedy layer order of placements (`--layers-from`), and recall
+compares the teacher with M_opt (point acceptance, first task) built from the same students; without a
+placements result they fall back to their own defaults (uniform layers).
+
+`BENCHMARKS.md` gets, per benchmark, its report (title dropped, headings one level down, image links made
+relative to the document). A benchmark that was not run in this invocation keeps the output of its last run
+(marked as such), so `--only NAME` refreshes one section; `--assemble-only` rebuilds the document from what is
+there. Logs: `runs/bench/logs/<name>.log`. Exit status 1 when any benchmark failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks import common
+
+DEFAULT_OUT_ROOT = common.REPO_ROOT / "docs" / "bench"
+DEFAULT_DOC = common.REPO_ROOT / "docs" / "BENCHMARKS.md"
+DEFAULT_LOGS = common.REPO_ROOT / "runs" / "bench" / "logs"
+
+
+@dataclass(frozen=True)
+class Bench:
+    name: str  # the `dtr bench` name and the output folder
+    module: str
+    title: str
+    writes_out: bool  # takes --out DIR and writes <name>.md/.json there; else prints JSON with --json
+    render: Callable[[dict], str] | None = None  # markdown from the printed JSON (writes_out=False only)
+
+
+def _render_mixers(result: dict) -> str:
+    from benchmarks import mixers
+
+    return mixers.markdown(result)
+
+
+def _render_search(result: dict) -> str:
+    from benchmarks import search_cost
+
+    return search_cost.markdown(result, result["command"], result["machine"])
+
+
+BENCHES: tuple[Bench, ...] = (
+    Bench("mixers", "benchmarks.mixers", "Linear-attention ops vs softmax attention (CPU)", False, _render_mixers),
+    Bench("search", "benchmarks.search_cost", "Cost of the greedy search: fast vs paper-style evaluator", False,
+          _render_search),
+    Bench("distill", "benchmarks.distill_cost", "Cost of distillation: 1 vs 2 workers", True),
+    Bench("placements", "benchmarks.placements", "Quality: greedy DtR vs placement baselines", True),
+    Bench("inference", "benchmarks.inference", "Inference speed and memory: hybrids vs the teacher", True),
+    Bench("recall", "benchmarks.recall", "Long-context recall: teacher vs M_opt", True),
+)
+BY_NAME = {bench.name: bench for bench in BENCHES}
+
+
+# --- wiring --------------------------------------------------------------------------------------
+
+
+def placements_result(out_root: Path) -> dict | None:
+    path = out_root / "placements" / "placements.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def wiring_args(name: str, out_root: Path, extra: Sequence[str]) -> tuple[list[str], str | None]:
+    """Arguments that connect `name` to the placements result (unless the user's extra args set them)."""
+    result = placements_result(out_root)
+    if result is None or not result.get("tasks"):
+        return [], None
+    task_name, task = next(iter(result["tasks"].items()))
+    if name == "inference" and "--layers-from" not in extra:
+        order = out_root / "placements" / f"greedy_order_{task_name}.json"
+        common.write_json(order, {"swap_order": [r["layer"] for r in task["greedy_trajectory"]]})
+        return ["--layers-from", str(order)], f"greedy order of placements ({task_name})"
+    if name == "recall" and not {"--hybrid", "--layers", "--k", "--students"} & set(extra):
+        if result["model"] != _flag(extra, "--model", "smollm2-135m"):
+            return [], None
+        opt = task["acceptance"].get("point", {}).get("opt_layers")
+        students = ["--students", result["students"]["dir"]]
+        if opt:
+            return students + ["--layers", ",".join(map(str, opt))], f"M_opt of placements ({task_name}, point)"
+        return students, f"placements students (its M_opt on {task_name} has no linear layer: uniform k)"
+    return [], None
+
+
+def _flag(args: Sequence[str], flag: str, default: str) -> str:
+    args = list(args)
+    return args[args.index(flag) + 1] if flag in args and args.index(flag) + 1 < len(args) else default
+
+
+# --- running -------------------------------------------------------------------------------------
+
+
+def run_bench(bench: Bench, out_root: Path, logs: Path, quick: bool, extra: Sequence[str],
+              timeout: float | None) -> dict:
+    """Run one benchmark in a subprocess; returns its status record."""
+    out_dir = out_root / bench.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wired, wiring = wiring_args(bench.name, out_root, extra)
+    args = (["--quick"] if quick else []) + wired + list(extra)
+    args += ["--out", str(out_dir)] if bench.writes_out else ["--json"]
+    command = [sys.executable, "-m", bench.module, *args]
+    cli = common.command_lines(bench.module, bench.name, args)
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{bench.name}.log"
+    info = common.machine_info()
+    started = time.perf_counter()
+    record = {"name": bench.name, "module": bench.module, "commands": cli, "wiring": wiring, "log": str(log),
+              "started_utc": info["date_utc"], "quick": quick}
+    try:
+        with open(log, "w") as stderr:
+            proc = subprocess.run(command, cwd=common.REPO_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                  timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    except subprocess.TimeoutExpired:
+        return {**record, "status": "timeout", "seconds": time.perf_counter() - started,
+                "reason": f"stopped after {timeout:.0f} s"}
+    record["seconds"] = time.perf_counter() - started
+    if proc.returncode != 0 and not (bench.writes_out and (out_dir / f"{bench.name}.md").is_file()
+                                     and _fresh(out_dir / f"{bench.name}.md", started)):
+        tail = log.read_text().strip().splitlines()[-1:] if log.is_file() else []
+        return {**record, "status": "failed", "returncode": proc.returncode,
+                "reason": tail[0] if tail else f"exit status {proc.returncode}"}
+    if not bench.writes_out:
+        result = json.loads(proc.stdout)
+        common.write_json(out_dir / f"{bench.name}.json", result)
+        body = bench.render(result)
+        if "command" not in result:  # the module records no environment: add the one measured just before
+            body += "\n\n" + common.environment_markdown(info, cli)
+        common.write_text(out_dir / f"{bench.name}.md", f"# {bench.title}\n\n{body}\n")
+    status = "ok" if proc.returncode == 0 else "ok, targets missed"  # inference exits 1 when a target is missed
+    return {**record, "status": status, "returncode": proc.returncode}
+
+
+def _fresh(path: Path, since_perf: float) -> bool:
+    return path.stat().st_mtime >= time.time() - (time.perf_counter() - since_perf)
+
+
+# --- assembling ----------------------------------------------------------------------------------
+
+
+def section(bench: Bench, out_root: Path, doc: Path, record: dict | None) -> str:
+    """The benchmark's report as a section of the document."""
+    out_dir = out_root / bench.name
+    report = out_dir / f"{bench.name}.md"
+    lines = [f"## {bench.title}", ""]
+    if record is not None and record["status"] not in ("ok", "ok, targets missed"):
+        lines += [f"**Not completed in this run** (`{record['commands']['dtr']}`): {record['status']} — "
+                  f"{record.get('reason', '')}. Log: `{_shown(Path(record['log']))}`.", ""]
+    if not report.is_file():
+        lines += [f"Not run yet. Command: `dtr bench {bench.name}`" + (" (add `--quick` for a short run)."
+                                                                       if bench.name != "all" else "."), ""]
+        return "\n".join(lines)
+    if record is None or record["status"] not in ("ok", "ok, targets missed"):
+        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(report.stat().st_mtime))
+        lines += [f"_From an earlier run (report written {stamp}); not rerun in this invocation._", ""]
+    body = report.read_text()
+    body = re.sub(r"\A# [^\n]*\n+", "", body)  # the section heading replaces the report's title
+    body = re.sub(r"^(#{1,5}) ", lambda m: "#" + m.group(1) + " ", body, flags=re.MULTILINE)
+    relative = Path(os.path.relpath(out_dir.resolve(), doc.resolve().parent)).as_posix()
+    body = re.sub(r"\]\(([^)/:]+\.png)\)", lambda m: f"]({relative}/{m.group(1)})", body)
+    lines.append(body.strip())
+    lines.append("")
+    return "\n".join(lines)
+
+
+def assemble(out_root: Path, doc: Path, records: dict[str, dict], argv: Sequence[str]) -> str:
+    info = common.machine_info()
+    commands = common.command_lines("benchmarks.all", "all", argv)
+    rows = []
+    for bench in BENCHES:
+        record = records.get(bench.name)
+        report = out_root / bench.name / f"{bench.name}.md"
+        if record is not None:
+            status = record["status"] + (" (quick)" if record.get("quick") else "")
+            when = f"{record['seconds'] / 60:.1f} min"
+        else:
+            status = "earlier run" if report.is_file() else "not run"
+            when = "-"
+        rows.append([f"[{bench.name}](#{_anchor(bench.title)})", bench.title, status, when,
+                     f"`{Path(os.path.relpath(out_root / bench.name, doc.parent)).as_posix()}/`"])
+    out = [
+        "# dtr benchmarks", "",
+        "Every table below is generated by `dtr bench all` (`python -m benchmarks.all`) from the benchmarks' own "
+        "JSON and markdown outputs under `docs/bench/`; no number is edited by hand. Each section records the "
+        "exact command, machine and versions of its run. The issue behind them: speed and memory of the hybrids, "
+        "cost of the search and of distillation, quality against placement baselines, long-context recall.", "",
+        common.markdown_table(["benchmark", "what", "status", "wall time", "outputs"], rows, align="lllrl"), "",
+        common.environment_markdown(info, commands), "",
+    ]
+    for bench in BENCHES:
+        out.append(section(bench, out_root, doc, records.get(bench.name)))
+    return "\n".join(out)
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the repository when inside it (documents carry no per-user absolute paths)."""
+    try:
+        return path.resolve().relative_to(common.REPO_ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _anchor(title: str) -> str:
+    return re.sub(r"[^a-z0-9 -]", "", title.lower()).replace(" ", "-")
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BY_NAME]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown benchmark(s) {unknown}; choose from: {', '.join(BY_NAME)}")
+    return names
+
+
+def _extra(text: str) -> tuple[str, list[str]]:
+    name, sep, args = text.partition("=")
+    if not sep or name not in BY_NAME:
+        raise argparse.ArgumentTypeError(f"--extra takes NAME=ARGS with NAME one of {', '.join(BY_NAME)}, got {text!r}")
+    return name, shlex.split(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dtr bench all", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="pass --quick to every benchmark")
+    parser.add_argument("--json", action="store_true", help="print the run records as JSON instead of the document")
+    parser.add_argument("--only", type=_names, default=None, help="comma-separated benchmarks to run")
+    parser.add_argument("--skip", type=_names, default=[], help="comma-separated benchmarks not to run")
+    parser.add_argument("--extra", type=_extra, action="append", default=[],
+                        help='extra arguments for one benchmark, e.g. --extra placements="--tasks sentiment"')
+    parser.add_argument("--assemble-only", action="store_true", help="run nothing; rebuild the document")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per benchmark (default: none)")
+    parser.add_argument("--out-root", type=Path, default=DEFAULT_OUT_ROOT, help="benchmark output folders")
+    parser.add_argument("--doc", type=Path, default=DEFAULT_DOC, help="the assembled markdown document")
+    parser.add_argument("--logs", type=Path, default=DEFAULT_LOGS, help="folder for the benchmarks' logs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    extra: dict[str, list[str]] = {}
+    for name, values in args.extra:
+        extra.setdefault(name, []).extend(values)
+    selected = [] if args.assemble_only else [b for b in BENCHES if (args.only is None or b.name in args.only)
+                                              and b.name not in args.skip]
+    records: dict[str, dict] = {}
+    for bench in selected:
+        print(f"[all] {bench.name}: running ...", file=sys.stderr, flush=True)
+        records[bench.name] = run_bench(bench, args.out_root, args.logs, args.quick, extra.get(bench.name, []),
+                                        args.timeout)
+        record = records[bench.name]
+        print(f"[all] {bench.name}: {record['status']} in {record['seconds'] / 60:.1f} min"
+              + (f" ({record['reason']})" if record.get("reason") else ""), file=sys.stderr, flush=True)
+    document = assemble(args.out_root, args.doc, records, argv)
+    common.write_text(args.doc, document)
+    index = args.out_root / "all.json"
+    previous = json.loads(index.read_text()).get("runs", {}) if index.is_file() else {}
+    common.write_json(index, {"commands": common.command_lines("benchmarks.all", "all", argv),
+                              "runs": {**previous, **records}})
+    print(common.to_json(records) if args.json else document)
+    failed = [name for name, r in records.items() if r["status"] not in ("ok", "ok, targets missed")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""`dtr bench all` and the benchmarks it adds (distill, recall) on tiny configurations: well-formed output only."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from benchmarks import all as bench_all
+from benchmarks import distill_cost, recall
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_distill_cost_tiny_run(tmp_path, capsys):
+    argv = ["--model", "tiny-llama", "--layers", "2", "--steps", "2", "--tokens", "256", "--seq-len", "32",
+            "--repeats", "1", "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--json"]
+    assert distill_cost.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert json.loads((tmp_path / "out" / "distill.json").read_text()) == result
+    assert (tmp_path / "out" / "distill_throughput.png").read_bytes()[:8] == PNG
+    assert result["layers"] == [1, 3] and result["num_layers"] == 4
+    assert result["tokens_per_layer"] == 2 * 4 * 32
+    assert [r["name"] for r in result["rows"]] == [c.name for c in distill_cost.CONFIGS]
+    for row in result["rows"]:
+        wall = row["wall_per_layer_s"]
+        assert wall["repeats"] == 1 and 0 < wall["min"] <= wall["median"] <= wall["max"]
+        assert row["tokens_per_s"]["median"] == pytest.approx(result["tokens_per_layer"] / wall["median"])
+        assert row["speedup"]["low"] <= row["speedup"]["median"] <= row["speedup"]["high"]
+    assert result["rows"][0]["speedup"]["median"] == pytest.approx(1.0)
+    assert not list((tmp_path / "work").glob("distill-cost-*"))  # scratch folders removed
+    report = (tmp_path / "out" / "distill.md").read_text()
+    assert "| configuration | wall per layer | training tokens/s |" in report
+    assert "2 workers x 1 thread" in report and "the fastest way to distil was" in report
+    assert result["commands"]["dtr"] in report
+
+
+def test_recall_prompts_have_exact_length_and_the_needle():
+    from dtr_core.models import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    prompts = recall.make_prompts(tokenizer, recall.PROBES, (160, 300), samples=3, seed=1)
+    assert len(prompts) == 2 * 2 * 3
+    assert prompts == recall.make_prompts(tokenizer, recall.PROBES, (160, 300), samples=3, seed=1)  # seeded
+    for prompt in prompts:
+        assert len(prompt.ids) == prompt.context
+        text = tokenizer.decode(list(prompt.ids))
+        answer = tokenizer.decode(list(prompt.answer))
+        assert answer == f" {prompt.answer_text}" and text.count(prompt.answer_text) >= 1
+        if prompt.probe == "passkey":
+            question = "\nWhat is the pass key? The pass key is"
+            assert text.startswith("<bos>The ") and text.endswith(question)
+            needle = f"The pass key is {prompt.answer_text}. Remember it. {prompt.answer_text} is the pass key. "
+            filler = len(text) - len("<bos>") - len(needle) - len(question)  # 1 byte = 1 token
+            before = text.index(needle) - len("<bos>")
+            assert before == 0 or text[: text.index(needle)].endswith(". ")  # at a sentence boundary
+            assert abs(before / filler - prompt.depth) < 12 / filler  # the nearest one (sentences <= 22 bytes)
+    with pytest.raises(ValueError, match="too short"):
+        recall.passkey_prompt(tokenizer, 40, 0.5, random.Random(0))
+
+
+def test_recall_tiny_run(tmp_path, capsys):
+    argv = ["--model", "tiny-llama", "--contexts", "160,300", "--samples", "2", "--k", "2", "--quick", "--threads",
+            "1", "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--json"]
+    assert recall.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "out" / "recall_accuracy.png").read_bytes()[:8] == PNG
+    assert result["hybrid"]["linear_layers"] == [1, 3] and result["hybrid"]["mixers"] == ["gated_deltanet"]
+    for name in ("teacher", "hybrid"):
+        rows = result["summary"][name]
+        assert {(r["probe"], r["context"]) for r in rows} == {(p, t) for p in recall.PROBES for t in (160, 300)}
+        for r in rows:
+            assert r["n"] == 2 and 0.0 <= r["accuracy"] <= 1.0 and r["nll"] >= 0
+        assert len(result["per_prompt"][name]) == 8
+    report = (tmp_path / "out" / "recall.md").read_text()
+    assert "| probe | context T | prompts | teacher accuracy | hybrid accuracy |" in report
+    assert "Where dtr falls short" in report and result["commands"]["dtr"] in report
+    with pytest.raises(ValueError, match="not both"):
+        recall.settings_from_args(recall.build_parser().parse_args(["--k", "2", "--layers", "1,2"]))
+
+
+def _fake_outputs(root):
+    (root / "placements").mkdir(parents=True)
+    (root / "placements" / "placements.md").write_text(
+        "# Placements: title\n\nintro\n\n## sentiment: table\n\n| a |\n|---|\n| 1 |\n\n"
+        "![plot](placements_sentiment.png)\n\n### sentiment: gap\n")
+    (root / "placements" / "placements_sentiment.png").write_bytes(PNG)
+
+
+def test_assemble_only_builds_the_document_from_existing_outputs(tmp_path, capsys):
+    root, doc = tmp_path / "docs" / "bench", tmp_path / "docs" / "BENCHMARKS.md"
+    _fake_outputs(root)
+    assert bench_all.main(["--assemble-only", "--out-root", str(root), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith("# dtr benchmarks") and capsys.readouterr().out.startswith("# dtr benchmarks")
+    for bench in bench_all.BENCHES:
+        assert f"## {bench.title}" in text
+    assert "### sentiment: table" in text and "#### sentiment: gap" in text  # headings one level down
+    assert "# Placements: title" not in text  # the section heading replaces the report's title
+    assert "![plot](bench/placements/placements_sentiment.png)" in text  # links relative to the document
+    assert "_From an earlier run" in text
+    assert "Not run yet. Command: `dtr bench recall`" in text
+    assert "| [placements](#quality-greedy-dtr-vs-placement-baselines) |" in text
+    assert json.loads((root / "all.json").read_text())["runs"] == {}
+
+
+def test_runs_selected_benchmarks_and_records_failures(tmp_path):
+    root, doc, logs = tmp_path / "bench", tmp_path / "BENCHMARKS.md", tmp_path / "logs"
+    argv = ["--only", "mixers,search,recall", "--out-root", str(root), "--doc", str(doc), "--logs", str(logs),
+            "--extra", "mixers=--tiny --threads 1",
+            "--extra", "search=--model tiny-llama --limit 8 --rounds 1 --batch-size 4 --threads 1",
+            "--extra", "recall=--model tiny-llama --samples 0"]  # invalid: must be recorded as a failure
+    assert bench_all.main(argv) == 1
+    runs = json.loads((root / "all.json").read_text())["runs"]
+    assert runs["mixers"]["status"] == "ok" and runs["search"]["status"] == "ok"
+    assert runs["recall"]["status"] == "failed" and "--samples must be >= 1" in runs["recall"]["reason"]
+    mixers = json.loads((root / "mixers" / "mixers.json").read_text())
+    assert mixers["rows"] and (root / "mixers" / "mixers.md").read_text().startswith("# Linear-attention ops")
+    assert json.loads((root / "search" / "search.json").read_text())["same_answer"] is True
+    text = doc.read_text()
+    assert "dtr bench mixers --tiny --threads 1 --json" in text  # the exact command beside the mixers table
+    assert "Greedy search cost: tiny-llama" in text
+    assert "**Not completed in this run** (`dtr bench recall --model tiny-llama --samples 0 --out " in text
+    assert "): failed — ValueError: --samples must be >= 1, got 0. Log: `" in text
+    assert (logs / "recall.log").is_file()
