@@ -183,18 +183,25 @@ def section(bench: Bench, out_root: Path, doc: Path, record: dict | None) -> str
     return "\n".join(lines)
 
 
-def assemble(out_root: Path, doc: Path, records: dict[str, dict], argv: Sequence[str]) -> str:
+def assemble(out_root: Path, doc: Path, records: dict[str, dict], argv: Sequence[str],
+             previous: dict[str, dict] | None = None) -> str:
+    """The document. `records`: runs of this invocation; `previous`: the last recorded run of the others."""
     info = common.machine_info()
     commands = common.command_lines("benchmarks.all", "all", argv)
+    previous = previous or {}
     rows = []
     for bench in BENCHES:
         record = records.get(bench.name)
         report = out_root / bench.name / f"{bench.name}.md"
+        earlier = previous.get(bench.name)
         if record is not None:
             status = record["status"] + (" (quick)" if record.get("quick") else "")
             when = f"{record['seconds'] / 60:.1f} min"
+        elif report.is_file() and earlier is not None and earlier.get("status") in ("ok", "ok, targets missed"):
+            status = f"earlier run: {earlier['status']}" + (" (quick)" if earlier.get("quick") else "")
+            when = f"{earlier['seconds'] / 60:.1f} min"
         else:
-            status = "earlier run" if report.is_file() else "not run"
+            status = "earlier run (not via `dtr bench all`)" if report.is_file() else "not run"
             when = "-"
         rows.append([f"[{bench.name}](#{_anchor(bench.title)})", bench.title, status, when,
                      f"`{Path(os.path.relpath(out_root / bench.name, doc.parent)).as_posix()}/`"])
@@ -274,10 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         record = records[bench.name]
         print(f"[all] {bench.name}: {record['status']} in {record['seconds'] / 60:.1f} min"
               + (f" ({record['reason']})" if record.get("reason") else ""), file=sys.stderr, flush=True)
-    document = assemble(args.out_root, args.doc, records, argv)
-    common.write_text(args.doc, document)
     index = args.out_root / "all.json"
     previous = json.loads(index.read_text()).get("runs", {}) if index.is_file() else {}
+    document = assemble(args.out_root, args.doc, records, argv, previous)
+    common.write_text(args.doc, document)
     common.write_json(index, {"commands": common.command_lines("benchmarks.all", "all", argv),
                               "runs": {**previous, **records}})
     print(common.to_json(records) if args.json else document)

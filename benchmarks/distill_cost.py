@@ -243,37 +243,44 @@ def _range(d: dict, fmt: Callable[[float], str]) -> str:
     return f"{fmt(d['median'])} [{fmt(d['min'])}-{fmt(d['max'])}]"
 
 
+def _ideal(row: dict) -> int:
+    return row["workers"] * row["threads"]
+
+
 def paragraph(result: dict) -> str:
-    rows = {r["name"]: r for r in result["rows"]}
-    base = rows[BASELINE]
-    best = max(result["rows"], key=lambda r: r["speedup"]["median"])
+    """What the table says, in plain words, computed from the numbers."""
+    rows = result["rows"]
+    base = next(r for r in rows if r["name"] == BASELINE)
+    best = max(rows, key=lambda r: r["speedup"]["median"])
     cores = result["machine"]["usable_cores"]
     L = result["num_layers"]
+    per_layer = best["wall_per_layer_s"]["median"]
     parts = [
         f"On this {cores}-core machine the fastest way to distil was {best['name']}: "
         f"{best['speedup']['median']:.2f}x the throughput of one worker with one thread "
-        f"({best['wall_per_layer_s']['median']:.1f} s per layer vs {base['wall_per_layer_s']['median']:.1f} s)."
+        f"({common.format_seconds(per_layer)} per layer vs "
+        f"{common.format_seconds(base['wall_per_layer_s']['median'])})."
     ]
-    for r in result["rows"]:
+    for r in rows:
         if r["name"] == BASELINE:
             continue
-        ideal = r["workers"] * r["threads"]
-        parts.append(f"{r['name']}: {r['speedup']['median']:.2f}x of an ideal {ideal}x"
-                     + (f", each layer taking {r['layer_latency_s']['median'] / base['layer_latency_s']['median']:.2f}x "
-                        "as long as alone" if r["workers"] > 1 else "") + ".")
+        text = f"{r['name']}: {r['speedup']['median']:.2f}x of an ideal {_ideal(r)}x"
+        if r["workers"] > 1:
+            slower = r["layer_latency_s"]["median"] / base["layer_latency_s"]["median"]
+            text += f", each layer taking {slower:.2f}x as long as alone"
+        parts.append(text + ".")
     parts.append(
         f"At this budget ({result['tokens_per_layer']} training tokens per layer) all {L} layers would take about "
-        f"{best['wall_per_layer_s']['median'] * L / 60:.1f} min with {best['name']} (measured time per layer x {L}; "
-        "an estimate, not a measurement), after a one-off teacher capture.")
+        f"{per_layer * L / 60:.1f} min with {best['name']} (measured time per layer x {L}; an estimate, not a "
+        "measurement), after a one-off teacher capture.")
     load = result["machine"]["load_average"][0]
-    short = [r for r in result["rows"] if r["name"] != BASELINE and r["speedup"]["median"] < 0.8 * r["workers"] * r["threads"]]
+    short = [r for r in rows if r["name"] != BASELINE and r["speedup"]["median"] < 0.8 * _ideal(r)]
     if short:
-        parts.append(
-            "Where it falls short: " + ", ".join(f"{r['name']} reaches {r['speedup']['median'] / (r['workers'] * r['threads']):.0%} of its ideal"
-                                                 for r in short)
-            + f". The 1-minute load average was {load} at the start on {cores} cores"
-            + (" (other work shared the machine, so parallel configurations could not get their cores: see CPU/wall)"
-               if load >= cores else "") + ".")
+        reached = ", ".join(f"{r['name']} reaches {r['speedup']['median'] / _ideal(r):.0%} of its ideal" for r in short)
+        busy = (" (other work shared the machine, so the parallel configurations could not get their cores: see "
+                "CPU/wall)") if load >= cores else ""
+        parts.append(f"Where it falls short: {reached}. The 1-minute load average was {load} at the start on "
+                     f"{cores} cores{busy}.")
     return " ".join(parts)
 
 
@@ -313,11 +320,10 @@ def markdown_report(result: dict) -> str:
 def write_plot(result: dict, out_dir: Path) -> str:
     names = [r["name"] for r in result["rows"]]
     x = list(range(1, len(names) + 1))
-    series = [common.Series("training tokens/s (median)", x, [r["tokens_per_s"]["median"] for r in result["rows"]]),
-              common.Series("min", x, [r["tokens_per_s"]["min"] for r in result["rows"]], group="training tokens/s (median)",
-                            dashed=True, marker=None),
-              common.Series("max", x, [r["tokens_per_s"]["max"] for r in result["rows"]], group="training tokens/s (median)",
-                            dashed=True, marker=None)]
+    label = "training tokens/s (median)"
+    series = [common.Series(label, x, [r["tokens_per_s"]["median"] for r in result["rows"]])]
+    series += [common.Series(bound, x, [r["tokens_per_s"][bound] for r in result["rows"]], group=label, dashed=True,
+                             marker=None) for bound in ("min", "max")]
     common.plot_lines(out_dir / "distill_throughput.png", series,
                       f"Distillation throughput ({result['settings']['model']})", "configuration",
                       "training tokens/s", xticks=x, xticklabels=names)
@@ -336,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", default=str(DEFAULT_WORK), help="captured activations and scratch folders")
     parser.add_argument("--model", default="smollm2-135m", help="teacher: a dtr_core.models.load_model source")
     parser.add_argument("--mixer", default="gated_deltanet", help="student type")
-    parser.add_argument("--layers", type=int, default=None, help=f"layers distilled per batch (default {FULL['layers']})")
+    parser.add_argument("--layers", type=int, default=None,
+                        help=f"layers distilled per batch (default {FULL['layers']})")
     parser.add_argument("--steps", type=int, default=None, help=f"optimiser steps per layer (default {FULL['steps']})")
     parser.add_argument("--tokens", type=int, default=None, help=f"captured teacher tokens (default {FULL['tokens']})")
     parser.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence (default {FULL['seq_len']})")
@@ -356,7 +363,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if values["tokens"] // values["seq_len"] < 2:
-        raise ValueError(f"--tokens ({values['tokens']}) must hold at least 2 sequences of --seq-len {values['seq_len']}")
+        raise ValueError(f"--tokens ({values['tokens']}) must hold at least 2 sequences of --seq-len "
+                         f"{values['seq_len']}")
     return Settings(model=args.model, mixer=args.mixer, batch_size=DISTILL_BATCH, processes=args.processes,
                     work_dir=args.work_dir, **values)
 

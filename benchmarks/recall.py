@@ -177,7 +177,8 @@ def evaluate_model(model, prompts: Sequence[Prompt], label: str) -> list[dict]:
     model.eval()
     rows, started = [], time.perf_counter()
     for prompt in prompts:
-        rows.append({"probe": prompt.probe, "context": prompt.context, "depth": prompt.depth, **score_prompt(model, prompt)})
+        rows.append({"probe": prompt.probe, "context": prompt.context, "depth": prompt.depth,
+                     **score_prompt(model, prompt)})
     logger.info("%s: %d prompts in %.1f s", label, len(prompts), time.perf_counter() - started)
     return rows
 
@@ -263,7 +264,8 @@ def run(settings: Settings, argv: Sequence[str]) -> dict:
     # warm-up: one short prompt per model (first-call allocations), not scored
     for model in (teacher, hybrid):
         score_prompt(model, prompts[0])
-    results = {"teacher": evaluate_model(teacher, prompts, "teacher"), "hybrid": evaluate_model(hybrid, prompts, "hybrid")}
+    results = {name: evaluate_model(model, prompts, name) for name, model in (("teacher", teacher),
+                                                                              ("hybrid", hybrid))}
     return {
         "benchmark": "recall",
         "settings": asdict(settings),
@@ -359,7 +361,7 @@ def write_plot(result: dict, out_dir: Path) -> str:
                                         group=probe, dashed=name == "teacher"))
     k = len(result["hybrid"]["linear_layers"])
     common.plot_lines(out_dir / "recall_accuracy.png", series,
-                      f"Retrieval accuracy vs context ({result['settings']['model']}, {k} linear layers; dashed: teacher)",
+                      f"Retrieval vs context ({result['settings']['model']}, {k} linear layers; dashed: teacher)",
                       "context T (tokens)", "exact-match accuracy", logx=True, xticks=contexts)
     return "recall_accuracy.png"
 
