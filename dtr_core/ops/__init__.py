@@ -5,8 +5,8 @@ flash-linear-attention (`fla.ops`). Hugging Face attention is `[B, H, T, D]`; th
 
 Every op returns `(output [B, T, H, Dv], final_state [B, H, Dk, Dv] | None)`. Gates are in log space
 (`<= 0`), `scale` defaults to `Dk ** -0.5`, and an optional `initial_state [B, H, Dk, Dv]` continues a
-sequence. Math runs in float32 (float64 stays float64); outputs are cast back to the input dtype and
-states are returned in the compute dtype.
+sequence. Math runs in float32 (float64 stays float64, except in `chunk_gated_delta_rule`, which is
+float32 throughout); outputs are cast back to the input dtype, states are returned in the compute dtype.
 
 Each recurrence comes in three forms that tests hold equal (outputs, gradients, final state):
 - `naive_recurrent_*`: a per-token Python loop, the readable oracle;

@@ -191,6 +191,7 @@ def chunk_gated_delta_rule(
         )
         outputs.append(output)
     output = torch.cat(outputs, dim=1) if len(outputs) > 2 else outputs[-1]
-    if state is not None:
-        state = state.float()
+    if state is None:  # T == 0 without an initial state
+        state = q.new_zeros(batch, heads, key_dim, v.shape[-1])
+    state = state.float()
     return output.to(dtype), state if output_final_state else None
