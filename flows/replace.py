@@ -72,9 +72,8 @@ def replace(
                          "students": {str(k): v.key for k, v in sorted(layer_results.items())}})
 
     # P_base: the teacher on the validation split (per-example values: bootstrap acceptance)
-    teacher = evaluate_task(model, task, {"validation": task.validation_limit}, "teacher-validation",
-                            str(layout.reports / "eval_teacher_validation.json"), serial_threads(),
-                            per_example=True)["validation"]
+    teacher = evaluate_task(model, task, {"validation": task.validation_limit, "test": task.test_limit}, "teacher",
+                            str(layout.reports / "eval_teacher.json"), serial_threads(), per_example=True)["validation"]
     tolerance_obj, acceptance_obj = tolerance.build(), acceptance.build(seed)
     p_min = tolerance_obj.threshold(teacher["score"])
     logger.info("phase 2: teacher validation %s %.4f, P_min %.4f, %d candidate layers", teacher["metric"],

@@ -37,20 +37,24 @@ def evaluate_task(model: str, task_params: Any, splits: dict[str, int | None], l
     from dtr_core.evaluation import evaluate
     from dtr_core.models import load_model
 
-    key = hash_json({"model": _model_key(model), "task": task_params.model_dump(mode="json"), "splits": splits,
-                     "per_example": per_example})
+    key = hash_json({"model": _model_key(model), "task": task_params.model_dump(mode="json"), "splits": splits})
+    results = None
     if out_file is not None and Path(out_file).is_file():
         stored = read_json(out_file)
         if stored.get("key") == key:
-            return stored["results"]
-    with runtime.torch_threads(threads):
-        if Path(model).is_dir() and (Path(model) / "dtr_export.json").is_file():
-            loaded, tokenizer = load_model(model)  # an exported hybrid: used once, not cached
-        else:
-            loaded, tokenizer = runtime.teacher(model)
-        task_obj = runtime.task(task_params)
-        results = {split: evaluate(loaded, tokenizer, task_obj, split, limit=limit).to_dict(per_example=per_example)
-                   for split, limit in splits.items()}
-    if out_file is not None:
-        write_json(out_file, {"key": key, "model": model, "results": results})
-    return results
+            results = stored["results"]
+    if results is None:
+        with runtime.torch_threads(threads):
+            if Path(model).is_dir() and (Path(model) / "dtr_export.json").is_file():
+                loaded, tokenizer = load_model(model)  # an exported hybrid: used once, not cached
+            else:
+                loaded, tokenizer = runtime.teacher(model)
+            task_obj = runtime.task(task_params)
+            results = {split: evaluate(loaded, tokenizer, task_obj, split, limit=limit).to_dict(per_example=True)
+                       for split, limit in splits.items()}
+        if out_file is not None:  # stored with per-example values, so every caller can reuse it
+            write_json(out_file, {"key": key, "model": model, "results": results})
+    if per_example:
+        return results
+    drop = ("per_example", "weights", "predictions", "label_logprobs")
+    return {split: {k: v for k, v in result.items() if k not in drop} for split, result in results.items()}

@@ -12,13 +12,10 @@ column and
 from __future__ import annotations
 
 import json
-import warnings
 from typing import Any
 
 import mlflow.pyfunc
-
-# The input is a DataFrame with a `text` column and the signature says so; type-hint inference is not used.
-warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
+import pandas as pd
 
 SENTINEL = "\u0000DTR_TEXT\u0000"
 
@@ -58,8 +55,7 @@ class DtrHybridModel(mlflow.pyfunc.PythonModel):
                 template=_escape(self.card["before"]) + "{text}" + _escape(self.card["after"]),
                 add_bos=self.card["add_bos"])
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        import pandas as pd
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         import torch
 
         texts = [str(t) for t in model_input["text"]]

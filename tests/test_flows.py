@@ -136,3 +136,32 @@ def test_pyfunc_predictions_match_the_evaluator(conversion):
 def test_summary_json_round_trips(conversion):
     params, summary = conversion
     assert json.loads(json.dumps(summary)) == summary
+
+
+def test_flow_chooses_the_same_layers_as_the_reference_listing(conversion, tmp_path):
+    """dtr_core/reference.py (plain loops, one full evaluation per candidate) on the same inputs."""
+    from transformers import AutoTokenizer
+
+    from dtr_core.artifacts import read_json
+    from dtr_core.corpus import load_corpus, token_chunks
+    from dtr_core.evaluation import get_task
+    from dtr_core.models import load_model
+    from dtr_core.reference import run_reference
+
+    params, summary = conversion
+    trajectory = read_json(summary["run_dir"] + "/greedy/trajectory.json")
+    teacher, _ = load_model(params.model)
+    tokenizer = AutoTokenizer.from_pretrained(summary["rows"][1]["path"])  # the run's own tokenizer
+    token_ids = token_chunks(load_corpus(params.distill.corpus), tokenizer, params.distill.seq_len,
+                             params.distill.tokens)
+    reference = run_reference(teacher, tokenizer, token_ids, get_task(params.task.name), params.mixer, tmp_path,
+                              params.distill.distill_config(params.seed), tolerance=params.tolerance.value,
+                              limit=params.task.validation_limit)
+    assert trajectory["swap_order"] == reference["swap_order"]
+    assert trajectory["best_layers"] == reference["best_layers"]
+    assert trajectory["opt_layers"] == reference["opt_layers"]
+    assert trajectory["teacher_score"] == reference["teacher_score"]
+    assert [r["score"] for r in trajectory["rounds"]] == [r["score"] for r in reference["rounds"]]
+    for ours, theirs in zip(trajectory["rounds"], reference["rounds"]):
+        scored = {c["layer"]: c["score"] for c in ours["candidates"] if c["score"] is not None}
+        assert scored == {layer: theirs["scores"][layer] for layer in scored}

@@ -1,0 +1,155 @@
+"""deployments/prefect.yaml loads (every entrypoint is an importable flow that accepts its parameters), the
+Prefect UI form is typed, and `dtr ui` stops exactly what it started."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+
+
+def _load(entrypoint: str):
+    from prefect.flows import load_flow_from_entrypoint
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # entrypoints are relative to the repository root, as `prefect deploy` runs them
+    try:
+        return load_flow_from_entrypoint(entrypoint)
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.mark.parametrize("deployment", SPEC["deployments"], ids=lambda d: d["name"])
+def test_entrypoint_loads_and_accepts_its_parameters(deployment):
+    from prefect import Flow
+
+    path, function = deployment["entrypoint"].split(":")
+    assert path.startswith("flows/") and (ROOT / path).is_file()
+    flow = _load(deployment["entrypoint"])
+    assert isinstance(flow, Flow) and flow.fn.__name__ == function
+    validated = flow.validate_parameters(deployment.get("parameters", {}))
+    assert set(deployment.get("parameters", {})) <= set(validated)
+    assert deployment["work_pool"]["name"] == "dtr-process"
+
+
+def test_convert_deployment_has_an_inactive_nightly_schedule_and_the_default_profile():
+    from flows.params import build_params
+
+    convert = next(d for d in SPEC["deployments"] if d["name"] == "convert")
+    assert convert["schedules"] and all(s["active"] is False for s in convert["schedules"])
+    assert convert["schedules"][0]["cron"] == "0 2 * * *"
+    flow = _load(convert["entrypoint"])
+    params = build_params("default", **flow.validate_parameters(convert["parameters"]))
+    assert params == build_params("default"), "prefect.yaml parameters drifted from the default profile"
+
+
+def test_no_secrets_or_absolute_paths_in_the_deployment_file():
+    import re
+
+    text = (ROOT / "deployments" / "prefect.yaml").read_text().lower()
+    assert not re.search(r"\b(password|secret|api_key|access_key|auth|\w*_token)\s*:", text)
+    for path in ("/home/", "/work/", "/users/", "/tmp/"):
+        assert path not in text
+
+
+def test_convert_parameters_render_as_a_typed_form():
+    flow = _load("flows/convert.py:convert")
+    schema = flow.parameters.model_dump()
+    definitions = schema["definitions"]
+    assert schema["properties"]["mixer"]["enum"] == ["gated_deltanet", "gla", "jetblock"]
+    distill = definitions["DistillBudget"]["properties"]
+    assert distill["steps"]["description"] and distill["steps"]["minimum"] == 1
+    assert definitions["RunnerParams"]["properties"]["kind"]["enum"] == ["threads", "processes", "dask"]
+    assert definitions["ToleranceParams"]["properties"]["mode"]["enum"] == ["relative", "absolute"]
+    assert definitions["AcceptanceParams"]["properties"]["mode"]["enum"] == ["point", "bootstrap"]
+
+
+def test_mixer_dropdown_matches_the_registry():
+    from typing import get_args
+
+    from dtr_core.mixers import MIXERS
+    from flows.params import MixerName
+
+    assert list(get_args(MixerName)) == sorted(MIXERS)
+
+
+# --- dtr ui: process bookkeeping -----------------------------------------------------------------------------
+
+def _sleeper(state_dir: Path, name: str):
+    from dtr.commands import ui
+
+    return ui._spawn(name, [sys.executable, "-c", "import time; time.sleep(120)"], dict(os.environ), state_dir, ROOT)
+
+
+def test_down_stops_exactly_the_recorded_processes(tmp_path):
+    from dtr.commands import ui
+
+    ours = _sleeper(tmp_path, "worker")
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        ui.write_state(tmp_path, {"urls": {"prefect": "", "mlflow": "", "prefect_api": ""},
+                                  "processes": {"worker": ours}})
+        assert ui.status(tmp_path)["worker"]["running"]
+        assert ui.down(tmp_path) == {"worker": "stopped"}
+        assert not ui.is_running(ours)
+        assert bystander.poll() is None, "a process dtr ui did not start was signalled"
+        assert not (tmp_path / "ui.json").exists()
+        assert ui.down(tmp_path) == {}
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_a_reused_pid_is_never_signalled(tmp_path):
+    from dtr.commands import ui
+
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        stale = {"name": "worker", "pid": bystander.pid, "pgid": bystander.pid, "start_time": 1, "command": [],
+                 "log": ""}
+        ui.write_state(tmp_path, {"urls": {}, "processes": {"worker": stale}})
+        assert ui.down(tmp_path) == {"worker": "not running"}
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ui_up_status_down_with_real_servers(tmp_path):
+    """Prefect server + MLflow server + work pool + deployments + worker, all on loopback (~1 min)."""
+    from dtr.commands import ui
+
+    state = ui.up(tmp_path, _free_port(), _free_port())
+    try:
+        report = ui.status(tmp_path)
+        assert set(report) == {"prefect-server", "mlflow-server", "worker"}
+        assert all(info["healthy"] for info in report.values()), report
+        env = {**os.environ, "PREFECT_API_URL": state["urls"]["prefect_api"],
+               "PREFECT_HOME": str(tmp_path / "prefect")}
+        out = subprocess.run([str(Path(sys.executable).parent / "prefect"), "deployment", "ls"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        for name in ("convert", "distill", "replace", "evaluate", "benchmark"):
+            assert f"/{name}" in out.stdout, out.stdout + out.stderr
+    finally:
+        outcome = ui.down(tmp_path)
+    assert set(outcome.values()) <= {"stopped", "killed"}
+    time.sleep(0.5)
+    assert not any(ui.is_running(entry) for entry in state["processes"].values())
+    assert json.dumps(outcome)

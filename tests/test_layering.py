@@ -1,0 +1,38 @@
+"""Imports go one way: dtr_core <- tasks <- flows (docs/DESIGN.md). dtr_core never imports Prefect or MLflow."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _imports(package: str, names: str) -> list[str]:
+    pattern = re.compile(rf"^\s*(import|from)\s+({names})\b", re.MULTILINE)
+    hits = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for match in pattern.finditer(path.read_text(encoding="utf-8")):
+            line = path.read_text(encoding="utf-8")[: match.start()].count("\n") + 1
+            hits.append(f"{path.relative_to(ROOT)}:{line}: {match.group(0).strip()}")
+    return hits
+
+
+@pytest.mark.parametrize(("package", "forbidden"), [
+    ("dtr_core", "prefect|prefect_dask|mlflow|tasks|flows|dtr"),
+    ("tasks", "flows|dtr"),
+])
+def test_no_upward_imports(package, forbidden):
+    assert _imports(package, forbidden) == []
+
+
+def test_importing_dtr_core_loads_neither_prefect_nor_mlflow():
+    code = ("import sys, dtr_core, dtr_core.conversion, dtr_core.export, dtr_core.speed, dtr_core.distill, "
+            "dtr_core.search, dtr_core.greedy, dtr_core.capture\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'mlflow', 'prefect_dask')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"

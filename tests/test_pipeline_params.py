@@ -1,0 +1,87 @@
+"""Bad parameters are rejected before any work, with one clear line (library, flow and CLI)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pipeline_support import _fresh_runtime_cache, prefect_harness, tiny_params  # noqa: F401
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"distill": {"steps": 0}}, "distill.steps"),
+    ({"mixer": "mamba"}, "mixer"),
+    ({"runner": {"kind": "ray"}}, "runner.kind"),
+    ({"runner": {"workers": 0}}, "runner.workers"),
+    ({"distill": {"tokens": 40, "seq_len": 32}}, "at least 2 sequences"),
+    ({"task": {"validation_limit": 0}}, "task.validation_limit"),
+    ({"acceptance": {"confidence": 1.5}}, "acceptance.confidence"),
+    ({"max_layers": -1}, "max_layers"),
+    ({"unknown": 1}, "unknown"),
+])
+def test_pydantic_rejects_with_one_line(tmp_path, overrides, message):
+    with pytest.raises(ValueError) as error:
+        tiny_params(tmp_path, **overrides)
+    text = str(error.value)
+    assert message in text and "\n" not in text
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"model": str(Path("/nonexistent/model"))}, "neither a built-in name"),
+    ({"task": {"name": "imdb"}}, "unknown task"),
+    ({"task": {"data_file": "/nonexistent/data.csv"}}, "needs verbalisers"),
+    ({"task": {"data_file": "/nonexistent/data.csv", "verbalisers": {"a": " yes", "b": " no"}}}, "does not exist"),
+    ({"distill": {"corpus": "/nonexistent/corpus.txt"}}, "corpus"),
+    ({"tolerance": {"mode": "relative", "value": 1.5}}, "relative tolerance"),
+    ({"runner": {"kind": "threads", "dask_address": "tcp://127.0.0.1:8786"}}, "dask_address"),
+    ({"tracking": {"tracking_uri": "http://127.0.0.1:9"}}, "unreachable"),
+    ({"tracking": {"tracking_uri": "file:///tmp/mlruns"}}, "file store"),
+])
+def test_check_params_rejects_with_one_line(tmp_path, overrides, message):
+    from flows.params import check_params
+
+    with pytest.raises((ValueError, FileNotFoundError)) as error:
+        check_params(tiny_params(tmp_path, **overrides))
+    text = str(error.value)
+    assert message in text and "\n" not in text
+
+
+def test_flow_rejects_before_any_work(tmp_path, prefect_harness):  # noqa: F811
+    from flows.convert import convert
+
+    params = tiny_params(tmp_path)
+    bad = params.model_copy(update={"tolerance": params.tolerance.model_copy(update={"value": 2.0})})
+    with pytest.raises(ValueError, match="relative tolerance"):
+        convert(**{name: getattr(bad, name) for name in bad.model_dump()})
+    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path):
+    dtr = Path(sys.executable).parent / "dtr"
+    out = subprocess.run([str(dtr), "convert", "--profile", "smoke", "--steps", "0", "--output-dir",
+                          str(tmp_path / "runs")], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["error: invalid parameters: distill.steps: Input should be greater "
+                                               "than or equal to 1 (got 0)"]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_cli_help_documents_every_flow_parameter():
+    from typer.testing import CliRunner
+
+    from dtr.cli import _register_commands, app
+
+    _register_commands()
+    result = CliRunner().invoke(app, ["convert", "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
+    assert result.exit_code == 0
+    for option in ("--model", "--task", "--data-file", "--template", "--verbaliser", "--mixer", "--corpus",
+                   "--distill-tokens", "--seq-len", "--steps", "--lr", "--tolerance-mode", "--tolerance",
+                   "--acceptance", "--max-layers", "--seed", "--runner", "--workers", "--dask-address",
+                   "--context-len", "--tracking-uri", "--experiment", "--register", "--output-dir", "--run-id",
+                   "--profile"):
+        assert option in result.output, option

@@ -1,0 +1,109 @@
+"""A run that dies half way registers nothing, leaves nothing that looks complete, and resumes without redoing
+finished layers or scored candidates."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pipeline_support import _fresh_runtime_cache, mlflow_client, prefect_harness, runs_by_kind, tiny_params  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _registered_names(client) -> list[str]:
+    return [model.name for model in client.search_registered_models()]
+
+
+def test_failed_runs_register_nothing_and_resume(tmp_path, monkeypatch):
+    import dtr_core.conversion
+    import dtr_core.distill
+    from dtr_core.artifacts import read_json
+    from dtr_core.conversion import RunLayout
+    from flows.convert import run_convert
+
+    params = tiny_params(tmp_path)
+    layout = RunLayout(tmp_path / "runs" / params.resolved_run_id())
+    client = mlflow_client(params)
+
+    # 1. the run dies while distilling layer 2
+    real_distill = dtr_core.distill.distill_layer
+
+    def distill_dies_on_layer_2(model, layer_idx, *args, **kwargs):
+        if layer_idx == 2:
+            raise RuntimeError("simulated crash in layer 2")
+        return real_distill(model, layer_idx, *args, **kwargs)
+
+    monkeypatch.setattr(dtr_core.distill, "distill_layer", distill_dies_on_layer_2)
+    with pytest.raises(Exception, match="simulated crash"):
+        run_convert(params)
+    monkeypatch.undo()
+    assert not layout.summary.exists() and not (layout.root / "hybrids").exists()
+    assert sorted(p.parent.name for p in layout.students.glob("*/meta.json")) == ["layer_000", "layer_001", "layer_003"]
+    assert not list(layout.root.rglob(".*tmp-*")), "a temporary file or folder was left behind"
+    assert _registered_names(client) == []
+    first = client.search_runs([client.get_experiment_by_name("dtr-test").experiment_id],
+                               filter_string="tags.`dtr.model` = 'tiny-llama'")
+    assert [run.info.status for run in first] == ["FAILED"]
+    trained_at = {p.parent.name: p.stat().st_mtime_ns for p in layout.students.glob("*/meta.json")}
+
+    # 2. the next run dies in greedy round 1 (same process: models stay cached, as in a long-lived worker)
+    real_score = dtr_core.conversion.RoundScorer.score
+
+    def score_dies_in_round_1(self, layer):
+        if self.committed:
+            raise RuntimeError("simulated crash in round 1")
+        return real_score(self, layer)
+
+    monkeypatch.setattr(dtr_core.conversion.RoundScorer, "score", score_dies_in_round_1)
+    with pytest.raises(Exception, match="simulated crash in round 1"):
+        run_convert(params)
+    monkeypatch.undo()
+    assert {p.parent.name: p.stat().st_mtime_ns for p in layout.students.glob("*/meta.json")
+            if p.parent.name in trained_at} == trained_at, "completed layers were trained again"
+    assert layout.round(0).is_file() and not layout.summary.exists()
+    assert _registered_names(client) == []
+    round0 = sorted(layout.greedy.glob("candidates/r00_*.json"))
+    assert len(round0) == 4
+
+    # 3. the third run completes, reusing every layer and every round-0 candidate
+    summary = run_convert(params)
+    assert layout.summary.is_file()
+    children = runs_by_kind(client, summary["mlflow"]["run_id"])
+    assert {r.data.params["layer"]: r.data.tags["dtr.reused"] for r in children["distill"]} == \
+        {"0": "True", "1": "True", "2": "True", "3": "True"}
+    reused = {(r.data.params["round"], r.data.params["layer"]): r.data.tags["dtr.reused"] for r in children["candidate"]}
+    assert all(flag == "True" for (rnd, _), flag in reused.items() if rnd == "0")
+    assert read_json(layout.trajectory)["rounds"][0] == read_json(layout.round(0))
+    assert sorted(_registered_names(client)) == [params.registered_name()]
+
+
+@pytest.mark.slow
+def test_killed_cli_run_continues_where_it_stopped(tmp_path):
+    """SIGKILL `dtr convert --profile smoke` once layers are done; the re-run reuses them."""
+    dtr = Path(sys.executable).parent / "dtr"
+    args = [str(dtr), "convert", "--profile", "smoke", "--steps", "30", "--output-dir", str(tmp_path / "runs"),
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--no-register"]
+    process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + 300
+    metas: list[Path] = []
+    while time.monotonic() < deadline and process.poll() is None:
+        metas = list((tmp_path / "runs").glob("*/students/layer_*/meta.json"))
+        if metas:
+            break
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)  # the CLI, its temporary Prefect server: everything it started
+    process.wait()
+    assert metas, "no layer finished before the deadline"
+    done = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/students/layer_*/meta.json")}
+    assert not list((tmp_path / "runs").glob("*/summary.json"))
+    rerun = subprocess.run(args + ["--json"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in done} == done, "finished layers were trained again"
+    assert list((tmp_path / "runs").glob("*/summary.json"))

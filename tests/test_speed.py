@@ -1,0 +1,52 @@
+"""dtr_core.speed on tiny models: well-formed results, exact cache accounting, argument checks (not speed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dtr_core.hybrid import cache_bytes, make_hybrid
+from dtr_core.mixers import build_student
+from dtr_core.speed import SpeedResult, measure_speed, speedup
+
+
+def _hybrid(teacher, layers):
+    students = {i: build_student("gated_deltanet", teacher.config, i, teacher_attention=teacher.model.layers[i].self_attn)
+                for i in layers}
+    return make_hybrid(teacher, students)
+
+
+def test_measure_speed_teacher_and_hybrid(tiny_llama):
+    teacher, _ = tiny_llama
+    hybrid = _hybrid(teacher, (0, 2))
+    base = measure_speed(teacher, context_len=48, decode_tokens=3)
+    other = measure_speed(hybrid, context_len=48, decode_tokens=3, repeats=2)
+    for result in (base, other):
+        assert isinstance(result, SpeedResult)
+        assert result.prefill_seconds > 0 and result.decode_tokens_per_second > 0
+        assert result.prefill_tokens_per_second == pytest.approx(48 / result.prefill_seconds)
+        assert result.decode_ms_per_token == pytest.approx(1000 / result.decode_tokens_per_second)
+        assert result.threads == torch.get_num_threads()
+    assert base.cache_bytes == cache_bytes(teacher, 48)
+    assert other.cache_bytes == cache_bytes(hybrid, 48) < base.cache_bytes
+    ratios = speedup(base, other)
+    assert ratios["cache_reduction"] == pytest.approx(1 - other.cache_bytes / base.cache_bytes)
+    assert ratios["prefill_speedup"] == pytest.approx(base.prefill_seconds / other.prefill_seconds)
+    assert speedup(base.to_dict(), other.to_dict()) == ratios
+
+
+def test_measure_speed_leaves_the_model_as_it_was(tiny_llama):
+    teacher, _ = tiny_llama
+    teacher.train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    measure_speed(teacher, context_len=16, decode_tokens=2)
+    assert teacher.training
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+@pytest.mark.parametrize("kwargs", [{"context_len": 0}, {"decode_tokens": 0}, {"repeats": 0},
+                                    {"context_len": 5000}])
+def test_bad_arguments_raise(tiny_llama, kwargs):
+    teacher, _ = tiny_llama
+    with pytest.raises(ValueError):
+        measure_speed(teacher, **{"context_len": 16, "decode_tokens": 2, **kwargs})
