@@ -32,7 +32,7 @@ from benchmarks.common import command_lines, environment_markdown, machine_info,
 from dtr_core.acceptance import Tolerance
 from dtr_core.search import FastEvaluator, PlainEvaluator, encode_split, run_greedy_search
 
-QUICK = dict(limit=24, rounds=1, batch_size=4)
+QUICK = dict(limit=16, rounds=1, batch_size=4)
 FULL = dict(limit=64, rounds=2, batch_size=8)
 FORCED = Tolerance("absolute", 0.0)  # every score is >= 0: each round commits its best candidate
 
@@ -108,6 +108,7 @@ def run(model_name: str, task_name: str, limit: int, rounds: int, batch_size: in
         return {
             "evaluator": name,
             "layer_forwards": cost.layer_forwards,
+            "layer_tokens": cost.layer_tokens,
             "candidate_evaluations": cost.candidate_evaluations,
             "completed_evaluations": cost.completed_evaluations,
             "rejected_early": cost.rejected_early,
@@ -117,7 +118,9 @@ def run(model_name: str, task_name: str, limit: int, rounds: int, batch_size: in
             "wall_s": round(wall, 2),
             "cpu_s": round(cpu, 2),
             "layer_forward_ratio": round(plain_cost.layer_forwards / cost.layer_forwards, 3),
+            "layer_token_ratio": round(plain_cost.layer_tokens / cost.layer_tokens, 3),
             "wall_ratio": round(plain_wall / wall, 3),
+            "cpu_ratio": round(plain_cpu / cpu, 3),
         }
 
     return {
@@ -137,12 +140,14 @@ def run(model_name: str, task_name: str, limit: int, rounds: int, batch_size: in
 
 def markdown(result: dict, commands: dict, info: dict) -> str:
     config = result["config"]
-    headers = ["evaluator", "layer-forwards", "candidates started", "completed", "rejected early",
-               "wall", "CPU", "work ratio", "wall ratio"]  # fmt: skip
+    headers = ["evaluator", "layer-forwards", "layer-tokens (M)", "candidates started", "completed",
+               "rejected early", "wall", "CPU", "layer-forward ratio", "layer-token ratio", "wall ratio",
+               "CPU ratio"]  # fmt: skip
     rows = [
-        [r["evaluator"], r["layer_forwards"], r["candidate_evaluations"], r["completed_evaluations"],
-         r["rejected_early"], f"{r['wall_s']:.1f} s", f"{r['cpu_s']:.1f} s", f"{r['layer_forward_ratio']:.2f}x",
-         f"{r['wall_ratio']:.2f}x"]
+        [r["evaluator"], r["layer_forwards"], f"{r['layer_tokens'] / 1e6:.2f}", r["candidate_evaluations"],
+         r["completed_evaluations"], r["rejected_early"], f"{r['wall_s']:.1f} s", f"{r['cpu_s']:.1f} s",
+         f"{r['layer_forward_ratio']:.2f}x", f"{r['layer_token_ratio']:.2f}x", f"{r['wall_ratio']:.2f}x",
+         f"{r['cpu_ratio']:.2f}x"]
         for r in result["rows"]
     ]  # fmt: skip
     chosen = ", ".join(f"{t['layer']} ({t['score']:.4f})" for t in result["trajectory"])
@@ -154,7 +159,8 @@ def markdown(result: dict, commands: dict, info: dict) -> str:
         markdown_table(headers, rows),
         "",
         f"Teacher validation score {result['teacher_score']:.4f}; chosen layer (score) per round, identical for "
-        f"both: {chosen}. Ratios are plain / this row.",
+        f"both: {chosen}. Ratios are plain / this row. A layer-forward is one decoder layer on one batch; "
+        f"layer-tokens weight it by the batch's padded R x T. CPU is process time (all threads).",
         "",
         environment_markdown(info, commands),
     ]

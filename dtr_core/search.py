@@ -20,8 +20,8 @@ the paper's cost, L layer-forwards per batch per candidate, L(L+1)/2 candidate e
    1e-9 (float summation order differs between the bound and `summarize`; never an exact tie there).
    A dropped candidate cannot be the argmax, so the chosen layer, its score and every fully evaluated
    score equal the plain search's.
-3. Ordering. Every candidate first sees the first batch (it would anyway: no bound fires before a batch
-   is seen). Candidates are then completed in descending order of last round's score (`order_hint`, or
+3. Ordering. Batches are scored cheapest per example first. Every candidate first sees one batch (it
+   would anyway: no bound fires before a batch is seen). Candidates are then completed in descending order of last round's score (`order_hint`, or
    `first_hint` in round 0), then of that first-batch partial score, so a strong candidate sets a high
    bar early; the order changes the cost, never the answer.
 
@@ -69,6 +69,7 @@ class SearchCost:
     """Work done by an evaluator (see the module docstring for the units)."""
 
     layer_forwards: int = 0
+    layer_tokens: int = 0  # layer-forwards weighted by the batch's padded size R x T (closer to CPU time)
     candidate_evaluations: int = 0
     completed_evaluations: int = 0
     rejected_early: int = 0
@@ -158,10 +159,15 @@ class _Evaluator:
         finally:
             restore_layers(self.model, originals)
             self.model.train(was_training)
-        self.cost.layer_forwards += self.num_layers * len(self.batches)
+        self._count(self.num_layers, self.batches)
         self.cost.full_evaluations += 1
         self.cost.seconds += time.perf_counter() - start
         return self._summarize(scores)
+
+    def _count(self, layers: int, batches: Iterable[EncodedBatch]) -> None:
+        for batch in batches:
+            self.cost.layer_forwards += layers
+            self.cost.layer_tokens += layers * batch.input_ids.numel()
 
     def _check(self, committed: Sequence[int], candidates: Sequence[int]) -> None:
         overlap = set(committed) & set(candidates)
@@ -189,7 +195,7 @@ class PlainEvaluator(_Evaluator):
                         scores = [score_logits(batch, model_logits(self.model, batch)) for batch in self.batches]
                     finally:
                         restore_layers(self.model, swapped)
-                    self.cost.layer_forwards += self.num_layers * len(self.batches)
+                    self._count(self.num_layers, self.batches)
                     self.cost.batch_evaluations += len(self.batches)
                     self.cost.candidate_evaluations += 1
                     self.cost.completed_evaluations += 1
@@ -235,6 +241,12 @@ class FastEvaluator(_Evaluator):
                 "prefix cache of %d layers x %.0f MB exceeds the %.0f MB limit: keeping layers %s only",
                 self.num_layers, self.bytes_per_layer / 2**20, (cache_limit_bytes or 0) / 2**20, self.kept_layers,
             )  # fmt: skip
+        # Candidates see the batches cheapest-per-example first: the bound tightens with examples seen, the
+        # cost grows with tokens run. Any order gives the same scores (`summarize` sorts by example).
+        self.batch_order = sorted(
+            range(len(self.batches)),
+            key=lambda i: (self.batches[i].input_ids.numel() / self.batches[i].num_examples, i),
+        )
         self._traces: list[layerwise.BatchTrace] | None = None
         self._traced: frozenset[int] | None = None
         self.total_weight = None
@@ -252,8 +264,8 @@ class FastEvaluator(_Evaluator):
         previous = self._traced
         if self._traces is not None and previous is not None and previous <= now and len(now - previous) <= 1:
             for layer in now - previous:
-                for trace in self._traces:
-                    self.cost.layer_forwards += layerwise.retrace_from(self.model, trace, layer)
+                for batch, trace in zip(self.batches, self._traces):
+                    self._count(layerwise.retrace_from(self.model, trace, layer), [batch])
         else:
             self._traces = None  # free the old cache before building the new one
             self._traces = [
@@ -261,7 +273,7 @@ class FastEvaluator(_Evaluator):
                 for batch in self.batches
             ]
             self.cost.trace_passes += 1
-            self.cost.layer_forwards += self.num_layers * len(self.batches)
+            self._count(self.num_layers, self.batches)
         self._traced = now
         self.cost.cache_bytes = max(self.cost.cache_bytes, sum(trace.nbytes() for trace in self._traces))
         return self._traces
@@ -336,8 +348,9 @@ class FastEvaluator(_Evaluator):
         best: tuple[float, int, int] | None,
         stop: int | None = None,
     ) -> tuple[list[BatchScores], float | None]:
-        """Score `layer` on batches len(seen)..stop-1, checking the bound after each batch (and once before
-        starting when batches were already seen). Returns (scores so far, bound if rejected else None)."""
+        """Score `layer` on the next batches in `batch_order` (positions len(seen)..stop-1), checking the bound
+        after each batch (and once before starting when some were already seen).
+        Returns (scores so far, bound if rejected else None)."""
         stop = len(self.batches) if stop is None else min(stop, len(self.batches))
         seen = list(seen)
         if self.early_rejection and seen and len(seen) < len(self.batches):
@@ -350,9 +363,10 @@ class FastEvaluator(_Evaluator):
             self.cost.candidate_evaluations += 1
         swapped = self._swapped([layer])
         try:
-            for index in range(len(seen), stop):
+            for position in range(len(seen), stop):
+                index = self.batch_order[position]
                 logits, spent = layerwise.logits_from(self.model, traces[index], layer)
-                self.cost.layer_forwards += spent
+                self._count(spent, [self.batches[index]])
                 self.cost.batch_evaluations += 1
                 seen.append(score_logits(self.batches[index], logits))
                 if self.early_rejection and len(seen) < len(self.batches):
