@@ -82,26 +82,27 @@ def _print_summary(summary: dict[str, Any]) -> None:
     from rich.table import Table
 
     context = summary["speed"]["context_len"]
-    table = Table(title=f"{summary['model']} -> {summary['task']} ({summary['metric']}, mixer {summary['mixer']}, "
+    table = Table(title=f"{summary['model']} -> {summary['task']} ({summary['metric']}, {summary['mixer']}, "
                         f"{summary['num_layers']} layers)")
-    for column in ("model", "linear layers", "validation", "test", f"KV cache @{context}", "prefill speedup",
-                   "decode speedup"):
-        table.add_column(column, justify="left" if column in ("model", "linear layers") else "right")
+    for column in ("model", "linear", "val", "test", f"KV@{context}", "prefill", "decode"):
+        table.add_column(column, justify="left" if column in ("model", "linear") else "right", no_wrap=True)
     for row in summary["rows"]:
-        linear = f"{row['num_linear']}" + (f" ({', '.join(map(str, row['linear_layers']))})" if row["num_linear"] else "")
-        table.add_row(row["model"], linear, f"{row['validation']:.4f}", f"{row['test']:.4f}",
+        table.add_row(row["model"], str(row["num_linear"]), f"{row['validation']:.3f}", f"{row['test']:.3f}",
                       f"{row['cache_bytes'] / 2**20:.1f} MB", f"{row['prefill_speedup']:.2f}x",
                       f"{row['decode_speedup']:.2f}x")
     console = Console()
     console.print(table)
-    console.print(f"search: {summary['rounds']} rounds, stopped: {summary['stop_reason']}, "
-                  f"P_min {summary['p_min']:.4f}; wall time {summary['seconds'] / 60:.1f} min")
-    console.print(f"run folder:  {summary['run_dir']}")
+    lines = [f"prefill/decode: speedup vs the teacher at {context} tokens; val/test: {summary['metric']}",
+             f"search: {summary['rounds']} rounds, stopped: {summary['stop_reason']}, P_min {summary['p_min']:.4f}; "
+             f"wall time {summary['seconds'] / 60:.1f} min",
+             f"run folder: {summary['run_dir']}"]
     for row in summary["rows"][1:]:
-        console.print(f"{row['model']:<12} {row['path']}")
-    console.print(f"MLflow run:  {summary['mlflow']['url']}")
+        layers = ", ".join(map(str, row["linear_layers"])) or "none"
+        lines.append(f"{row['model']}: {row['path']}  (linear layers: {layers})")
+    lines.append(f"MLflow run: {summary['mlflow']['url']}")
     for role, info in (summary.get("registered") or {}).items():
-        console.print(f"registered:  {info['registered_uri']} (version {info['version']})")
+        lines.append(f"registered: {info['registered_uri']} (version {info['version']})")
+    typer.echo("\n".join(lines))
 
 
 def convert_command(
