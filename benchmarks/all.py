@@ -118,7 +118,7 @@ def run_bench(bench: Bench, out_root: Path, logs: Path, quick: bool, extra: Sequ
     out_dir.mkdir(parents=True, exist_ok=True)
     wired, wiring = wiring_args(bench.name, out_root, extra)
     args = (["--quick"] if quick else []) + wired + list(extra)
-    args += ["--out", str(out_dir)] if bench.writes_out else ["--json"]
+    args += ["--out", _shown(out_dir)] if bench.writes_out else ["--json"]  # repo-relative: runs from the root
     command = [sys.executable, "-m", bench.module, *args]
     cli = common.command_lines(bench.module, bench.name, args)
     logs.mkdir(parents=True, exist_ok=True)

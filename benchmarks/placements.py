@@ -288,7 +288,9 @@ def run_task(model, tokenizer, task_name: str, students: Mapping[int, torch.nn.M
         "search_stop": forced.stop_reason,
         "p_min": tolerance.threshold(teacher_val.score), "test_threshold": tolerance.threshold(teacher_test.score),
         "single_swap": {str(l): s.score for l, s in sorted(single.items())},
-        "greedy_trajectory": greedy_val, "search_cost": {**fast.cost.to_dict(), "seconds_total": search_seconds},
+        "greedy_trajectory": greedy_val,
+        "search_cost": {"round0_exact": exact.cost.to_dict(), "later_rounds_fast": fast.cost.to_dict(),
+                        "seconds_total": search_seconds},
         "acceptance": acceptance, "points": points, "curves": curves, "collapsed": collapsed,
         "test_evaluations": len(test_scores.cache), "test_seconds": test_scores.seconds,
         "seconds": time.perf_counter() - started,
@@ -426,6 +428,11 @@ def placement_paragraph(t: dict) -> str:
                      "its choices can over-fit.")
     else:
         parts.append("No baseline beats greedy by more than half a test example at any evaluated k.")
+    if t.get("search_stop") == "rejected":
+        last = t["greedy_trajectory"][-1]
+        parts.append(f"The greedy search stopped at round {last['k']}: its best candidate (layer {last['layer']}) "
+                     f"scored {last['validation']:.3f} on validation, at or below the majority-class rate "
+                     f"{t['chance_validation']:.3f} there, so larger k were not searched.")
     if t["collapsed"]:
         parts.append("Collapsed (test at or below the majority-class rate "
                      f"{t['chance']:.3f}, larger k not evaluated): "
