@@ -15,7 +15,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dtr_core.conversion import RunLayout
+from dtr_core.conversion import RunLayout, slug
 from flows.params import DistillBudget, MixerName, RunnerParams
 from flows.runners import parallel_threads
 from tasks.capture import capture_task
@@ -52,7 +52,8 @@ def distill(
     logger.info("phase 1: %d tokens captured (%s); distilling %d layers", capture["num_tokens"],
                 "reused" if capture["reused"] else f"{capture['seconds']:.0f}s", len(layers))
     # 2. one student per layer, independently: every layer is its own task
-    progress = create_progress_artifact(0.0, description=f"layers distilled in {layout.root.name}")
+    progress = create_progress_artifact(0.0, key=f"distill-progress-{slug(layout.root.name, 40)}",
+                                        description=f"layers distilled in {layout.root.name}")
     started = time.perf_counter()
     futures = distill_layer_task.map(
         unmapped(model), layers, unmapped(str(layout.activations)), unmapped(str(layout.students)), unmapped(mixer),

@@ -3,7 +3,7 @@
 Registered as `dtr-<model>-<task>` (one version per role), with aliases `best` and `opt` pointing at them
 (`latest` and `v<digits>` are reserved by MLflow). This is the flow's last step: only a run that got here
 registers anything. Both models are logged before either is registered; if registering fails half way,
-the versions already created are deleted again.
+the versions already created (and the registered model, if this run created it) are deleted again.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def register_task(tracking: Tracking, model_name: str, hybrids: dict[str, str], 
     mlflow.set_tracking_uri(tracking.uri)
     mlflow.set_registry_uri(tracking.uri)
     client = tracking.client()
-    logged: dict[str, str] = {}
+    logged: dict[str, tuple[str, str]] = {}  # role -> (model uri, model id)
     with tempfile.TemporaryDirectory(prefix="dtr-card-") as tmp:
         card_path = os.path.join(tmp, "task.json")
         write_json(card_path, card)
@@ -74,17 +74,18 @@ def register_task(tracking: Tracking, model_name: str, hybrids: dict[str, str], 
                     input_example=input_example(card),
                     pip_requirements=PIP_REQUIREMENTS,
                 )
-                logged[role] = info.model_uri
+                logged[role] = (info.model_uri, info.model_id)
     created: list[tuple[str, str]] = []
+    new_model = not _exists(client, model_name)
     try:
-        retry(lambda: client.get_registered_model(model_name)) if _exists(client, model_name) else \
+        if new_model:
             retry(lambda: client.create_registered_model(model_name, description="dtr hybrids: best = highest "
                                                          "validation score, opt = most linear layers within tolerance"))
         results: dict[str, dict[str, Any]] = {}
-        for role, uri in logged.items():
-            version = retry(lambda uri=uri: client.create_model_version(
+        for role, (uri, model_id) in logged.items():
+            version = retry(lambda uri=uri, model_id=model_id: client.create_model_version(
                 model_name, uri, run_id=tracking.parent_run_id, description=descriptions.get(role, ""),
-                tags={"dtr.role": role}))
+                tags={"dtr.role": role}, model_id=model_id))
             created.append((model_name, version.version))
             results[role] = {"version": version.version, "model_uri": uri, "registered_uri": f"models:/{model_name}@{role}"}
         for role, result in results.items():
@@ -95,6 +96,11 @@ def register_task(tracking: Tracking, model_name: str, hybrids: dict[str, str], 
                 client.delete_model_version(name, version)
             except Exception:  # noqa: BLE001 - best effort clean-up, the original error is raised
                 logger.warning("could not delete model version %s v%s after a failed registration", name, version)
+        if new_model:
+            try:
+                client.delete_registered_model(model_name)
+            except Exception:  # noqa: BLE001
+                logger.warning("could not delete registered model %s after a failed registration", model_name)
         raise
     return results
 

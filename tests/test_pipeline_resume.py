@@ -86,8 +86,15 @@ def test_failed_runs_register_nothing_and_resume(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_killed_cli_run_continues_where_it_stopped(tmp_path):
     """SIGKILL `dtr convert --profile smoke` once layers are done; the re-run reuses them."""
+    from dtr_core.models import load_model
+
+    teacher = tmp_path / "teacher"  # a folder: both processes load the very same weights and tokenizer
+    model, tokenizer = load_model("tiny-llama")
+    model.save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
     dtr = Path(sys.executable).parent / "dtr"
-    args = [str(dtr), "convert", "--profile", "smoke", "--steps", "30", "--output-dir", str(tmp_path / "runs"),
+    args = [str(dtr), "convert", "--profile", "smoke", "--model", str(teacher), "--steps", "30",
+            "--output-dir", str(tmp_path / "runs"),
             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--no-register"]
     process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
