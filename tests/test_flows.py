@@ -165,3 +165,26 @@ def test_flow_chooses_the_same_layers_as_the_reference_listing(conversion, tmp_p
     for ours, theirs in zip(trajectory["rounds"], reference["rounds"]):
         scored = {c["layer"]: c["score"] for c in ours["candidates"] if c["score"] is not None}
         assert scored == {layer: theirs["scores"][layer] for layer in scored}
+
+
+def test_pyfunc_generates_for_language_modelling_tasks(conversion, tmp_path):
+    """The same wrapper, given a perplexity task's card, generates a continuation (max_new_tokens)."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from dtr_core.artifacts import write_json
+    from dtr_core.evaluation import get_task
+    from tasks.pyfunc_model import DtrHybridModel, signature_for, task_card
+
+    params, summary = conversion
+    card = task_card(get_task("bbc-lm"))
+    assert card == {"name": "bbc-lm", "kind": "language_modeling"}
+    write_json(tmp_path / "task.json", card)
+    model = DtrHybridModel()
+    model.load_context(SimpleNamespace(artifacts={"hybrid": summary["rows"][2]["path"],
+                                                  "task": str(tmp_path / "task.json")}))
+    out = model.predict(None, pd.DataFrame({"text": ["The economy", "Football"]}), params={"max_new_tokens": 3})
+    assert list(out.columns) == ["generated"] and len(out) == 2
+    assert all(isinstance(text, str) for text in out["generated"])
+    assert [p.name for p in signature_for("language_modeling").params.params] == ["max_new_tokens"]
