@@ -157,31 +157,91 @@ def _no_more_rounds(committed, candidates, hint):
     raise RuntimeError("replay needed a round the forced search did not run")  # max_layers prevents it
 
 
+class ResultCache:
+    """Finished work of one task's run on disk, so a killed or extended run resumes (files written atomically).
+
+    Keyed by everything that decides the numbers: the task's encoded validation and test batches (prompts,
+    tokenizer, limits, batching) and the students' content keys (which include the teacher's weights and the
+    distillation budget). Holds the teacher's
+    validation result, the exact single-swap scores, each finished greedy round and each test score.
+    """
+
+    FORMAT = 1
+
+    def __init__(self, students_dir: str | os.PathLike, task: str, student_keys: Mapping, batches: Sequence):
+        from dtr_core.artifacts import hash_json, hash_tensor
+
+        # the encoded prompts stand for the task definition, the tokenizer and the limits
+        key = hash_json({"format": self.FORMAT, "task": task,
+                         "inputs": [hash_tensor(batch.input_ids) for batch in batches],
+                         "students": {str(layer): student_keys[layer] for layer in sorted(student_keys)}})
+        self.dir = Path(students_dir).parent / "placements" / f"{task}-{key[:16]}"
+        self.reused: dict[str, int] = {"validation": 0, "rounds": 0, "test": 0}
+
+    def load(self, name: str):
+        from dtr_core.artifacts import read_json
+
+        path = self.dir / name
+        return read_json(path) if path.is_file() else None
+
+    def save(self, name: str, value) -> None:
+        from dtr_core.artifacts import write_json
+
+        write_json(self.dir / name, value)
+
+    def rounds(self) -> list:
+        from dtr_core.greedy import RoundRecord
+
+        records = []
+        while (data := self.load(f"round_{len(records):02d}.json")) is not None:
+            records.append(RoundRecord.from_dict(data))
+        self.reused["rounds"] = len(records)
+        return records
+
+
+@dataclass(frozen=True)
+class Score:
+    """What the report needs of an evaluation."""
+
+    score: float
+    n: int
+    per_example: tuple[float, ...] = ()
+
+
 class _Scores:
     """Test scores of layer sets, each evaluated once (several strategies often pick the same set)."""
 
-    def __init__(self, evaluator):
+    def __init__(self, evaluator, cache: ResultCache):
         self.evaluator = evaluator
-        self.cache: dict[tuple[int, ...], object] = {}
+        self.cache: dict[tuple[int, ...], Score] = {}
+        self.disk = cache
         self.seconds = 0.0
 
-    def __call__(self, layers: Sequence[int]):
+    def __call__(self, layers: Sequence[int]) -> Score:
         key = tuple(sorted(layers))
         if key not in self.cache:
-            started = time.perf_counter()
-            self.cache[key] = self.evaluator.evaluate_layers(key)
-            self.seconds += time.perf_counter() - started
+            name = "test/" + ("teacher" if not key else "-".join(map(str, key))) + ".json"
+            stored = self.disk.load(name)
+            if stored is not None:
+                self.disk.reused["test"] += 1
+                self.cache[key] = Score(stored["score"], stored["n"])
+            else:
+                started = time.perf_counter()
+                result = self.evaluator.evaluate_layers(key)
+                self.seconds += time.perf_counter() - started
+                self.cache[key] = Score(result.score, result.n)
+                self.disk.save(name, {"layers": list(key), "score": result.score, "n": result.n})
             logger.info("  test %s: %.4f", list(key), self.cache[key].score)
         return self.cache[key]
 
 
 def run_task(model, tokenizer, task_name: str, students: Mapping[int, torch.nn.Module],
-             losses: Mapping[int, float], settings: Settings) -> dict:
+             losses: Mapping[int, float], settings: Settings, students_dir: str, student_keys: Mapping) -> dict:
     """Search, baselines and test scores for one task (see the module docstring)."""
     from dtr_core.acceptance import Acceptance, Tolerance
     from dtr_core.baselines import distill_loss_layers, local_importance_layers, random_layers, uniform_layers
     from dtr_core.evaluation import get_task
-    from dtr_core.greedy import greedy_replace
+    from dtr_core.greedy import CandidateScore, greedy_replace
     from dtr_core.search import FastEvaluator, PlainEvaluator, encode_split
     from dtr_core.surgery import num_layers
 
@@ -193,10 +253,17 @@ def run_task(model, tokenizer, task_name: str, students: Mapping[int, torch.nn.M
     k_max = max(ks)
     val_batches = encode_split(task, tokenizer, "validation", settings.val_limit, settings.batch_size)
     test_batches = encode_split(task, tokenizer, "test", settings.test_limit, settings.batch_size)
-    test_scores = _Scores(PlainEvaluator(model, task, test_batches, students, split="test"))
-
-    logger.info("%s: teacher on validation and test", task_name)
-    teacher_val = PlainEvaluator(model, task, val_batches, students).evaluate_layers(())
+    cache = ResultCache(students_dir, task_name, student_keys, val_batches + test_batches)
+    test_scores = _Scores(PlainEvaluator(model, task, test_batches, students, split="test"), cache)
+    logger.info("%s: teacher on validation and test (finished work reused from %s)", task_name, cache.dir)
+    stored = cache.load("teacher_validation.json")
+    if stored is None:
+        result = PlainEvaluator(model, task, val_batches, students).evaluate_layers(())
+        stored = {"score": result.score, "n": result.n, "per_example": list(result.per_example)}
+        cache.save("teacher_validation.json", stored)
+    else:
+        cache.reused["validation"] += 1
+    teacher_val = Score(stored["score"], stored["n"], tuple(stored["per_example"]))
     teacher_test = test_scores(())
     tolerance = Tolerance("relative", TOLERANCE)
     chance = majority_rate(task, "test", settings.test_limit)
@@ -205,7 +272,13 @@ def run_task(model, tokenizer, task_name: str, students: Mapping[int, torch.nn.M
     search_started = time.perf_counter()
     logger.info("%s: single-swap validation scores of %d layers", task_name, len(available))
     exact = FastEvaluator(model, task, val_batches, students, early_rejection=False)
-    single = exact((), available)
+    stored = cache.load("single_swap.json")
+    if stored is not None and sorted(int(layer) for layer in stored) == available:
+        cache.reused["validation"] += 1
+        single = {int(layer): CandidateScore.from_dict(value) for layer, value in stored.items()}
+    else:
+        single = exact((), available)
+        cache.save("single_swap.json", {str(layer): value.to_dict() for layer, value in single.items()})
     fast = FastEvaluator(model, task, val_batches, students, first_hint={l: -v for l, v in losses.items()})
 
     def score_candidates(committed, candidates, hint):
@@ -218,8 +291,11 @@ def run_task(model, tokenizer, task_name: str, students: Mapping[int, torch.nn.M
     #    has collapsed to the majority-class rate on validation (then later rounds would measure noise)
     chance_val = majority_rate(task, "validation", settings.val_limit)
     floor = Tolerance("absolute", 0.0 if chance_val is None else chance_val + 1e-9)
+    persisted = cache.rounds()
     forced = greedy_replace(score_candidates, L, available, teacher_val.score, floor,
-                            teacher_per_example=teacher_val.per_example, max_layers=k_max)
+                            teacher_per_example=teacher_val.per_example, max_layers=k_max,
+                            completed_rounds=persisted[:k_max],
+                            on_round=lambda record: cache.save(f"round_{record.index:02d}.json", record.to_dict()))
     search_seconds = time.perf_counter() - search_started
 
     # 3. the same rounds replayed under the paper's 5% rule, point and bootstrap acceptance
@@ -293,6 +369,7 @@ def run_task(model, tokenizer, task_name: str, students: Mapping[int, torch.nn.M
                         "seconds_total": search_seconds},
         "acceptance": acceptance, "points": points, "curves": curves, "collapsed": collapsed,
         "test_evaluations": len(test_scores.cache), "test_seconds": test_scores.seconds,
+        "cache": {"dir": str(cache.dir), "reused": dict(cache.reused)},
         "seconds": time.perf_counter() - started,
     }
 
@@ -342,9 +419,10 @@ def run(settings: Settings, argv: Sequence[str]) -> dict:
         raise ValueError(f"no usable students for layers {layers} in {students_dir}")
     losses = {l: float(results[l].normalized_loss) for l in students}
     mixers = sorted({results[l].mixer for l in students})
+    keys = {layer: results[layer].key for layer in students}
     tasks = {}
     for task_name in settings.tasks:
-        tasks[task_name] = run_task(model, tokenizer, task_name, students, losses, settings)
+        tasks[task_name] = run_task(model, tokenizer, task_name, students, losses, settings, students_dir, keys)
     return {
         "benchmark": "placements",
         "settings": asdict(settings),

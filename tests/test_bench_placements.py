@@ -9,15 +9,28 @@ import pytest
 from benchmarks import placements
 
 PNG = b"\x89PNG\r\n\x1a\n"
-TINY = ["--model", "tiny-llama", "--tasks", "sentiment", "--ks", "1-3", "--val-limit", "8", "--test-limit", "8",
+TINY = ["--model", "tiny-llama", "--tasks", "sentiment", "--val-limit", "8", "--test-limit", "8",
         "--distill-tokens", "512", "--distill-seq-len", "32", "--distill-steps", "2", "--threads", "1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_byte_tokenizer():
+    """Every load of tiny-llama gets the same tokenizer object: `dtr_core.models.byte_tokenizer()` numbers the
+    bytes differently in every instance (ByteLevel.alphabet() is unordered), which would defeat any reuse."""
+    import functools
+
+    from dtr_core import models
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(models, "byte_tokenizer", functools.cache(models.byte_tokenizer))
+        yield
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("placements")
     work = tmp_path_factory.mktemp("work")
-    argv = TINY + ["--out", str(out), "--work-dir", str(work), "--json"]
+    argv = TINY + ["--ks", "1-3", "--out", str(out), "--work-dir", str(work), "--json"]
     assert placements.main(argv) == 0
     return out, work, json.loads((out / "placements.json").read_text())
 
@@ -82,8 +95,6 @@ def test_students_are_reused_and_report_rerenders(tiny_run, tmp_path, capsys):
     from dtr_core.models import load_model
 
     out, _, _ = tiny_run
-    # one tokenizer object for both calls: dtr_core.models.byte_tokenizer() numbers the bytes differently in
-    # every instance (ByteLevel.alphabet() is unordered), so two loads of tiny-llama tokenize differently
     model, tokenizer = load_model("tiny-llama")
     first = placements.ensure_students(model, tokenizer, "tiny-llama", "gated_deltanet", tmp_path, [1, 3], 512, 32, 2)
     again = placements.ensure_students(model, tokenizer, "tiny-llama", "gated_deltanet", tmp_path, [1, 3], 512, 32, 2)
@@ -102,3 +113,19 @@ def test_bad_arguments_fail_before_any_work():
         placements.settings_from_args(placements.build_parser().parse_args(["--val-limit", "0"]))
     with pytest.raises(SystemExit):
         placements.build_parser().parse_args(["--ks", "one"])
+
+
+def test_rerun_reuses_finished_work_and_extends_k(tiny_run, tmp_path):
+    out, work, first = tiny_run
+    argv = TINY + ["--out", str(tmp_path), "--work-dir", str(work), "--ks", "1-4", "--students",
+                   first["students"]["dir"]]
+    assert placements.main(argv) == 0
+    again = json.loads((tmp_path / "placements.json").read_text())
+    t, t0 = again["tasks"]["sentiment"], first["tasks"]["sentiment"]
+    assert t["cache"]["dir"] == t0["cache"]["dir"]
+    assert t["cache"]["reused"]["validation"] == 2  # teacher validation + single-swap scores
+    assert t["cache"]["reused"]["rounds"] == len(t0["greedy_trajectory"])
+    assert t["cache"]["reused"]["test"] >= len({tuple(p["layers"]) for p in t0["points"]})
+    assert t["greedy_trajectory"][: len(t0["greedy_trajectory"])] == t0["greedy_trajectory"]
+    assert t["teacher"] == t0["teacher"] and t["single_swap"] == t0["single_swap"]
+    assert t["ks"] == [1, 2, 3, 4] and again["students"]["source"] == "given"
