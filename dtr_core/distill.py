@@ -65,7 +65,7 @@ class DistillConfig:
     batch_size: int = 4  # sequences per step
     lr: float = 1e-3  # students start from copied weights; 1e-3 moves gates/norms fast without diverging
     weight_decay: float = 0.0  # decay would pull copied teacher projections towards zero
-    warmup_steps: int = 20  # ~10% of steps: Adam's moments settle before full-size steps
+    warmup_steps: int | None = None  # linear warm-up; None: 10% of steps, so Adam's moments settle first
     min_lr_ratio: float = 0.1  # cosine floor = 10% of lr
     grad_clip: float = 1.0  # max gradient norm; guards the first steps of untrained gates
     seed: int = 0
@@ -79,8 +79,8 @@ class DistillConfig:
             (self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}"),
             (math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (0 <= self.warmup_steps <= self.steps,
-             f"warmup_steps must be in 0..steps ({self.steps}), got {self.warmup_steps}"),
+            (self.warmup_steps is None or 0 <= self.warmup_steps <= self.steps,
+             f"warmup_steps must be None (10% of steps) or in 0..steps ({self.steps}), got {self.warmup_steps}"),
             (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
             (math.isfinite(self.grad_clip) and self.grad_clip > 0,
              f"grad_clip must be a finite number > 0 (a large value disables clipping), got {self.grad_clip}"),
@@ -99,12 +99,17 @@ class DistillConfig:
     def from_dict(cls, values: dict[str, Any] | None) -> DistillConfig:
         return cls(**(values or {}))
 
+    @property
+    def num_warmup_steps(self) -> int:
+        return round(0.1 * self.steps) if self.warmup_steps is None else self.warmup_steps
+
     def lr_factor(self, step: int) -> float:
         """Multiplier of `lr` for optimiser step `step` (0-based): linear warm-up, then cosine."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        span = max(1, self.steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
+        warmup = self.num_warmup_steps
+        if step < warmup:
+            return (step + 1) / warmup
+        span = max(1, self.steps - 1 - warmup)
+        progress = min(1.0, (step - warmup) / span)
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 

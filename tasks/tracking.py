@@ -155,7 +155,7 @@ class Tracking:
                   tags: Mapping[str, Any] | None = None, series: Mapping[str, Iterable[tuple[int, float]]] | None = None,
                   status: str = "FINISHED") -> str:
         """Create, fill and close a child run of the parent in a few calls; returns its run id."""
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param
 
         client = self.client()
         all_tags = {"mlflow.parentRunId": self.parent_run_id, **{k: str(v) for k, v in (tags or {}).items()}}
@@ -167,10 +167,9 @@ class Tracking:
             metric_items += [Metric(metric, float(v), stamp, int(s)) for s, v in points
                              if v is not None and math.isfinite(v)]
         param_items = [Param(k, v) for k, v in _flatten(params).items()]
-        for start in range(0, max(len(metric_items), 1), 1000):
+        for start in range(0, max(len(metric_items), 1), 1000):  # log_batch takes at most 1000 metrics
             retry(lambda chunk=metric_items[start:start + 1000], first=start == 0: client.log_batch(
-                run_id, metrics=chunk, params=param_items if first else [],
-                tags=[RunTag("dtr.kind", str((tags or {}).get("dtr.kind", "")))] if first else []))
+                run_id, metrics=chunk, params=param_items if first else []))
         retry(lambda: client.set_terminated(run_id, status))
         return run_id
 

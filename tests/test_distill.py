@@ -14,7 +14,7 @@ from dtr_core.mixers import MIXERS
 from dtr_core.surgery import attention_module, restore_layers, swap_layers
 
 N, T = 20, 32
-FAST = DistillConfig(steps=40, batch_size=4, warmup_steps=4, log_every=5, max_eval_sequences=4)
+FAST = DistillConfig(steps=40, batch_size=4, log_every=5, max_eval_sequences=4)
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,7 @@ def activations(teacher, tmp_path_factory):
     (dict(lr=float("nan")), "lr must be"),
     (dict(weight_decay=-1.0), "weight_decay"),
     (dict(steps=10, warmup_steps=11), "warmup_steps"),
+    (dict(warmup_steps=-1), "warmup_steps"),
     (dict(min_lr_ratio=1.5), "min_lr_ratio"),
     (dict(grad_clip=0.0), "grad_clip"),
     (dict(grad_clip=math.inf), "grad_clip"),
@@ -52,11 +53,13 @@ def test_config_validation(bad, message):
 
 
 def test_lr_schedule_warmup_then_cosine():
-    config = DistillConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    config = DistillConfig(steps=100, min_lr_ratio=0.1)
+    assert config.num_warmup_steps == 10 and DistillConfig(steps=100, warmup_steps=3).num_warmup_steps == 3
     factors = [config.lr_factor(step) for step in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[9:], factors[10:]))  # non-increasing after warm-up
-    assert factors[-1] == pytest.approx(0.1, abs=1e-3)
+    assert factors[-1] == pytest.approx(0.1)
+    assert DistillConfig(steps=3).lr_factor(0) == 1.0  # warm-up rounds to 0 steps: no warm-up
     assert DistillConfig.from_dict(config.to_dict()) == config
 
 

@@ -16,7 +16,8 @@ logger = logging.getLogger(__name__)
 LAYERS = [4, 12]
 SEQ_LEN = 256
 TOKEN_BUDGET = 64 * SEQ_LEN  # 16k tokens: small, but enough to show the students learning
-CONFIG = DistillConfig(steps=100, warmup_steps=10)
+MIXER = "gated_deltanet"  # the fastest student to train on CPU (gla's backward is ~2x slower)
+CONFIG = DistillConfig(steps=60)
 
 
 @pytest.mark.slow
@@ -35,14 +36,14 @@ def test_smollm2_distil_two_layers_then_evaluate(tmp_path, record_property):
                 manifest["num_tokens"], manifest["seconds"], manifest["tokens_per_second"], LAYERS)
 
     for layer in LAYERS:
-        result = distill_layer(model, layer, tmp_path / "activations", "gla", CONFIG, tmp_path / "students")
+        result = distill_layer(model, layer, tmp_path / "activations", MIXER, CONFIG, tmp_path / "students")
         record_property(f"distill_seconds_layer_{layer}", result.seconds)
         logger.info("layer %d: normalised loss %.3f -> %.3f in %.1f s", layer,
                     result.initial_normalized_loss, result.normalized_loss, result.seconds)
         assert result.ok, result.reason
         assert result.normalized_loss < 0.5 * result.initial_normalized_loss
 
-    students = load_students(tmp_path / "students", model, mixer_name="gla")
+    students = load_students(tmp_path / "students", model, mixer_name=MIXER)
     assert sorted(students) == LAYERS
     started = time.perf_counter()
     base = evaluate(model, tokenizer, "sentiment", "validation", limit=48)
