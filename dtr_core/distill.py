@@ -59,11 +59,19 @@ ProgressCallback = Callable[[int, int, float], None]
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """How one layer's student is trained. Defaults measured on smollm2-135m, 2 CPU cores."""
+    """How one layer's student is trained.
 
-    steps: int = 200  # ~1 min per layer on 2 cores at batch 4 x 256 tokens; most of the gain is in the first 100
-    batch_size: int = 4  # sequences per step
-    lr: float = 1e-3  # students start from copied weights; 1e-3 moves gates/norms fast without diverging
+    Defaults measured on smollm2-135m (2 CPU cores, captured BBC text, seq_len 256), held-out
+    normalised loss after 100 steps at batch 4: lr 1e-3 / 3e-3 / 1e-2 gave 0.60 / 0.33 / 0.26
+    (jetblock, layer 10), 0.43 / 0.43 (gla, layer 20, 3e-3 / 1e-2), 0.34 / 0.33 (gated_deltanet,
+    layer 20); 1e-2 trained layers 0 and 29 without divergence. 300 steps kept improving (jetblock
+    layer 20: 0.19). Copied-weights students start at 3-3000 (their per-head output norm is
+    untrained), so the first tens of steps matter most.
+    """
+
+    steps: int = 200  # ~1-2 min per layer on 2 free cores (0.2-0.5 s/step by mixer); ~200k tokens seen
+    batch_size: int = 4  # sequences per step (4 x 256 tokens)
+    lr: float = 1e-2  # best of 1e-3 / 3e-3 / 1e-2 on every layer and mixer tried (see above)
     weight_decay: float = 0.0  # decay would pull copied teacher projections towards zero
     warmup_steps: int | None = None  # linear warm-up; None: 10% of steps, so Adam's moments settle first
     min_lr_ratio: float = 0.1  # cosine floor = 10% of lr
