@@ -256,3 +256,16 @@ def test_evaluator_rejects_bad_calls(setup):
         fast((0,), [0, 1])
     with pytest.raises(ValueError, match="no student"):
         fast((), [2])
+
+
+def test_search_cost_benchmark_runs_on_a_tiny_model(capsys):
+    from benchmarks.search_cost import main
+
+    assert main(["--model", "tiny-llama", "--task", "sentiment", "--limit", "8", "--rounds", "2",
+                 "--batch-size", "4", "--mixer", "gla", "--json"]) == 0  # fmt: skip
+    import json
+
+    result = json.loads(capsys.readouterr().out)
+    assert result["same_answer"] and len(result["trajectory"]) == 2
+    plain, fast = result["rows"]
+    assert plain["evaluator"] == "plain" and fast["layer_forwards"] < plain["layer_forwards"]
