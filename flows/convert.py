@@ -120,7 +120,8 @@ def _steps(params: ConvertParams, run_id: str, layout: RunLayout, tracking: Trac
     teacher_eval = evaluate_task(model, task, limits, "teacher", str(layout.reports / "eval_teacher.json"), serial)
     tracking.log_metrics({"teacher_validation": teacher_eval["validation"]["score"],
                           "teacher_test": teacher_eval["test"]["score"]})
-    logger.info("teacher: validation %.4f, test %.4f", teacher_eval["validation"]["score"], teacher_eval["test"]["score"])
+    logger.info("teacher: validation %.4f, test %.4f", teacher_eval["validation"]["score"],
+                teacher_eval["test"]["score"])
 
     with dask_cluster(params.runner) as dask_address:
         # 2. phase 1: blockwise local distillation, one task per layer
@@ -145,13 +146,14 @@ def _steps(params: ConvertParams, run_id: str, layout: RunLayout, tracking: Trac
         export = export_task(model, str(layout.students), layers, params.mixer, str(layout.hybrid(role)), role,
                              {"run_id": run_id, "search_score": trajectory[f"{role}_score"]}, serial)
         paths[role] = export["path"]
-        evals[role] = evaluate_task(export["path"], task, limits, role, str(layout.reports / f"eval_{role}.json"), serial)
+        evals[role] = evaluate_task(export["path"], task, limits, role, str(layout.reports / f"eval_{role}.json"),
+                                    serial)
         logger.info("M_%s: %d linear layers %s, validation %.4f, test %.4f", role, len(layers), layers,
                     evals[role]["validation"]["score"], evals[role]["test"]["score"])
 
     # 5. speed at a long context, measured one after another in this process
-    measured = benchmark_flow(models=[paths["teacher"], paths["best"], paths["opt"]], labels=["teacher", "M_best", "M_opt"],
-                              speed=params.speed)
+    measured = benchmark_flow(models=[paths["teacher"], paths["best"], paths["opt"]],
+                              labels=["teacher", "M_best", "M_opt"], speed=params.speed)
     speeds = dict(zip(("teacher", "best", "opt"), measured))
     write_json(layout.reports / "speed.json", measured)
 

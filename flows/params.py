@@ -135,7 +135,8 @@ class TrackingParams(_Params):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI, else "
                                      "sqlite:///mlflow.db in the working directory")
     experiment: str = Field("dtr", description="MLflow experiment name")
-    register_models: bool = Field(True, description="Register M_best and M_opt (aliases best, opt) when the run succeeds")
+    register_models: bool = Field(True, description="Register M_best and M_opt (aliases best, opt) when the run "
+                                  "succeeds")
     model_name: str | None = Field(None, description="Registered model name; None: dtr-<model>-<task>")
 
 
@@ -183,7 +184,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     "default": {
         "model": "smollm2-135m",
         "task": {"name": "sentiment", "validation_limit": 100, "test_limit": 300},
-        "distill": {"tokens": 8192, "seq_len": 256, "steps": 40, "lr": 3e-3},  # fast budget: layer 15 reached 0.71 in 30 steps at 3e-3
+        # a short, hot schedule: on layer 15, 30 steps at lr 3e-3 reached a normalised loss of 0.71
+        "distill": {"tokens": 8192, "seq_len": 256, "steps": 40, "lr": 3e-3},
         "max_layers": 4,
         "speed": {"context_len": 2048, "decode_tokens": 32, "repeats": 3},  # median of 3: shared machines are noisy
     },

@@ -32,7 +32,8 @@ def distill_layer_task(model: str, layer: int, activations_dir: str, students_di
         tracking.child_run(
             f"distill-l{layer:03d}",
             params={"layer": layer, "mixer": mixer, **{f"distill.{k}": v for k, v in distill_config.items()}},
-            metrics={"normalized_loss": result.normalized_loss, "initial_normalized_loss": result.initial_normalized_loss,
+            metrics={"normalized_loss": result.normalized_loss,
+                     "initial_normalized_loss": result.initial_normalized_loss,
                      "final_loss": result.final_loss, "initial_loss": result.initial_loss,
                      "seconds": result.seconds, "tokens": result.tokens, "steps": result.steps},
             series={"train_loss": [(int(step), float(loss)) for step, loss, *_ in curve]},

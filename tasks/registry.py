@@ -87,9 +87,11 @@ def register_task(tracking: Tracking, model_name: str, hybrids: dict[str, str], 
                 model_name, uri, run_id=tracking.parent_run_id, description=descriptions.get(role, ""),
                 tags={"dtr.role": role}, model_id=model_id))
             created.append((model_name, version.version))
-            results[role] = {"version": version.version, "model_uri": uri, "registered_uri": f"models:/{model_name}@{role}"}
+            results[role] = {"version": version.version, "model_uri": uri,
+                             "registered_uri": f"models:/{model_name}@{role}"}
         for role, result in results.items():
-            retry(lambda role=role, result=result: client.set_registered_model_alias(model_name, role, result["version"]))
+            retry(lambda role=role, result=result: client.set_registered_model_alias(model_name, role,
+                                                                                     result["version"]))
     except Exception:
         for name, version in created:
             try:

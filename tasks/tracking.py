@@ -109,7 +109,8 @@ class Tracking:
 
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         found = retry(lambda: client.get_experiment_by_name(experiment))
-        experiment_id = found.experiment_id if found is not None else retry(lambda: client.create_experiment(experiment))
+        experiment_id = found.experiment_id if found is not None \
+            else retry(lambda: client.create_experiment(experiment))
         run = retry(lambda: client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {})))
         flat = _flatten(params)
         items = [Param(k, v) for k, v in sorted(flat.items())]
