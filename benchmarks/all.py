@@ -228,7 +228,7 @@ def _shown(path: Path) -> str:
 
 
 def _anchor(title: str) -> str:
-    return re.sub(r"[^a-z0-9 -]", "", title.lower()).replace(" ", "-")
+    return re.sub(r"[^a-z0-9 _-]", "", title.lower()).replace(" ", "-")  # GitHub heading anchors
 
 
 # --- command line --------------------------------------------------------------------------------

@@ -58,8 +58,8 @@ TOLERANCE = 0.05  # the paper's 5% relative rule
 DISTILL_TOKENS, DISTILL_SEQ_LEN, DISTILL_STEPS, DISTILL_BATCH = 8192, 256, 30, 4
 
 # --quick: smollm2-135m, one task, 8 of 30 layers offered, small limits, a tiny distillation budget (< 2 min idle)
-QUICK = dict(tasks=("sentiment",), ks=(1, 2, 3), val_limit=32, test_limit=32, seeds=(0, 1, 2),
-             offered=8, distill_tokens=2048, distill_seq_len=128, distill_steps=4)
+QUICK = dict(tasks=("sentiment",), ks=(1, 2, 3), val_limit=24, test_limit=24, seeds=(0, 1, 2),
+             offered=6, distill_tokens=1024, distill_seq_len=128, distill_steps=4)
 
 
 @dataclass(frozen=True)
