@@ -96,7 +96,7 @@ def wiring_args(name: str, out_root: Path, extra: Sequence[str]) -> tuple[list[s
         if result["model"] != _flag(extra, "--model", "smollm2-135m"):
             return [], None
         opt = task["acceptance"].get("point", {}).get("opt_layers")
-        students = ["--students", result["students"]["dir"]]
+        students = ["--students", _shown(Path(result["students"]["dir"]))]
         if opt:
             return students + ["--layers", ",".join(map(str, opt))], f"M_opt of placements ({task_name}, point)"
         return students, f"placements students (its M_opt on {task_name} has no linear layer: uniform k)"

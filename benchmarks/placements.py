@@ -82,6 +82,14 @@ class Settings:
     quick: bool
 
 
+def display_path(path: str | os.PathLike) -> str:
+    """`path` relative to the repository when inside it: reports carry no per-user absolute paths."""
+    try:
+        return Path(path).resolve().relative_to(common.REPO_ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
 # --- students ------------------------------------------------------------------------------------
 
 
@@ -559,7 +567,7 @@ def markdown_report(result: dict) -> str:
     out = [
         f"# Placements: greedy DtR vs baselines ({s['model']}, {', '.join(st['mixers'])} students)", "",
         env, "",
-        f"Students: {st['source']} ({st['dir']}); {len(st['layers'])} layers offered: {st['layers']}; normalised "
+        f"Students: {st['source']} ({display_path(st['dir'])}); {len(st['layers'])} layers offered: {st['layers']}; normalised "
         f"distillation loss (MSE / variance, held out) median {statistics.median(loss.values()):.3f}, range "
         f"{min(loss.values()):.3f}-{max(loss.values()):.3f}."
         + (f" Distillation budget: {st.get('tokens')} tokens of {st.get('seq_len')}, {s['distill_steps']} steps per "

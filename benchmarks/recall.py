@@ -210,7 +210,9 @@ def build_contender(teacher, tokenizer, settings: Settings) -> tuple[object, dic
         hybrid, _ = load_model(settings.hybrid)
         kinds = layer_map(hybrid)
         linear = [i for i, kind in enumerate(kinds) if kind != "full"]
-        return hybrid.eval(), {"source": f"saved hybrid {settings.hybrid}", "linear_layers": linear,
+        from benchmarks.placements import display_path
+
+        return hybrid.eval(), {"source": f"saved hybrid {display_path(settings.hybrid)}", "linear_layers": linear,
                                "mixers": sorted(set(kinds) - {"full"})}
     L = num_layers(teacher)
     if settings.layers is not None:
@@ -241,7 +243,9 @@ def build_contender(teacher, tokenizer, settings: Settings) -> tuple[object, dic
     if missing:
         raise ValueError(f"no usable student for layers {missing} in {students_dir}")
     hybrid = make_hybrid(teacher, students)
-    return hybrid, {"source": f"{source}: {students_dir}", "placement": placement, "linear_layers": layers,
+    from benchmarks.placements import display_path
+
+    return hybrid, {"source": f"{source}: {display_path(students_dir)}", "placement": placement, "linear_layers": layers,
                     "mixers": sorted({s.name for s in students.values()})}
 
 
