@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-SEGMENT_LENGTH = 1024  # tokens per call of the chunked kernel on long sequences (state carried over)
+SEGMENT_LENGTH = 512  # tokens per call of the chunked kernel on long sequences (state carried over)
 
 
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -165,7 +165,8 @@ def chunk_gated_delta_rule(
     Adapted here: it always scales q by `Dk ** -0.5`, so a custom `scale` is folded into q; it always
     computes in float32 (also for float64 inputs); it returns the output in float32, cast back to q's dtype.
     Sequences longer than `SEGMENT_LENGTH` run segment by segment, the state carried over (same result,
-    better cache use: measured about 2x faster at T = 32K on this project's 2-core CPU machine).
+    better cache use: on 2 idle CPU cores at T = 32K, 512-token segments take 0.44 s, one 4096-token
+    segment at a time 0.51 s).
 
     q, k: [B, T, H, Dk] (L2-normalised); v: [B, T, H, Dv]; g, beta: [B, T, H]; initial_state: [B, H, Dk, Dv].
     Returns (o [B, T, H, Dv] in q's dtype, final_state [B, H, Dk, Dv] float32 | None).

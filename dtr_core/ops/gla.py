@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 
 # Long sequences run in segments of this many tokens, the state carried over: the same result, but the
-# working set stays in cache (measured on 2 CPU cores: T = 32K about 2x faster than one pass).
-SEGMENT_LENGTH = 1024
+# working set stays in cache (measured on 2 idle CPU cores at T = 32K: 512 tokens 0.26 s, 1024 0.28 s,
+# 4096 0.41 s; see docs/BENCHMARKS_MIXERS.md).
+SEGMENT_LENGTH = 512
 
 
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
