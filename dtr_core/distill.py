@@ -50,7 +50,7 @@ from dtr_core.capture import open_layer_activations, read_manifest
 
 logger = logging.getLogger(__name__)
 
-DISTILL_FORMAT = 1  # bump when training semantics change, so old students are not reused
+DISTILL_FORMAT = 2  # bump when training semantics change, so old students are not reused
 WEIGHTS = "weights.safetensors"
 META = "meta.json"
 
@@ -66,7 +66,10 @@ class DistillConfig:
     (jetblock, layer 10), 0.43 / 0.43 (gla, layer 20, 3e-3 / 1e-2), 0.34 / 0.33 (gated_deltanet,
     layer 20); 1e-2 trained layers 0 and 29 without divergence. 300 steps kept improving (jetblock
     layer 20: 0.19). Copied-weights students start at 3-3000 (their per-head output norm is
-    untrained), so the first tens of steps matter most.
+    untrained); `calibrate_output` rescales that output by one least-squares factor first. Measured on
+    smollm2-135m, gated_deltanet, 100 steps at lr 1e-2, held-out normalised loss without / with it:
+    layer 3 0.465 / 0.351, layer 15 0.266 / 0.240, layer 27 0.156 / 0.194 (starts 54 / 1.1, 15 / 1.8,
+    4.6 / 2.2). At 40 steps, lr 3e-3: 1.69 / 0.61, 0.56 / 0.41, 0.33 / 0.63.
     """
 
     steps: int = 200  # ~1-2 min per layer on 2 free cores (0.2-0.5 s/step by mixer); ~200k tokens seen
@@ -77,6 +80,7 @@ class DistillConfig:
     min_lr_ratio: float = 0.1  # cosine floor = 10% of lr
     grad_clip: float = 1.0  # max gradient norm; guards the first steps of untrained gates
     seed: int = 0
+    calibrate_output: bool = True  # before training, rescale the student's output to the teacher's (least squares)
     log_every: int = 10  # loss-curve resolution in meta.json and progress callbacks
     eval_fraction: float = 0.1  # share of captured sequences held out (the last ones)
     max_eval_sequences: int = 16  # cap on held-out sequences: evaluation stays a few seconds
@@ -130,7 +134,8 @@ class LayerResult:
     status: str  # "ok" | "failed"
     key: str
     reason: str | None = None  # why it failed
-    initial_loss: float | None = None  # held-out MSE of the copied-weights student (before training)
+    output_scale: float | None = None  # factor the untrained student's output was rescaled by (calibrate_output)
+    initial_loss: float | None = None  # held-out MSE of the student before training (after output rescaling)
     final_loss: float | None = None  # held-out MSE after training
     initial_normalized_loss: float | None = None  # initial_loss / Var(teacher output), held out
     normalized_loss: float | None = None  # final_loss / Var(teacher output), held out
@@ -266,6 +271,10 @@ def _train(model, teacher_attention, layer_idx, activations_dir, mixer_name, mix
         return result, student, curve
 
     curve: list[list[float]] = []  # [step, train loss, lr]
+    if config.calibrate_output:
+        first = slice(0, min(config.batch_size, n_train))
+        result.output_scale = _calibrate_output_scale(student, inputs[first].to(device, torch.float32),
+                                                      outputs[first].to(device, torch.float32), rope)
     result.initial_loss = _eval_mse(student, eval_x, eval_y, rope, config.batch_size)
     if not math.isfinite(result.initial_loss):
         return fail(f"non-finite held-out loss of the untrained student: {result.initial_loss}")
@@ -318,6 +327,25 @@ def _train(model, teacher_attention, layer_idx, activations_dir, mixer_name, mix
     result.normalized_loss = result.final_loss / variance
     result.seconds = round(time.perf_counter() - started, 3)
     return result, student, curve
+
+
+@torch.no_grad()
+def _calibrate_output_scale(student: nn.Module, x: torch.Tensor, y: torch.Tensor, rope) -> float:
+    """Rescale the untrained student's output by the least-squares factor onto the teacher's, on one batch.
+
+    The copied-weights student's output norm has weight 1, which is far from the teacher's scale (held-out
+    normalised losses of 3-3000 on smollm2-135m); one scalar fixes most of that before the first step. The
+    factor is floored at a tenth of the norm ratio, so an anti-correlated start cannot switch the output off.
+    """
+    prediction, _ = student(hidden_states=x, position_embeddings=_expand(rope, len(x)))
+    prediction, target = prediction.double().flatten(), y.double().flatten()
+    fit = float(prediction @ target / (prediction @ prediction))
+    floor = 0.1 * float(target.norm() / prediction.norm())
+    if not (math.isfinite(fit) and math.isfinite(floor) and floor > 0):
+        return 1.0  # nothing to fit: a non-finite start is reported by the held-out evaluation
+    factor = max(fit, floor)
+    student.scale_output(factor)
+    return factor
 
 
 @torch.no_grad()

@@ -49,11 +49,11 @@ def cache_dir() -> Path:
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (256 byte tokens + BOS/EOS/PAD) built in code: no files, no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    byte_vocab = {token: index for index, token in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    # Token id = byte value, the same in every process (`ByteLevel.alphabet()` is a set: its order is not).
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
     specials = ["<bos>", "<eos>", "<pad>"]
-    vocab = dict(sorted(byte_vocab.items(), key=lambda item: item[1]))
-    vocab = {token: index for index, token in enumerate(vocab)}
     for special in specials:
         vocab[special] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))

@@ -13,19 +13,6 @@ TINY = ["--model", "tiny-llama", "--tasks", "sentiment", "--val-limit", "8", "--
         "--distill-tokens", "512", "--distill-seq-len", "32", "--distill-steps", "2", "--threads", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_byte_tokenizer():
-    """Every load of tiny-llama gets the same tokenizer object: `dtr_core.models.byte_tokenizer()` numbers the
-    bytes differently in every instance (ByteLevel.alphabet() is unordered), which would defeat any reuse."""
-    import functools
-
-    from dtr_core import models
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(models, "byte_tokenizer", functools.cache(models.byte_tokenizer))
-        yield
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("placements")

@@ -15,7 +15,8 @@ Decisions the DtR paper leaves open, taken here (and why):
   copied projections see the features they were trained with. Set `use_rope=False` for NoPE.
 - Qwen3's per-head q/k RMSNorms are copied and applied before RoPE, as in the teacher.
 - Linear attention's output has no softmax normalisation, so each head's output goes through an
-  RMSNorm (weight 1) before `o_proj`, as in GLA / Gated DeltaNet / JetBlock; a sigmoid output gate
+  RMSNorm before `o_proj`, as in GLA / Gated DeltaNet / JetBlock. Its weight starts at 1; distillation
+  then rescales it once (`scale_output`) so the output matches the teacher's scale; a sigmoid output gate
   `2 * sigmoid(g_proj(x))` with zero-initialised `g_proj` starts as exactly the identity.
 - Decay gates start near "no decay" (per-step decay ~0.999); see each mixer.
 - Padding: students ignore `attention_mask`. Right padding is safe (causal: pads come after real
@@ -148,6 +149,11 @@ class LinearMixer(nn.Module):
             self.q_norm.weight.copy_(teacher_attention.q_norm.weight)
             self.k_norm.weight.copy_(teacher_attention.k_norm.weight)
         torch.testing.assert_close(self.q_proj.weight, teacher_attention.q_proj.weight)
+
+    @torch.no_grad()
+    def scale_output(self, factor: float) -> None:
+        """Multiply the layer's output by `factor` (exactly: the output is linear in the output norm's weight)."""
+        self.o_norm.weight.mul_(factor)
 
     # --- forward ---------------------------------------------------------------------------------
 
