@@ -1,8 +1,9 @@
 """The MLflow pyfunc wrapper of an exported dtr hybrid (no Prefect here: MLflow loads this module alone).
 
 Logged with `artifacts={"hybrid": <save_pretrained folder>, "task": <task.json>}` and
-`code_paths=[dtr_core, tasks/pyfunc_model.py]`: loading needs only the pinned torch/transformers, no
-pickled model (the weights are the folder's safetensors). `predict` takes a DataFrame with a `text`
+`code_paths=[dtr_core, tasks/]`, as a model from code: `python_model` is this file's path and MLflow runs it
+to get the model (`set_model` at the bottom), so the artifact holds no pickled object; loading needs only the
+pinned torch/transformers (the weights are the folder's safetensors). `predict` takes a DataFrame with a `text`
 column and
 - classification tasks: returns `label` (the verbaliser the model finds most likely after the task's
   prompt, exactly as `dtr_core.evaluation` scores) and `confidence` (its softmax share among the labels);
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import mlflow.models
 import mlflow.pyfunc
 import pandas as pd
 
@@ -97,3 +99,7 @@ def signature_for(kind: str):
                                                              ColSpec("double", "confidence")]))
     return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string", "generated")]),
                           params=ParamSchema([ParamSpec("max_new_tokens", "long", 32)]))
+
+
+# Models from code: MLflow executes this file when loading and takes the model set here (nothing unpickled).
+mlflow.models.set_model(DtrHybridModel())

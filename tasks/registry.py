@@ -50,7 +50,8 @@ def register_task(tracking: Tracking, model_name: str, hybrids: dict[str, str], 
     import mlflow.pyfunc
 
     from dtr_core.artifacts import write_json
-    from tasks.pyfunc_model import DtrHybridModel, signature_for
+    import tasks.pyfunc_model as pyfunc_module
+    from tasks.pyfunc_model import signature_for
 
     for role in hybrids:
         if role in RESERVED_ALIASES or (role.startswith("v") and role[1:].isdigit()):
@@ -67,7 +68,7 @@ def register_task(tracking: Tracking, model_name: str, hybrids: dict[str, str], 
             for role, folder in hybrids.items():
                 info = mlflow.pyfunc.log_model(
                     name=f"m_{role}",
-                    python_model=DtrHybridModel(),
+                    python_model=pyfunc_module.__file__,  # a model from code: nothing pickled
                     artifacts={"hybrid": folder, "task": card_path},
                     code_paths=_code_paths(),
                     signature=signature_for(card["kind"]),

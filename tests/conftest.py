@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny in-code models (seconds, CPU) and the GPU marker policy."""
+"""Shared fixtures: tiny in-code models (seconds, CPU), the Prefect test server, and the GPU marker policy."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -33,3 +35,22 @@ def tiny_llama():
     from dtr_core.models import load_model
 
     return load_model("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server (`prefect_test_harness`) for the whole session: it takes ~20 s to start."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def fresh_runtime_cache():
+    """The test starts and ends without models cached by the pipeline's runtime (tasks.runtime)."""
+    from tasks import runtime
+
+    runtime.clear()
+    yield
+    runtime.clear()

@@ -1,60 +1,14 @@
 """Shared pieces of the pipeline tests (tests/test_flows.py, tests/test_pipeline_*.py).
 
-- `prefect_harness` fixture: ONE `prefect_test_harness()` for the whole session (it takes ~20 s to start),
-  shared by every module that imports the fixture (reference-counted: started by the first user, stopped
-  when the last one is torn down).
+The fixtures they use (`prefect_harness`, `fresh_runtime_cache`) live in `tests/conftest.py`.
 - `tiny_params`: the smoke profile made smaller still (seconds per stage), writing into `tmp_path`, with
   its own temporary sqlite MLflow store.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 from typing import Any
-
-import pytest
-
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-_harness: dict[str, Any] = {"context": None, "users": 0}
-
-
-@contextlib.contextmanager
-def shared_prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    if _harness["users"] == 0:
-        context = prefect_test_harness(server_startup_timeout=120)
-        context.__enter__()
-        _harness["context"] = context
-    _harness["users"] += 1
-    try:
-        yield
-    finally:
-        _harness["users"] -= 1
-        if _harness["users"] == 0:
-            _harness["context"].__exit__(None, None, None)
-            _harness["context"] = None
-
-
-@pytest.fixture(scope="session")
-def prefect_harness():
-    with shared_prefect_harness():
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _fresh_runtime_cache():
-    """Each test starts without models cached by an earlier one (they would be reused across tests)."""
-    from tasks import runtime
-
-    runtime.clear()
-    yield
-    runtime.clear()
-
 
 TINY = {
     "task": {"name": "sentiment", "validation_limit": 16, "test_limit": 16},

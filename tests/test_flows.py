@@ -7,15 +7,16 @@ harness with its own temporary sqlite MLflow store.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
-from pipeline_support import _fresh_runtime_cache, mlflow_client, prefect_harness, runs_by_kind, tiny_params  # noqa: F401
+from pipeline_support import mlflow_client, runs_by_kind, tiny_params
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+pytestmark = pytest.mark.usefixtures("prefect_harness", "fresh_runtime_cache")
 
 
 @pytest.fixture(scope="module")
-def conversion(prefect_harness, tmp_path_factory):  # noqa: F811
+def conversion(prefect_harness, tmp_path_factory):
     from flows.convert import run_convert
     from tasks import runtime
 
@@ -94,6 +95,7 @@ def test_mlflow_parent_child_runs_and_metrics(conversion):
 
 
 def test_registered_models_with_aliases_load_and_predict(conversion):
+    import mlflow.artifacts
     import mlflow.pyfunc
     import pandas as pd
 
@@ -112,6 +114,10 @@ def test_registered_models_with_aliases_load_and_predict(conversion):
     assert list(out.columns) == ["label", "confidence"]
     assert set(out["label"]) <= {"positive", "negative"}
     assert ((out["confidence"] >= 0.5) & (out["confidence"] <= 1.0)).all()
+    # a model from code: the artifact holds the wrapper's source, no pickled Python object
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@best"))
+    assert not list(local.rglob("*.pkl"))
+    assert (local / "pyfunc_model.py").is_file()
 
 
 def test_pyfunc_predictions_match_the_evaluator(conversion):

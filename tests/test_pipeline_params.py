@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from pipeline_support import _fresh_runtime_cache, prefect_harness, tiny_params  # noqa: F401
+from pipeline_support import tiny_params
 
 ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.usefixtures("fresh_runtime_cache")
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -50,7 +52,7 @@ def test_check_params_rejects_with_one_line(tmp_path, overrides, message):
     assert message in text and "\n" not in text
 
 
-def test_flow_rejects_before_any_work(tmp_path, prefect_harness):  # noqa: F811
+def test_flow_rejects_before_any_work(tmp_path, prefect_harness):
     from flows.convert import convert
 
     params = tiny_params(tmp_path)

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline_support import _fresh_runtime_cache, mlflow_client, prefect_harness, runs_by_kind, tiny_params  # noqa: F401
+from pipeline_support import mlflow_client, runs_by_kind, tiny_params
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+pytestmark = pytest.mark.usefixtures("prefect_harness", "fresh_runtime_cache")
 
 
 def _registered_names(client) -> list[str]:

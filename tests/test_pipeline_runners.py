@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from pipeline_support import _fresh_runtime_cache, prefect_harness, tiny_params  # noqa: F401
+from pipeline_support import tiny_params
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+pytestmark = pytest.mark.usefixtures("prefect_harness", "fresh_runtime_cache")
 
 KEYS = ("swap_order", "best_layers", "opt_layers", "best_score", "opt_score", "teacher_score", "stop_reason")
 

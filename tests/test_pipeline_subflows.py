@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from pipeline_support import TINY, _fresh_runtime_cache, prefect_harness  # noqa: F401
+from pipeline_support import TINY
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+pytestmark = pytest.mark.usefixtures("prefect_harness", "fresh_runtime_cache")
 
 
 def test_distill_replace_evaluate_benchmark_alone(tmp_path):
