@@ -19,6 +19,8 @@ temporary Prefect API that process and Dask workers need in embedded mode.
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -143,6 +145,12 @@ def _steps(params: ConvertParams, run_id: str, layout: RunLayout, tracking: Trac
     paths = {"teacher": model}
     evals = {"teacher": teacher_eval}
     for role, layers in roles.items():
+        if role == "opt" and list(layers) == list(roles["best"]):  # one model, two names: export and score once
+            paths["opt"], evals["opt"] = _alias_folder(layout.hybrid("opt"), paths["best"]), evals["best"]
+            logger.info("M_opt = M_best (%d linear layers %s): %s links to it", len(layers), layers, paths["opt"])
+            continue
+        if layout.hybrid(role).is_symlink():  # an earlier run's alias: export a folder of its own instead
+            layout.hybrid(role).unlink()
         export = export_task(model, str(layout.students), layers, params.mixer, str(layout.hybrid(role)), role,
                              {"run_id": run_id, "search_score": trajectory[f"{role}_score"]}, serial)
         paths[role] = export["path"]
@@ -152,9 +160,12 @@ def _steps(params: ConvertParams, run_id: str, layout: RunLayout, tracking: Trac
                     evals[role]["validation"]["score"], evals[role]["test"]["score"])
 
     # 5. speed at a long context, measured one after another in this process
-    measured = benchmark_flow(models=[paths["teacher"], paths["best"], paths["opt"]],
-                              labels=["teacher", "M_best", "M_opt"], speed=params.speed)
-    speeds = dict(zip(("teacher", "best", "opt"), measured))
+    distinct = ["teacher", "best"] + (["opt"] if not os.path.samefile(paths["opt"], paths["best"]) else [])
+    measured = benchmark_flow(models=[paths[role] for role in distinct],
+                              labels=["teacher" if role == "teacher" else f"M_{role}" for role in distinct],
+                              speed=params.speed)
+    speeds = dict(zip(distinct, measured))
+    speeds.setdefault("opt", speeds["best"])
     write_json(layout.reports / "speed.json", measured)
 
     # 6. summary; register only now that every step succeeded
@@ -176,6 +187,16 @@ def _steps(params: ConvertParams, run_id: str, layout: RunLayout, tracking: Trac
                                               {role: paths[role] for role in roles}, card, descriptions)
     summary["seconds"] = time.perf_counter() - started
     return publish_summary_task(summary, str(layout.summary), tracking)
+
+
+def _alias_folder(link: Path, target: str) -> str:
+    """`link` becomes a relative symlink to the folder `target` (replacing what a resumed run left there)."""
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.is_dir():
+        shutil.rmtree(link)
+    link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
+    return str(link)
 
 
 def run_convert(params: ConvertParams) -> dict[str, Any]:

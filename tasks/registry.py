@@ -1,6 +1,7 @@
 """Task: log M_best and M_opt as MLflow pyfunc models on the parent run and register them.
 
-Registered as `dtr-<model>-<task>` (one version per role), with aliases `best` and `opt` pointing at them
+Registered as `dtr-<model>-<task>` (one version per distinct model: when M_opt is M_best, one version carries
+both aliases), with aliases `best` and `opt` pointing at them
 (`latest` and `v<digits>` are reserved by MLflow). This is the flow's last step: only a run that got here
 registers anything. Both models are logged before either is registered; if registering fails half way,
 the versions already created (and the registered model, if this run created it) are deleted again.
@@ -59,15 +60,18 @@ def register_task(tracking: Tracking, model_name: str, hybrids: dict[str, str], 
     mlflow.set_tracking_uri(tracking.uri)
     mlflow.set_registry_uri(tracking.uri)
     client = tracking.client()
-    logged: dict[str, tuple[str, str]] = {}  # role -> (model uri, model id)
+    roles_of: dict[str, list[str]] = {}  # folder -> its roles: M_opt = M_best is logged and registered once
+    for role, folder in hybrids.items():
+        roles_of.setdefault(os.path.realpath(folder), []).append(role)
+    logged: dict[str, tuple[str, str]] = {}  # folder -> (model uri, model id)
     with tempfile.TemporaryDirectory(prefix="dtr-card-") as tmp:
         card_path = os.path.join(tmp, "task.json")
         write_json(card_path, card)
         # The fluent API needs an active run; it is per thread, and this task's thread owns it until the end.
         with mlflow.start_run(run_id=tracking.parent_run_id):
-            for role, folder in hybrids.items():
+            for folder, roles in roles_of.items():
                 info = mlflow.pyfunc.log_model(
-                    name=f"m_{role}",
+                    name="m_" + "_".join(roles),
                     python_model=pyfunc_module.__file__,  # a model from code: nothing pickled
                     artifacts={"hybrid": folder, "task": card_path},
                     code_paths=_code_paths(),
@@ -75,7 +79,7 @@ def register_task(tracking: Tracking, model_name: str, hybrids: dict[str, str], 
                     input_example=input_example(card),
                     pip_requirements=PIP_REQUIREMENTS,
                 )
-                logged[role] = (info.model_uri, info.model_id)
+                logged[folder] = (info.model_uri, info.model_id)
     created: list[tuple[str, str]] = []
     new_model = not _exists(client, model_name)
     try:
@@ -83,13 +87,15 @@ def register_task(tracking: Tracking, model_name: str, hybrids: dict[str, str], 
             retry(lambda: client.create_registered_model(model_name, description="dtr hybrids: best = highest "
                                                          "validation score, opt = most linear layers within tolerance"))
         results: dict[str, dict[str, Any]] = {}
-        for role, (uri, model_id) in logged.items():
-            version = retry(lambda uri=uri, model_id=model_id: client.create_model_version(
-                model_name, uri, run_id=tracking.parent_run_id, description=descriptions.get(role, ""),
-                tags={"dtr.role": role}, model_id=model_id))
+        for folder, (uri, model_id) in logged.items():
+            roles = roles_of[folder]
+            version = retry(lambda uri=uri, model_id=model_id, roles=roles: client.create_model_version(
+                model_name, uri, run_id=tracking.parent_run_id, description=descriptions.get(roles[0], ""),
+                tags={"dtr.role": ",".join(roles)}, model_id=model_id))
             created.append((model_name, version.version))
-            results[role] = {"version": version.version, "model_uri": uri,
-                             "registered_uri": f"models:/{model_name}@{role}"}
+            for role in roles:
+                results[role] = {"version": version.version, "model_uri": uri,
+                                 "registered_uri": f"models:/{model_name}@{role}"}
         for role, result in results.items():
             retry(lambda role=role, result=result: client.set_registered_model_alias(model_name, role,
                                                                                      result["version"]))

@@ -106,7 +106,7 @@ def test_registered_models_with_aliases_load_and_predict(conversion):
     for role in ("best", "opt"):
         version = client.get_model_version_by_alias(name, role)
         assert version.version == summary["registered"][role]["version"]
-        assert version.tags["dtr.role"] == role
+        assert role in version.tags["dtr.role"].split(",")
     mlflow.set_tracking_uri(params.tracking.tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{name}@best")
     assert [c.name for c in model.metadata.get_input_schema().inputs] == ["text"]
@@ -194,3 +194,32 @@ def test_pyfunc_generates_for_language_modelling_tasks(conversion, tmp_path):
     assert list(out.columns) == ["generated"] and len(out) == 2
     assert all(isinstance(text, str) for text in out["generated"])
     assert [p.name for p in signature_for("language_modeling").params.params] == ["max_new_tokens"]
+
+
+def test_m_opt_equal_to_m_best_is_one_folder_and_one_registered_version(conversion, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from flows.convert import _alias_folder
+    from tasks.pyfunc_model import task_card
+    from tasks.registry import register_task
+    from tasks.runtime import task as build_task
+    from tasks.tracking import Tracking
+
+    params, summary = conversion
+    best = summary["rows"][1]["path"]
+    (tmp_path / "opt").mkdir()  # what a resumed run may have left there is replaced
+    link = _alias_folder(tmp_path / "opt", best)
+    assert Path(link).is_symlink() and Path(link).resolve() == Path(best).resolve()
+    assert (Path(link) / "config.json").is_file()
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = Tracking.start_parent(uri, "dtr-test", "alias", {"model": "tiny-llama"})
+    card = task_card(build_task(params.task))
+    registered = register_task.fn(tracking, "dtr-alias", {"best": best, "opt": link}, card, {})
+    tracking.finish("FINISHED")
+    assert registered["best"]["version"] == registered["opt"]["version"]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    versions = client.search_model_versions("name = 'dtr-alias'")
+    assert len(versions) == 1 and versions[0].tags["dtr.role"] == "best,opt"
+    assert {client.get_model_version_by_alias("dtr-alias", role).version for role in ("best", "opt")} == {
+        versions[0].version}
