@@ -153,3 +153,15 @@ def test_ui_up_status_down_with_real_servers(tmp_path):
     time.sleep(0.5)
     assert not any(ui.is_running(entry) for entry in state["processes"].values())
     assert json.dumps(outcome)
+
+
+def test_ui_mlflow_server_serves_the_store_convert_writes_to(tmp_path, monkeypatch):
+    from dtr.commands.ui import mlflow_store_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert mlflow_store_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///other.db")
+    assert mlflow_store_uri() == f"sqlite:///{tmp_path / 'other.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # a server is not a store to serve
+    assert mlflow_store_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"

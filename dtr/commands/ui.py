@@ -6,7 +6,9 @@
 
 Everything listens on 127.0.0.1 only. State lives in `.dtr/` of the working directory: `ui.json` (PID,
 process group and start time of each process), `logs/`, `prefect/` (PREFECT_HOME: the server's database,
-kept apart from your own Prefect profile), `mlflow.db` and `mlartifacts/` (the MLflow server's stores).
+kept apart from your own Prefect profile) and `mlartifacts/` (artifacts of runs logged through the server).
+The MLflow server serves the store `dtr convert` writes to by default, `sqlite:///mlflow.db` in the working
+directory (or $MLFLOW_TRACKING_URI when that is a sqlite store), so earlier conversions show up in its UI.
 Each process is started in its own session, so `down` can stop it with its children (the servers' uvicorn
 processes) and nothing else; a recorded PID whose start time no longer matches is never signalled.
 The worker is started with the default SIGINT handler restored: a `prefect worker` launched from a
@@ -33,6 +35,14 @@ HOST = "127.0.0.1"
 
 ui_app = typer.Typer(help="Local Prefect + MLflow servers with the dtr flows deployed (127.0.0.1 only).",
                      no_args_is_help=True)
+
+
+def mlflow_store_uri() -> str:
+    """The store `dtr convert` uses without a server: $MLFLOW_TRACKING_URI if it is sqlite, else ./mlflow.db."""
+    from tasks.tracking import resolve_tracking_uri
+
+    configured = os.environ.get("MLFLOW_TRACKING_URI", "")
+    return resolve_tracking_uri(configured if configured.startswith("sqlite:") else None)
 
 
 def project_dir() -> Path:
@@ -183,7 +193,7 @@ def up(state_dir: Path, prefect_port: int, mlflow_port: int, deploy: bool = True
         write_state(state_dir, state)
         mlflow = _spawn("mlflow-server", [_executable("mlflow"), "server", "--host", HOST, "--port", str(mlflow_port),
                                           "--workers", "1", "--backend-store-uri",
-                                          f"sqlite:///{state_dir / 'mlflow.db'}", "--artifacts-destination",
+                                          mlflow_store_uri(), "--artifacts-destination",
                                           str(state_dir / "mlartifacts")],
                         {**base_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, state_dir, root)
         state["processes"]["mlflow-server"] = mlflow
