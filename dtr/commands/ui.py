@@ -39,10 +39,10 @@ ui_app = typer.Typer(help="Local Prefect + MLflow servers with the dtr flows dep
 
 def mlflow_store_uri() -> str:
     """The store `dtr convert` uses without a server: $MLFLOW_TRACKING_URI if it is sqlite, else ./mlflow.db."""
-    from tasks.tracking import resolve_tracking_uri
+    from tasks.tracking import DEFAULT_TRACKING_URI, resolve_tracking_uri
 
     configured = os.environ.get("MLFLOW_TRACKING_URI", "")
-    return resolve_tracking_uri(configured if configured.startswith("sqlite:") else None)
+    return resolve_tracking_uri(configured if configured.startswith("sqlite:") else DEFAULT_TRACKING_URI)
 
 
 def project_dir() -> Path:
