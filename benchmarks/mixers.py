@@ -1,4 +1,4 @@
-"""CPU timing of the linear-attention ops against causal softmax attention (SDPA).
+"""Timing of the linear-attention ops against causal softmax attention (SDPA), on CPU or a CUDA GPU.
 
 For each mixer op (`gla`, `gated_delta_rule`) and sequence length T, times (no grad, batch 1, H = 9,
 D = 64 like SmolLM2-135M):
@@ -17,7 +17,11 @@ against the naive loop and against SDPA in the same unit: whole-sequence rows ag
 rows against `sdpa_decode` and against the naive loop's time per token. The crossover is the smallest
 measured T from which the chunked form beats SDPA prefill at every larger measured T.
 
-    python -m benchmarks.mixers [--quick] [--json] [--threads N] [--clock wall|cpu]
+On a CUDA GPU (`--device cuda`) every tensor lives on the GPU, each timed call is bracketed by
+`torch.cuda.synchronize()`, T goes up to 64K, and an `fla` row per op times flash-linear-attention's Triton
+kernels (`dtr_core.ops.dispatch`, backend "fla") next to our PyTorch `chunk` form.
+
+    python -m benchmarks.mixers [--quick] [--json] [--threads N] [--clock wall|cpu] [--device cpu|cuda]
     dtr bench mixers [--quick] [--json]
 """
 
@@ -36,6 +40,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from dtr_core.ops import dispatch
 from dtr_core.ops.gated_delta_rule import (
     chunk_gated_delta_rule,
     naive_recurrent_gated_delta_rule,
@@ -44,7 +49,7 @@ from dtr_core.ops.gated_delta_rule import (
 from dtr_core.ops.gla import chunk_gla, naive_recurrent_gla, recurrent_gla_step
 
 FULL_LENGTHS = (512, 2048, 8192, 32768)
-QUICK_LENGTHS = (512, 2048, 8192)
+GPU_LENGTHS = (2048, 8192, 32768, 65536)
 TINY_LENGTHS = (64, 130)  # tests only: checks the output's shape in seconds, says nothing about speed
 HEADS, HEAD_DIM = 9, 64  # SmolLM2-135M: 9 query heads of 64
 DECODE_STEPS = 32  # consecutive steps timed together for the per-token rows
@@ -69,6 +74,13 @@ class Row:
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 _clock = time.perf_counter
+_device = torch.device("cpu")
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so a timer brackets the work itself (no-op on CPU)."""
+    if _device.type == "cuda":
+        torch.cuda.synchronize(_device)
 MIN_REPEATS, REPEAT_BUDGET_S = 3, 20.0  # past 3 repeats, stop once a measurement has taken 20 s
 
 
@@ -77,8 +89,10 @@ def _time_ms(fn: Callable[[], object], repeats: int, warmup: Callable[[], object
     (warmup or fn)()
     times: list[float] = []
     for _ in range(repeats):
+        _sync()
         start = _clock()
         fn()
+        _sync()
         times.append((_clock() - start) * 1e3)
         if len(times) >= MIN_REPEATS and sum(times) > REPEAT_BUDGET_S * 1e3:
             break
@@ -87,7 +101,7 @@ def _time_ms(fn: Callable[[], object], repeats: int, warmup: Callable[[], object
 
 def _inputs(op: str, length: int, heads: int, dim: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator)
+        return torch.randn(*shape, generator=generator).to(_device)
 
     q, k, v = randn(1, length, heads, dim), randn(1, length, heads, dim), randn(1, length, heads, dim)
     if op == "gla":
@@ -108,6 +122,7 @@ def _head(inputs: dict[str, torch.Tensor], length: int, start: int = 0) -> dict[
 NAIVE = {"gla": naive_recurrent_gla, "gated_delta_rule": naive_recurrent_gated_delta_rule}
 CHUNK = {"gla": chunk_gla, "gated_delta_rule": chunk_gated_delta_rule}
 STEP = {"gla": recurrent_gla_step, "gated_delta_rule": recurrent_gated_delta_rule_step}
+FLA = {"gla": dispatch.gla, "gated_delta_rule": dispatch.gated_delta_rule}  # backend="fla": CUDA only
 
 
 def _spread(op: str, impl: str, length: int, unit: str, times: list[float], per: int = 1) -> Row:
@@ -123,6 +138,9 @@ def _measure_op(op: str, length: int, heads: int, dim: int, repeats: int) -> lis
         _spread(op, "naive", length, "sequence", _time_ms(lambda: NAIVE[op](**inputs), repeats, lambda: NAIVE[op](**warm))),
         _spread(op, "chunk", length, "sequence", _time_ms(lambda: CHUNK[op](**inputs), repeats, lambda: CHUNK[op](**warm_chunk))),
     ]
+    if _device.type == "cuda":
+        rows.append(_spread(op, "fla", length, "sequence", _time_ms(lambda: FLA[op](**inputs, backend="fla"), repeats,
+                                                                   lambda: FLA[op](**warm_chunk, backend="fla"))))
     _, state = CHUNK[op](**inputs, output_final_state=True)  # decode from the state after `length` tokens
     steps = min(DECODE_STEPS, length)
     tokens = [_head(inputs, 1, start=t) for t in range(steps)]
@@ -138,7 +156,7 @@ def _measure_op(op: str, length: int, heads: int, dim: int, repeats: int) -> lis
 
 def _measure_sdpa(length: int, heads: int, dim: int, repeats: int) -> list[Row]:
     gen = torch.Generator().manual_seed(length)
-    q, k, v = (torch.randn(1, heads, length, dim, generator=gen) for _ in range(3))  # (B, H, T, D): SDPA layout
+    q, k, v = (torch.randn(1, heads, length, dim, generator=gen).to(_device) for _ in range(3))  # (B, H, T, D)
     warm = [x[:, :, :WARMUP_MAX_LENGTH] for x in (q, k, v)]
     prefill = _time_ms(
         lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
@@ -187,9 +205,10 @@ def crossover(rows: list[Row], op: str) -> dict[str, int | None]:
     return {"from_length": lengths[first], "after_length": lengths[first - 1] if first > 0 else None}
 
 
-def run(lengths: tuple[int, ...], heads: int, dim: int, repeats: int, clock: str = "wall") -> dict:
-    global _clock
-    _clock = CLOCKS[clock]
+def run(lengths: tuple[int, ...], heads: int, dim: int, repeats: int, clock: str = "wall",
+        device: str = "cpu") -> dict:
+    global _clock, _device
+    _clock, _device = CLOCKS[clock], torch.device(device)
     load_before = os.getloadavg()
     started = time.perf_counter()
     rows: list[Row] = []
@@ -204,6 +223,7 @@ def run(lengths: tuple[int, ...], heads: int, dim: int, repeats: int, clock: str
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
+        "device": torch.cuda.get_device_name(_device) if _device.type == "cuda" else "cpu",
         "batch": 1,
         "heads": heads,
         "head_dim": dim,
@@ -225,7 +245,7 @@ def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [
         f"batch {meta['batch']}, H={meta['heads']}, D={meta['head_dim']}, {meta['dtype']}, "
-        f"{meta['threads']} threads, torch {meta['torch']}, {meta['clock']} clock, median of up to "
+        f"device {meta.get('device', 'cpu')}, {meta['threads']} CPU threads, torch {meta['torch']}, {meta['clock']} clock, median of up to "
         f"{meta['repeats']} repeats (1-min load avg before/after: {meta['loadavg_1min_before_after']}; "
         f"run took {meta['wall_s']} s)",
         "",
@@ -253,7 +273,7 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks.mixers", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"T in {QUICK_LENGTHS}, 3 repeats (< 2 min)")
+    parser.add_argument("--quick", action="store_true", help="the three shortest T, 3 repeats (< 2 min)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument(
@@ -263,18 +283,25 @@ def main(argv: list[str] | None = None) -> int:
         help="wall: elapsed time (default); cpu: this process's CPU time, summed over threads, which with "
         "--threads 1 is robust to other jobs sharing the machine",
     )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help=f"cuda: tensors on the GPU, T in {GPU_LENGTHS}, plus flash-linear-attention rows")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: tiny shapes, seconds
     args = parser.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU; none is visible to torch")
+    if args.device == "cuda" and args.clock != "wall":
+        parser.error("--clock cpu measures CPU time, not GPU work: use --clock wall with --device cuda")
+    lengths = GPU_LENGTHS if args.device == "cuda" else FULL_LENGTHS
     if args.tiny:
-        result = run(TINY_LENGTHS, heads=2, dim=16, repeats=2, clock=args.clock)
+        result = run(TINY_LENGTHS, heads=2, dim=16, repeats=2, clock=args.clock, device=args.device)
     elif args.quick:
-        result = run(QUICK_LENGTHS, HEADS, HEAD_DIM, repeats=3, clock=args.clock)
+        result = run(lengths[:3], HEADS, HEAD_DIM, repeats=3, clock=args.clock, device=args.device)
     else:
-        result = run(FULL_LENGTHS, HEADS, HEAD_DIM, repeats=5, clock=args.clock)
+        result = run(lengths, HEADS, HEAD_DIM, repeats=5, clock=args.clock, device=args.device)
     print(json.dumps(result, indent=2) if args.json else markdown(result))
     return 0
 

@@ -62,3 +62,15 @@ def test_only_existing_benchmark_modules_are_registered():
     registered = set(group.commands["bench"].commands)
     assert "mixers" in registered
     assert registered == {name for name, (module, _) in bench.BENCHMARKS.items() if bench._module_exists(module)}
+
+
+def test_cuda_device_without_a_gpu_is_one_clear_error(capsys):
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the error path is for machines without one")
+    with pytest.raises(SystemExit) as exit_info:
+        mixers.main(["--tiny", "--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "--device cuda needs a CUDA GPU" in capsys.readouterr().err
