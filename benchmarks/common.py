@@ -382,6 +382,28 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, to_json(obj))
 
 
+def setup_logging() -> None:
+    """Time-stamped INFO lines on stderr (progress of a benchmark), unless logging is configured already."""
+    import logging
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+
+
+def publish(out_dir: str | os.PathLike, name: str, result: dict, plots: list[str],
+            render: Callable[[dict], str], as_json: bool) -> str:
+    """Write a benchmark's `<name>.md` (rendered from `result`) and `<name>.json` into `out_dir`, print one of
+    them (JSON with `as_json`), and return the report. `plots` are the image files already written there."""
+    out_dir = Path(out_dir)
+    result["files"] = [f"{name}.md", f"{name}.json"] + list(plots)
+    report = render(result)
+    write_text(out_dir / f"{name}.md", report)
+    write_json(out_dir / f"{name}.json", result)
+    print(to_json(result) if as_json else report)
+    return report
+
+
 # --- plots -----------------------------------------------------------------------------------------
 
 

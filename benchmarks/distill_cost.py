@@ -372,17 +372,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S")
+    common.setup_logging()
     settings = settings_from_args(args)
     result = run(settings, argv)
-    out_dir = Path(args.out)
-    result["files"] = ["distill.md", "distill.json", write_plot(result, out_dir)]
-    report = markdown_report(result)
-    common.write_text(out_dir / "distill.md", report)
-    common.write_json(out_dir / "distill.json", result)
-    print(common.to_json(result) if args.json else report)
+    common.publish(args.out, "distill", result, [write_plot(result, Path(args.out))], markdown_report, args.json)
     return 0
 
 

@@ -578,22 +578,16 @@ def run(settings: Settings, argv: Sequence[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S")
+    common.setup_logging()
     if args.from_json is not None:  # re-render a saved run: same numbers, current report code
         result = json.loads(Path(args.from_json).read_text())
         result["targets"] = targets(result["num_layers"], result["decode"], result["prefill"])
     else:
         result = run(settings_from_args(args), argv)
     out_dir = Path(args.out)
-    result["files"] = ["inference.md", "inference.json"] + write_plots(result, out_dir)
-    report = markdown_report(result)
-    common.write_text(out_dir / "inference.md", report)
-    common.write_json(out_dir / "inference.json", result)
+    report = common.publish(out_dir, "inference", result, write_plots(result, out_dir), markdown_report, args.json)
     if args.doc is not None:
         common.replace_between_markers(args.doc, "inference", _doc_block(report, out_dir, args.doc))
-    print(common.to_json(result) if args.json else report)
     logger.info("wrote %s (run took %.1f min)", out_dir, result["wall_time_s"] / 60)
     return 0 if result["targets"]["cache_exact"]["met"] else 1
 

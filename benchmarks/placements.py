@@ -741,19 +741,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S")
+    common.setup_logging()
     out_dir = Path(args.out)
     if args.render_only:
         result = json.loads((out_dir / "placements.json").read_text())
     else:
         result = run(settings_from_args(args), argv)
-    result["files"] = ["placements.md", "placements.json"] + write_plots(result, out_dir)
-    report = markdown_report(result)
-    common.write_text(out_dir / "placements.md", report)
-    common.write_json(out_dir / "placements.json", result)
-    print(common.to_json(result) if args.json else report)
+    common.publish(out_dir, "placements", result, write_plots(result, out_dir), markdown_report, args.json)
     logger.info("wrote %s (%.1f min)", out_dir, result["wall_time_s"] / 60)
     return 0
 
