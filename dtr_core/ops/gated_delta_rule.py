@@ -25,15 +25,9 @@ from collections.abc import Callable
 
 import torch
 
+from dtr_core.ops.common import check_state, compute_dtype
+
 SEGMENT_LENGTH = 512  # tokens per call of the chunked kernel on long sequences (state carried over)
-
-
-def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """float32 for half/bfloat16/float32 inputs; float64 stays float64."""
-    result = torch.float32
-    for dtype in dtypes:
-        result = torch.promote_types(result, dtype)
-    return result
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> None:
@@ -45,12 +39,6 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
         raise ValueError(
             f"g and beta must be [B, T, H] = {tuple(q.shape[:3])}; got {tuple(g.shape)}, {tuple(beta.shape)}"
         )
-
-
-def _check_state(state: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> None:
-    expected = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
-    if tuple(state.shape) != expected:
-        raise ValueError(f"state must be [B, H, Dk, Dv] = {expected}; got {tuple(state.shape)}")
 
 
 def _step(
@@ -89,12 +77,12 @@ def naive_recurrent_gated_delta_rule(
     _check_inputs(q, k, v, g, beta)
     batch, length, heads, key_dim = q.shape
     dtype = q.dtype
-    compute = _compute_dtype(q.dtype, v.dtype)
+    compute = compute_dtype(q.dtype, v.dtype)
     scale = key_dim**-0.5 if scale is None else scale
     if initial_state is None:
         state = q.new_zeros(batch, heads, key_dim, v.shape[-1], dtype=compute)
     else:
-        _check_state(initial_state, q, v)
+        check_state(initial_state, q, v)
         state = initial_state.to(compute)
     q, k, v, g, beta = (x.to(compute) for x in (q, k, v, g, beta))
     output = torch.zeros_like(v)  # (B, T, H, Dv)
@@ -123,11 +111,11 @@ def recurrent_gated_delta_rule_step(
     batch, _, heads, key_dim = q.shape
     scale = key_dim**-0.5 if scale is None else scale
     if state is None:
-        compute = _compute_dtype(q.dtype, v.dtype)
+        compute = compute_dtype(q.dtype, v.dtype)
         state = q.new_zeros(batch, heads, key_dim, v.shape[-1], dtype=compute)
     else:
-        _check_state(state, q, v)
-        compute = _compute_dtype(q.dtype, v.dtype, state.dtype)
+        check_state(state, q, v)
+        compute = compute_dtype(q.dtype, v.dtype, state.dtype)
     dtype = q.dtype
     q, k, v, g, beta = (x[:, 0].to(compute) for x in (q, k, v, g, beta))  # (B, H, ...)
     out, state = _step(q, k, v, g, beta, state.to(compute), scale)
@@ -173,7 +161,7 @@ def chunk_gated_delta_rule(
     """
     _check_inputs(q, k, v, g, beta)
     if initial_state is not None:
-        _check_state(initial_state, q, v)
+        check_state(initial_state, q, v)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive; got {chunk_size}")
     dtype = q.dtype

@@ -35,18 +35,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dtr_core.ops.common import check_state, compute_dtype
+
 # Long sequences run in segments of this many tokens, the state carried over: the same result, but the
 # working set stays in cache (measured on 2 idle CPU cores at T = 32K: 512 tokens 0.26 s, 1024 0.28 s,
 # 4096 0.41 s; see docs/BENCHMARKS_MIXERS.md).
 SEGMENT_LENGTH = 512
-
-
-def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """float32 for half/bfloat16/float32 inputs; float64 stays float64."""
-    result = torch.float32
-    for dtype in dtypes:
-        result = torch.promote_types(result, dtype)
-    return result
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor) -> None:
@@ -59,12 +53,6 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.T
         )
     if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"v must be [B, T, H, Dv] matching q's [B, T, H]; got {tuple(v.shape)}")
-
-
-def _check_state(state: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> None:
-    expected = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
-    if tuple(state.shape) != expected:
-        raise ValueError(f"state must be [B, H, Dk, Dv] = {expected}; got {tuple(state.shape)}")
 
 
 def _step(
@@ -93,12 +81,12 @@ def naive_recurrent_gla(
     _check_inputs(q, k, v, gk)
     batch, length, heads, key_dim = q.shape
     dtype = q.dtype
-    compute = _compute_dtype(q.dtype, v.dtype)
+    compute = compute_dtype(q.dtype, v.dtype)
     scale = key_dim**-0.5 if scale is None else scale
     if initial_state is None:
         state = q.new_zeros(batch, heads, key_dim, v.shape[-1], dtype=compute)
     else:
-        _check_state(initial_state, q, v)
+        check_state(initial_state, q, v)
         state = initial_state.to(compute)
     q, k, v, gk = (x.to(compute) for x in (q, k, v, gk))
     output = torch.zeros_like(v)  # (B, T, H, Dv)
@@ -126,11 +114,11 @@ def recurrent_gla_step(
     batch, _, heads, key_dim = q.shape
     scale = key_dim**-0.5 if scale is None else scale
     if state is None:
-        compute = _compute_dtype(q.dtype, v.dtype)
+        compute = compute_dtype(q.dtype, v.dtype)
         state = q.new_zeros(batch, heads, key_dim, v.shape[-1], dtype=compute)
     else:
-        _check_state(state, q, v)
-        compute = _compute_dtype(q.dtype, v.dtype, state.dtype)
+        check_state(state, q, v)
+        compute = compute_dtype(q.dtype, v.dtype, state.dtype)
     dtype = q.dtype
     q, k, v, gk = (x[:, 0].to(compute) for x in (q, k, v, gk))  # (B, H, D)
     out, state = _step(q, k, v, gk, state.to(compute), scale)
@@ -231,10 +219,10 @@ def chunk_gla(
     if chunk_size < 1 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two; got {chunk_size}")
     if initial_state is not None:
-        _check_state(initial_state, q, v)
+        check_state(initial_state, q, v)
     batch, length, heads, key_dim = q.shape
     dtype = q.dtype
-    compute = _compute_dtype(q.dtype, v.dtype)
+    compute = compute_dtype(q.dtype, v.dtype)
     scale = key_dim**-0.5 if scale is None else scale
     if initial_state is None:
         state = q.new_zeros(batch, heads, key_dim, v.shape[-1], dtype=compute)
