@@ -219,6 +219,17 @@ def assemble(out_root: Path, doc: Path, records: dict[str, dict], argv: Sequence
     return "\n".join(out)
 
 
+def record_and_assemble(out_root: Path, doc: Path, records: dict[str, dict], argv: Sequence[str]) -> str:
+    """Add this invocation's runs to `out_root/all.json` and rewrite `doc` from every benchmark's output."""
+    index = out_root / "all.json"
+    previous = json.loads(index.read_text()).get("runs", {}) if index.is_file() else {}
+    document = assemble(out_root, doc, records, argv, previous)
+    common.write_text(doc, document)
+    common.write_json(index, {"commands": common.command_lines("benchmarks.all", "all", argv),
+                              "runs": {**previous, **records}})
+    return document
+
+
 def _shown(path: Path) -> str:
     """A path relative to the repository when inside it (documents carry no per-user absolute paths)."""
     try:
@@ -281,12 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         record = records[bench.name]
         print(f"[all] {bench.name}: {record['status']} in {record['seconds'] / 60:.1f} min"
               + (f" ({record['reason']})" if record.get("reason") else ""), file=sys.stderr, flush=True)
-    index = args.out_root / "all.json"
-    previous = json.loads(index.read_text()).get("runs", {}) if index.is_file() else {}
-    document = assemble(args.out_root, args.doc, records, argv, previous)
-    common.write_text(args.doc, document)
-    common.write_json(index, {"commands": common.command_lines("benchmarks.all", "all", argv),
-                              "runs": {**previous, **records}})
+    document = record_and_assemble(args.out_root, args.doc, records, argv)
     print(common.to_json(records) if args.json else document)
     failed = [name for name, r in records.items() if r["status"] not in ("ok", "ok, targets missed")]
     return 1 if failed else 0

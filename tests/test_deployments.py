@@ -145,7 +145,7 @@ def test_ui_up_status_down_with_real_servers(tmp_path):
                "PREFECT_HOME": str(tmp_path / "prefect")}
         out = subprocess.run([str(Path(sys.executable).parent / "prefect"), "deployment", "ls"], env=env,
                              capture_output=True, text=True, timeout=120)
-        for name in ("convert", "distill", "replace", "evaluate", "benchmark"):
+        for name in ("convert", "distill", "replace", "evaluate", "benchmark", "benchmarks"):
             assert f"/{name}" in out.stdout, out.stdout + out.stderr
     finally:
         outcome = ui.down(tmp_path)

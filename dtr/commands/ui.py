@@ -262,8 +262,8 @@ def up_command(
     typer.echo("starting Prefect and MLflow servers on 127.0.0.1 (about 20 s)...")
     state = up(state_dir, prefect_port, mlflow_port, deploy, worker)
     urls = state["urls"]
-    typer.echo(f"Prefect UI:  {urls['prefect']}   (deployments: convert, distill, replace, evaluate, benchmark; "
-               f"work pool {POOL})")
+    typer.echo(f"Prefect UI:  {urls['prefect']}   (deployments: convert, distill, replace, evaluate, benchmark, "
+               f"benchmarks; work pool {POOL})")
     typer.echo(f"MLflow UI:   {urls['mlflow']}")
     typer.echo(f"use them from a shell:  export PREFECT_API_URL={urls['prefect_api']} MLFLOW_TRACKING_URI={urls['mlflow']}")
     typer.echo("run a conversion:       prefect deployment run convert/convert   (or click Run in the Prefect UI)")
