@@ -91,7 +91,7 @@ def wiring_args(name: str, out_root: Path, extra: Sequence[str]) -> tuple[list[s
     if name == "inference" and "--layers-from" not in extra:
         order = out_root / "placements" / f"greedy_order_{task_name}.json"
         common.write_json(order, {"swap_order": [r["layer"] for r in task["greedy_trajectory"]]})
-        return ["--layers-from", str(order)], f"greedy order of placements ({task_name})"
+        return ["--layers-from", _shown(order)], f"greedy order of placements ({task_name})"
     if name == "recall" and not {"--hybrid", "--layers", "--k", "--students"} & set(extra):
         if result["model"] != _flag(extra, "--model", "smollm2-135m"):
             return [], None
