@@ -39,6 +39,7 @@ from benchmarks import common
 DEFAULT_OUT_ROOT = common.REPO_ROOT / "docs" / "bench"
 DEFAULT_DOC = common.REPO_ROOT / "docs" / "BENCHMARKS.md"
 DEFAULT_LOGS = common.REPO_ROOT / "runs" / "bench" / "logs"
+OK_STATUSES = ("ok", "ok, targets missed")  # a run that completed (inference exits 1 when a target is missed)
 
 
 @dataclass(frozen=True)
@@ -163,14 +164,14 @@ def section(bench: Bench, out_root: Path, doc: Path, record: dict | None) -> str
     out_dir = out_root / bench.name
     report = out_dir / f"{bench.name}.md"
     lines = [f"## {bench.title}", ""]
-    if record is not None and record["status"] not in ("ok", "ok, targets missed"):
+    if record is not None and record["status"] not in OK_STATUSES:
         lines += [f"**Not completed in this run** (`{record['commands']['dtr']}`): {record['status']} — "
                   f"{record.get('reason', '')}. Log: `{_shown(Path(record['log']))}`.", ""]
     if not report.is_file():
         lines += [f"Not run yet. Command: `dtr bench {bench.name}`" + (" (add `--quick` for a short run)."
                                                                        if bench.name != "all" else "."), ""]
         return "\n".join(lines)
-    if record is None or record["status"] not in ("ok", "ok, targets missed"):
+    if record is None or record["status"] not in OK_STATUSES:
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(report.stat().st_mtime))
         lines += [f"_From an earlier run (report written {stamp}); not rerun in this invocation._", ""]
     body = report.read_text()
@@ -197,7 +198,7 @@ def assemble(out_root: Path, doc: Path, records: dict[str, dict], argv: Sequence
         if record is not None:
             status = record["status"] + (" (quick)" if record.get("quick") else "")
             when = f"{record['seconds'] / 60:.1f} min"
-        elif report.is_file() and earlier is not None and earlier.get("status") in ("ok", "ok, targets missed"):
+        elif report.is_file() and earlier is not None and earlier.get("status") in OK_STATUSES:
             status = f"earlier run: {earlier['status']}" + (" (quick)" if earlier.get("quick") else "")
             when = f"{earlier['seconds'] / 60:.1f} min"
         else:
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f" ({record['reason']})" if record.get("reason") else ""), file=sys.stderr, flush=True)
     document = record_and_assemble(args.out_root, args.doc, records, argv)
     print(common.to_json(records) if args.json else document)
-    failed = [name for name, r in records.items() if r["status"] not in ("ok", "ok, targets missed")]
+    failed = [name for name, r in records.items() if r["status"] not in OK_STATUSES]
     return 1 if failed else 0
 
 
