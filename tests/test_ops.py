@@ -186,8 +186,8 @@ def test_chunk_gated_delta_rule_matches_naive_outputs_grads_state(length, key_di
     inputs = gdr_inputs(length, key_dim, value_dim)
     expected = outputs_and_grads(naive_recurrent_gated_delta_rule, inputs)
     actual = outputs_and_grads(chunk_gated_delta_rule, inputs, chunk_size=chunk)
-    assert actual[1].dtype == torch.float32  # transformers' implementation computes in float32
-    assert_all_close(actual, expected, F32, "chunk_gated_delta_rule")
+    assert actual[1].dtype == torch.float64  # float64 inputs are computed in float64
+    assert_all_close(actual, expected, F64, "chunk_gated_delta_rule")
 
 
 def test_chunk_gated_delta_rule_long_sequences_run_in_segments(monkeypatch):
@@ -195,7 +195,7 @@ def test_chunk_gated_delta_rule_long_sequences_run_in_segments(monkeypatch):
     expected = outputs_and_grads(naive_recurrent_gated_delta_rule, inputs)
     monkeypatch.setattr(gdr_module, "SEGMENT_LENGTH", 32)
     actual = outputs_and_grads(chunk_gated_delta_rule, inputs, chunk_size=16)
-    assert_all_close(actual, expected, F32, "segmented chunk_gated_delta_rule")
+    assert_all_close(actual, expected, F64, "segmented chunk_gated_delta_rule")
 
 
 def test_gated_delta_rule_float32_inputs_and_scale():
@@ -217,8 +217,8 @@ def test_gated_delta_rule_step_decoding_from_prefix_state_matches_naive():
     for t in range(prefix, 75):
         token = {name: x[:, t : t + 1] for name, x in inputs.items() if name != "initial_state"}
         output, state = recurrent_gated_delta_rule_step(**token, state=state)
-        torch.testing.assert_close(output, ref_output[:, t : t + 1], **F32)
-    torch.testing.assert_close(state, ref_state, **F32)
+        torch.testing.assert_close(output, ref_output[:, t : t + 1], **F64)
+    torch.testing.assert_close(state, ref_state, **F64)
 
 
 def test_gated_delta_rule_initial_state_chaining_equals_full_run():
@@ -229,8 +229,8 @@ def test_gated_delta_rule_initial_state_chaining_equals_full_run():
     second = {name: x[:, split:] for name, x in inputs.items() if name != "initial_state"}
     out_1, state_1 = chunk_gated_delta_rule(**first, initial_state=inputs["initial_state"], output_final_state=True)
     out_2, state_2 = chunk_gated_delta_rule(**second, initial_state=state_1, output_final_state=True)
-    torch.testing.assert_close(torch.cat([out_1, out_2], dim=1), full_output, **F32)
-    torch.testing.assert_close(state_2, full_state, **F32)
+    torch.testing.assert_close(torch.cat([out_1, out_2], dim=1), full_output, **F64)
+    torch.testing.assert_close(state_2, full_state, **F64)
 
 
 def test_gated_delta_rule_strong_decay_stays_finite_and_matches():
@@ -238,7 +238,7 @@ def test_gated_delta_rule_strong_decay_stays_finite_and_matches():
     expected = outputs_and_grads(naive_recurrent_gated_delta_rule, inputs)
     actual = outputs_and_grads(chunk_gated_delta_rule, inputs)
     assert all(torch.isfinite(x).all() for x in (actual[0], actual[1], *actual[2].values()))
-    assert_all_close(actual, expected, F32, "strong decay")
+    assert_all_close(actual, expected, F64, "strong decay")
 
 
 def test_gated_delta_rule_rejects_bad_shapes():
