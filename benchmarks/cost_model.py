@@ -28,9 +28,9 @@ KV traffic). It is reported beside the ideal, as an explanation, never as the ta
 
 Prefill of T tokens (the logits of the last token only): compute-bound (each weight is reused T times), so
 the ideal ratio is the FLOPs ratio. Full layer: 2 P_attn T + 2 H D T (T + 1) (causal); linear layer in the
-chunked form (chunk C, transformers' `torch_chunk_gated_delta_rule`): 2 P_lin T + H T (10 C D + 2 C^2 / 3
-+ 6 D^2) (five C x C x D products per chunk, the row-by-row triangular solve, three C x D x D state
-products); the rest: 2 (P_rest - P_lm_head) T + 2 P_lm_head.
+chunked form (chunk C, `dtr_core.ops.gated_delta_rule.chunk_gated_delta_rule`): 2 P_lin T + H T (8 C D +
+6 D^2) (per chunk three C x C x D products, two unit-triangular solves with D right-hand sides that count as
+one more, and three C x D x D state products); the rest: 2 (P_rest - P_lm_head) T + 2 P_lm_head.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def prefill_cost(profile: ModelProfile, kinds: list[str], context: int) -> Cost:
             flops = 2.0 * p.full_attention_params * t + 2.0 * h * d * t * (t + 1)
             total += Cost(flops, float(p.full_attention_params * e + kv_bytes_per_layer(p, t)))
         else:
-            chunked = h * t * (10 * c * d + 2 * c * c / 3 + 6 * d * d) + 2 * h * d * p.conv_size * t
+            chunked = h * t * (8 * c * d + 6 * d * d) + 2 * h * d * p.conv_size * t
             total += Cost(2.0 * p.linear_params * t + chunked, float(p.linear_params * e + p.linear_state_bytes))
     return total
 
