@@ -46,10 +46,20 @@ class Sample:
     cpu_s: float  # process CPU time (all threads) over the same interval
 
 
-def timed(fn: Callable[[], object]) -> Sample:
-    """Run `fn` once and return its wall and process-CPU time."""
+def synchronize(device: torch.device | str = "cpu") -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously); nothing to do on CPU."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device | str = "cpu") -> Sample:
+    """Run `fn` once and return its wall and process-CPU time (on CUDA: until its kernels have finished)."""
+    synchronize(device)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     result = fn()
+    synchronize(device)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     del result  # freeing what the call returned (e.g. a large cache) is not part of its time
     return Sample(wall, cpu)
@@ -217,6 +227,44 @@ class PeakRSS:
         hwm = _status_kib("VmHWM")
         self.end_bytes = rss_bytes()
         self.peak_bytes = None if hwm is None else max(0, hwm * 1024 - self.start_bytes)
+
+
+class PeakCudaMemory:
+    """Context manager: `peak_bytes` = peak CUDA memory allocated by torch during the block minus the start."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = device
+        self.start_bytes: int | None = None
+        self.peak_bytes: int | None = None
+
+    def __enter__(self) -> PeakCudaMemory:
+        import torch
+
+        gc.collect()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.start_bytes = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        torch.cuda.synchronize(self.device)
+        self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.start_bytes
+
+
+def peak_memory(device: torch.device | str = "cpu") -> PeakRSS | PeakCudaMemory:
+    """Peak memory of a block on `device`: resident memory on CPU, torch's CUDA allocations on a GPU."""
+    return PeakCudaMemory(device) if str(device).startswith("cuda") else PeakRSS()
+
+
+def device_name(device: torch.device | str) -> str:
+    """The GPU's name for a CUDA device, else "cpu"."""
+    if not str(device).startswith("cuda"):
+        return "cpu"
+    import torch
+
+    return torch.cuda.get_device_name(device)
 
 
 # --- machine, versions, command --------------------------------------------------------------------

@@ -36,12 +36,13 @@ one more, and three C x D x D state products); the rest: 2 (P_rest - P_lm_head) 
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+
+from benchmarks.common import timed
 
 FULL = "full"
 STEP_FLOPS_PER_HD2 = 7  # gated delta rule step: decay (1) + S^T k (2) + rank-1 update (2) + S^T q (2), per H D^2
@@ -196,19 +197,14 @@ def ideal_prefill_speedup(profile: ModelProfile, kinds: list[str], context: int)
 # --- the machine's balance point -------------------------------------------------------------------
 
 
-def _best_of(fn, repeats: int) -> float:
+def _best_of(fn, repeats: int, device: str = "cpu") -> float:
     fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(fn, device).wall_s for _ in range(repeats))
 
 
 @torch.inference_mode()
-def measure_machine_balance(size_mb: int = 256, gemm_n: int = 1024, repeats: int = 5) -> dict:
-    """Memory bandwidth and matmul throughput of this process (its torch threads), median of `repeats`.
+def measure_machine_balance(size_mb: int = 256, gemm_n: int = 1024, repeats: int = 5, device: str = "cpu") -> dict:
+    """Memory bandwidth and matmul throughput of this process (its torch threads) or GPU, median of `repeats`.
 
     - `read_gbps`: `x.sum()` over a `size_mb` float32 buffer (streams memory, ~1 FLOP per 4 bytes);
     - `matvec_gbps`: weight bytes per second of a float32 matrix-vector product (what decode does per layer);
@@ -216,13 +212,13 @@ def measure_machine_balance(size_mb: int = 256, gemm_n: int = 1024, repeats: int
     - `balance_flop_per_byte`: gemm_gflops / read_gbps; kernels with fewer FLOPs per byte are memory-bound.
     """
     n = size_mb * 2**20 // 4
-    x = torch.rand(n)
-    read_s = _best_of(lambda: x.sum(), repeats)
+    x = torch.rand(n, device=device)
+    read_s = _best_of(lambda: x.sum(), repeats, device)
     side = int((size_mb * 2**20 // 4) ** 0.5)
-    w, v = torch.rand(side, side), torch.rand(side)
-    mv_s = _best_of(lambda: torch.mv(w, v), repeats)
-    a, b = torch.rand(gemm_n, gemm_n), torch.rand(gemm_n, gemm_n)
-    mm_s = _best_of(lambda: torch.mm(a, b), repeats)
+    w, v = torch.rand(side, side, device=device), torch.rand(side, device=device)
+    mv_s = _best_of(lambda: torch.mv(w, v), repeats, device)
+    a, b = torch.rand(gemm_n, gemm_n, device=device), torch.rand(gemm_n, gemm_n, device=device)
+    mm_s = _best_of(lambda: torch.mm(a, b), repeats, device)
     read_gbps = n * 4 / read_s / 1e9
     gemm_gflops = 2 * gemm_n**3 / mm_s / 1e9
     return {

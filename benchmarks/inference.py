@@ -2,7 +2,8 @@
 
 The teacher and hybrids with k of its L layers linear (k = 0, L/4, L/2, 3L/4, L by default, rounded down;
 the layers from a greedy-search result with `--layers-from`, else evenly interleaved) run in one process,
-batch 1, on CPU, with freshly initialised students (speed does not depend on their training). Per context T:
+batch 1, on CPU (or `--device cuda`), with freshly initialised students (speed does not depend on their
+training). Per context T:
 - prefill: wall time of `model(ids[:, :T], use_cache=True, logits_to_keep=1)` (fresh cache each time);
   skipped above `--prefill-max` (quadratic attention makes 16K/32K prefills take minutes on 2 cores);
 - decode: tokens/s of greedy decoding steps from a cache holding T tokens. The cache is synthetic: a short
@@ -12,12 +13,16 @@ batch 1, on CPU, with freshly initialised students (speed does not depend on the
   cache), checked equal to the formula (K/V of the full layers + constant linear states) of
   `benchmarks.cost_model.cache_bytes` and to `dtr_core.hybrid.cache_bytes`;
 - peak memory: peak RSS above the start of the prefill / of building the T-token cache and decoding
-  (see `benchmarks.common.PeakRSS`).
+  (see `benchmarks.common.PeakRSS`); on a GPU, torch's peak CUDA allocation above the start instead.
+On a CUDA GPU (`--device cuda`, bfloat16 by default) every model and tensor lives on the GPU, each timed call
+ends with `torch.cuda.synchronize()`, contexts go up to 64K and are all prefilled, and the linear layers run
+flash-linear-attention's kernels (`dtr_core.ops.dispatch`).
 Contenders are measured round-robin (rotating order) so load drift hits all alike; speed-ups are ratios of
 medians to the teacher measured in the same run, next to the ideal ratio of `benchmarks.cost_model`.
 
     python -m benchmarks.inference [--quick] [--json] [--out DIR] [--model NAME] [--mixer NAME]
         [--layers-from GREEDY_JSON] [--contexts 2048,8192,...] [--repeats N] [--doc MARKDOWN]
+        [--device cpu|cuda] [--dtype float32|bfloat16]
     dtr bench inference [same options]
     dtr bench inference --from-json docs/bench/inference/inference.json   # re-render only
 
@@ -51,6 +56,8 @@ QUICK_CONTEXTS = (256, 1024)
 DEFAULT_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 QUICK_FRACTIONS = (0.0, 0.5, 1.0)
 DEFAULT_PREFILL_MAX = 8192  # teacher prefill at 16K is ~4x the 8K one on 2 cores (minutes per run): opt in
+GPU_CONTEXTS = (2048, 8192, 16384, 32768, 65536)  # on a GPU every one of them is also prefilled
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_OUT = common.REPO_ROOT / "docs" / "bench" / "inference"
 WARMUP_PROMPT = 128  # tokens of the untimed warm-up prefill of every model
 STRUCTURE_PROMPT = 8  # tokens of the real prefill that gives a synthetic cache its exact structure
@@ -181,7 +188,8 @@ def synthetic_cache(model, context: int, generator: torch.Generator):
     layer: cloning is fast and decode cost does not depend on the values) and each linear layer's
     recurrent/conv state random.
     """
-    prompt = torch.randint(0, model.config.vocab_size, (1, STRUCTURE_PROMPT), generator=generator)
+    device = model.device
+    prompt = torch.randint(0, model.config.vocab_size, (1, STRUCTURE_PROMPT), generator=generator).to(device)
     cache = model(prompt, use_cache=True, logits_to_keep=1).cache
     keys = values = None
     for layer in cache.layers:
@@ -189,8 +197,8 @@ def synthetic_cache(model, context: int, generator: torch.Generator):
             if keys is None:
                 batch, kv_heads, _, head_dim = layer.keys.shape
                 shape = (batch, kv_heads, context, head_dim)
-                keys = torch.randn(shape, generator=generator, dtype=layer.keys.dtype)
-                values = torch.randn(shape, generator=generator, dtype=layer.values.dtype)
+                keys = torch.randn(shape, generator=generator, dtype=layer.keys.dtype).to(device)
+                values = torch.randn(shape, generator=generator, dtype=layer.values.dtype).to(device)
                 layer.keys, layer.values = keys, values
             else:
                 layer.keys, layer.values = keys.clone(), values.clone()
@@ -198,7 +206,8 @@ def synthetic_cache(model, context: int, generator: torch.Generator):
             for states in (layer.conv_states, layer.recurrent_states):
                 for index, tensor in states.items():
                     if tensor is not None:
-                        tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * STATE_SCALE)
+                        random = torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
+                        tensor.copy_(random * STATE_SCALE)  # copy_ moves it to the state's device
             if hasattr(layer, "seen_tokens"):
                 layer.seen_tokens = context
     if cache.get_seq_length() != context:
@@ -242,6 +251,8 @@ class Settings:
     layers_from: str | None
     threads: int
     balance_mb: int
+    device: str = "cpu"
+    dtype: str = "float32"
 
 
 def _cache_check(profile: cm.ModelProfile, kinds: list[str], model, context: int, measured: int) -> dict:
@@ -271,13 +282,13 @@ def measure(settings: Settings, models: dict, profile: cm.ModelProfile) -> dict:
 def _measure_all(settings, models, kinds, profile, generator, vocab, records) -> None:
     """Warm every model up, then per context: prefill (if T <= prefill_max) and decode, appended to records."""
     logger.info("warm-up: %d-token prefill and 2 decode steps per model", WARMUP_PROMPT)
-    warm_ids = torch.randint(0, vocab, (1, WARMUP_PROMPT), generator=generator)
+    warm_ids = torch.randint(0, vocab, (1, WARMUP_PROMPT), generator=generator).to(settings.device)
     for model in models.values():
         out = model(warm_ids, use_cache=True, logits_to_keep=1)
         decode(model, out.cache, warm_ids[:, -1:], 2)
         del out
     for context in settings.contexts:
-        ids = torch.randint(0, vocab, (1, context), generator=generator)
+        ids = torch.randint(0, vocab, (1, context), generator=generator).to(settings.device)
         if context <= settings.prefill_max:
             records["prefill"] += _measure_prefill(settings, models, kinds, profile, ids)
         records["decode"] += _measure_decode(settings, models, kinds, profile, context, generator)
@@ -285,16 +296,16 @@ def _measure_all(settings, models, kinds, profile, generator, vocab, records) ->
 
 def _measure_prefill(settings, models, kinds, profile, ids) -> list[dict]:
     context = ids.shape[1]
-    logger.info("prefill T=%d: one run per model for cache bytes and peak RSS (also the warm-up at this T)", context)
+    logger.info("prefill T=%d: one run per model for cache bytes and peak memory (also the warm-up at this T)", context)
     memory = {}
     for name, model in models.items():
         start = time.perf_counter()
-        with common.PeakRSS() as peak:
+        with common.peak_memory(settings.device) as peak:
             out = model(ids, use_cache=True, logits_to_keep=1)
             measured = cache_nbytes(out.cache)
         del out
         memory[name] = {
-            "peak_rss_bytes": peak.peak_bytes,
+            "peak_bytes": peak.peak_bytes,
             "cache": _cache_check(profile, kinds[name], model, context, measured),
             "first_run_s": time.perf_counter() - start,
         }
@@ -302,7 +313,7 @@ def _measure_prefill(settings, models, kinds, profile, ids) -> list[dict]:
 
     def task(model):
         def run() -> common.Sample:
-            return common.timed(lambda: model(ids, use_cache=True, logits_to_keep=1))
+            return common.timed(lambda: model(ids, use_cache=True, logits_to_keep=1), settings.device)
 
         return run
 
@@ -315,25 +326,26 @@ def _measure_prefill(settings, models, kinds, profile, ids) -> list[dict]:
 
 
 def _measure_decode(settings, models, kinds, profile, context, generator) -> list[dict]:
-    logger.info("decode T=%d: synthetic caches (peak RSS: cache + %d warm-up steps)", context, 2 * settings.warmup)
+    logger.info("decode T=%d: synthetic caches (peak memory: cache + %d warm-up steps)", context, 2 * settings.warmup)
     caches, memory, tokens = {}, {}, {}
     for name, model in models.items():
-        with common.PeakRSS() as peak:
+        with common.peak_memory(settings.device) as peak:
             cache = synthetic_cache(model, context, generator)
             measured = cache_nbytes(cache)
-            token = torch.randint(0, model.config.vocab_size, (1, 1), generator=generator)
+            token = torch.randint(0, model.config.vocab_size, (1, 1), generator=generator).to(settings.device)
             if settings.warmup:
                 decode(model, cache, token, 2 * settings.warmup)
         rewind(cache, context)
         caches[name], tokens[name] = cache, token
         memory[name] = {
-            "peak_rss_bytes": peak.peak_bytes,
+            "peak_bytes": peak.peak_bytes,
             "cache": _cache_check(profile, kinds[name], model, context, measured),
         }
 
     def task(name, model):
         def run() -> common.Sample:
-            sample = common.timed(lambda: decode(model, caches[name], tokens[name], settings.decode_tokens))
+            sample = common.timed(lambda: decode(model, caches[name], tokens[name], settings.decode_tokens),
+                                  settings.device)
             rewind(caches[name], context)
             return sample
 
@@ -501,6 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"longest context that is also prefilled (default {DEFAULT_PREFILL_MAX}; quick 1024)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per model and context before timing")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help=f"cuda: models on the GPU, contexts {','.join(map(str, GPU_CONTEXTS))}, all prefilled")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="model dtype (default float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--doc", type=Path, default=None,
                         help="also refresh the generated block of this markdown file "
@@ -523,36 +539,43 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda needs a CUDA GPU, and torch sees none; run on CPU with --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
+    gpu = args.device == "cuda"
+    default_contexts = GPU_CONTEXTS if gpu else DEFAULT_CONTEXTS
+    default_prefill_max = max(default_contexts) if gpu else DEFAULT_PREFILL_MAX
     return Settings(
         model=args.model,
         mixer=args.mixer,
-        contexts=args.contexts or (QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS),
+        contexts=args.contexts or (QUICK_CONTEXTS if args.quick else default_contexts),
         fractions=args.fractions or (QUICK_FRACTIONS if args.quick else DEFAULT_FRACTIONS),
         repeats=repeats,
         prefill_repeats=args.prefill_repeats or min(repeats, 2),
         decode_tokens=args.decode_tokens or (4 if args.quick else 8),
-        prefill_max=args.prefill_max if args.prefill_max is not None else (1024 if args.quick else DEFAULT_PREFILL_MAX),
+        prefill_max=args.prefill_max if args.prefill_max is not None else (1024 if args.quick else default_prefill_max),
         warmup=args.warmup,
         seed=args.seed,
         layers_from=args.layers_from,
         threads=torch.get_num_threads(),
         balance_mb=args.balance_mb or (64 if args.quick else 256),
+        device=args.device,
+        dtype=args.dtype or ("bfloat16" if gpu else "float32"),
     )
 
 
 def run(settings: Settings, argv: Sequence[str]) -> dict:
     started = time.perf_counter()
-    machine = common.machine_info()
-    logger.info("measuring the machine's memory bandwidth and matmul throughput")
-    balance = cm.measure_machine_balance(size_mb=settings.balance_mb)
+    machine = {**common.machine_info(), "device": common.device_name(settings.device)}
+    logger.info("measuring the %s's memory bandwidth and matmul throughput", settings.device)
+    balance = cm.measure_machine_balance(size_mb=settings.balance_mb, device=settings.device)
     greedy_order = read_greedy_order(settings.layers_from) if settings.layers_from else None
     from dtr_core.models import load_model
     from dtr_core.surgery import num_layers
 
     teacher, _ = load_model(settings.model)
-    teacher.eval()
+    teacher.to(device=settings.device, dtype=DTYPES[settings.dtype]).eval()
     L = num_layers(teacher)
     contenders = plan_contenders(L, settings.fractions, greedy_order)
     logger.info("building %d models: %s", len(contenders), ", ".join(c.name for c in contenders))

@@ -28,15 +28,28 @@ def _labels(result: dict) -> dict[str, str]:
     return {c["name"]: "teacher" if c["k"] is None else f"k={c['k']}/{layers}" for c in result["contenders"]}
 
 
+def _device(result: dict) -> str:
+    """Where the benchmark ran: CPU, or the GPU's name."""
+    device = result["machine"].get("device", "cpu")
+    return "CPU" if device == "cpu" else device
+
+
+def _on_gpu(result: dict) -> bool:
+    return _device(result) != "CPU"
+
+
 def _footer(result: dict) -> str:
     machine = result["machine"]
-    return (f"_`{result['commands']['dtr']}`; {machine['cpu_model']}, torch threads: {machine['torch_threads']}, "
-            f"load {machine['load_average']}_")
+    where = f"{machine['cpu_model']}, torch threads: {machine['torch_threads']}"
+    if _on_gpu(result):
+        where = f"{_device(result)}, {result['settings']['dtype']}; host {where}"
+    return f"_`{result['commands']['dtr']}`; {where}, load {machine['load_average']}_"
 
 
 def _balance_line(b: dict) -> str:
     return (f"{b['read_gbps']:.1f} GB/s read, {b['matvec_gbps']:.1f} GB/s matrix-vector, {b['gemm_gflops']:.0f} "
-            f"GFLOP/s matmul ({b['threads']} threads): balance {b['balance_flop_per_byte']:.1f} FLOP/byte, above "
+            f"GFLOP/s float32 matmul (on the benchmark's device; {b['threads']} CPU threads): balance "
+            f"{b['balance_flop_per_byte']:.1f} FLOP/byte, above "
             "decode's <= 1.5 FLOP/byte, so decode is memory-bound")
 
 
@@ -108,16 +121,20 @@ def _memory_section(result: dict, label: dict[str, str]) -> list[str]:
         rows.append([
             _context_label(r["context"]), label[r["contender"]], common.format_bytes(cache["measured"]),
             common.format_bytes(cache["formula"]), "yes" if exact else "NO",
-            common.format_bytes(p["peak_rss_bytes"]) if p else "not run", common.format_bytes(r["peak_rss_bytes"]),
+            common.format_bytes(p["peak_bytes"]) if p else "not run", common.format_bytes(r["peak_bytes"]),
         ])
+    peak = ("Peak GPU memory: torch's peak CUDA allocation above the start of the prefill, or of building the "
+            "T-token cache and decoding from it (`common.PeakCudaMemory`)." if _on_gpu(result) else
+            "Peak RSS: resident memory above the start of the prefill, or of building the T-token cache and "
+            "decoding from it (`common.PeakRSS`).")
+    name = "peak GPU memory" if _on_gpu(result) else "peak RSS"
     return [
         "## Memory", "",
         "Cache: storage bytes of every tensor the cache holds, after a real prefill where one ran and for the "
         "synthetic cache (both must match); formula: K/V of the full layers + constant linear states "
-        "(`cost_model.cache_bytes`, equal to `dtr_core.hybrid.cache_bytes`). Peak RSS: resident memory above the "
-        "start of the prefill, or of building the T-token cache and decoding from it (`common.PeakRSS`).", "",
-        common.markdown_table(["T", "model", "cache (measured)", "formula", "exact", "peak RSS prefill",
-                               "peak RSS decode"], rows),
+        f"(`cost_model.cache_bytes`, equal to `dtr_core.hybrid.cache_bytes`). {peak}", "",
+        common.markdown_table(["T", "model", "cache (measured)", "formula", "exact", f"{name} prefill",
+                               f"{name} decode"], rows),
     ]
 
 
@@ -157,7 +174,7 @@ def markdown_report(result: dict) -> str:
         "wall time of the run": f"{result['wall_time_s'] / 60:.1f} min",
         "machine balance": _balance_line(result["machine_balance"]),
     })
-    out = [f"# Inference: {s['model']} teacher vs {s['mixer']} hybrids (CPU, batch 1)", "", env, ""]
+    out = [f"# Inference: {s['model']} teacher vs {s['mixer']} hybrids ({_device(result)}, batch 1)", "", env, ""]
     for section in (_contenders_section, _decode_sections, _prefill_section, _memory_section):
         out += section(result, label) + ["", _footer(result), ""]
     out += ["## Targets", ""] + _target_lines(result) + ["", "## Plots", ""]

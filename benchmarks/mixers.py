@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from benchmarks import common
 from dtr_core.ops import dispatch
 from dtr_core.ops.gated_delta_rule import (
     chunk_gated_delta_rule,
@@ -76,11 +77,6 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 _clock = time.perf_counter
 _device = torch.device("cpu")
 
-
-def _sync() -> None:
-    """Wait for queued GPU work, so a timer brackets the work itself (no-op on CPU)."""
-    if _device.type == "cuda":
-        torch.cuda.synchronize(_device)
 MIN_REPEATS, REPEAT_BUDGET_S = 3, 20.0  # past 3 repeats, stop once a measurement has taken 20 s
 
 
@@ -89,10 +85,10 @@ def _time_ms(fn: Callable[[], object], repeats: int, warmup: Callable[[], object
     (warmup or fn)()
     times: list[float] = []
     for _ in range(repeats):
-        _sync()
+        common.synchronize(_device)
         start = _clock()
         fn()
-        _sync()
+        common.synchronize(_device)
         times.append((_clock() - start) * 1e3)
         if len(times) >= MIN_REPEATS and sum(times) > REPEAT_BUDGET_S * 1e3:
             break
@@ -135,8 +131,10 @@ def _measure_op(op: str, length: int, heads: int, dim: int, repeats: int) -> lis
     warm = _head(inputs, min(length, 256))  # warm the naive loop on a prefix: its cost is per token anyway
     warm_chunk = _head(inputs, min(length, WARMUP_MAX_LENGTH))
     rows = [
-        _spread(op, "naive", length, "sequence", _time_ms(lambda: NAIVE[op](**inputs), repeats, lambda: NAIVE[op](**warm))),
-        _spread(op, "chunk", length, "sequence", _time_ms(lambda: CHUNK[op](**inputs), repeats, lambda: CHUNK[op](**warm_chunk))),
+        _spread(op, "naive", length, "sequence",
+                _time_ms(lambda: NAIVE[op](**inputs), repeats, lambda: NAIVE[op](**warm))),
+        _spread(op, "chunk", length, "sequence",
+                _time_ms(lambda: CHUNK[op](**inputs), repeats, lambda: CHUNK[op](**warm_chunk))),
     ]
     if _device.type == "cuda":
         rows.append(_spread(op, "fla", length, "sequence", _time_ms(lambda: FLA[op](**inputs, backend="fla"), repeats,
@@ -223,7 +221,7 @@ def run(lengths: tuple[int, ...], heads: int, dim: int, repeats: int, clock: str
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
-        "device": torch.cuda.get_device_name(_device) if _device.type == "cuda" else "cpu",
+        "device": common.device_name(_device),
         "batch": 1,
         "heads": heads,
         "head_dim": dim,
@@ -245,7 +243,8 @@ def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [
         f"batch {meta['batch']}, H={meta['heads']}, D={meta['head_dim']}, {meta['dtype']}, "
-        f"device {meta.get('device', 'cpu')}, {meta['threads']} CPU threads, torch {meta['torch']}, {meta['clock']} clock, median of up to "
+        f"device {meta.get('device', 'cpu')}, {meta['threads']} CPU threads, torch {meta['torch']}, "
+        f"{meta['clock']} clock, median of up to "
         f"{meta['repeats']} repeats (1-min load avg before/after: {meta['loadavg_1min_before_after']}; "
         f"run took {meta['wall_s']} s)",
         "",

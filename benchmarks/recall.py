@@ -66,6 +66,9 @@ class Settings:
     seed: int
     threads: int
     quick: bool
+    distill_tokens: int | None = None  # budget of the students distilled here (None: placements' default)
+    distill_seq_len: int | None = None
+    distill_steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -230,12 +233,13 @@ def build_contender(teacher, tokenizer, settings: Settings) -> tuple[object, dic
         from benchmarks import placements
 
         budget = placements.QUICK if settings.quick else {}
-        info = placements.ensure_students(
-            teacher, tokenizer, settings.model, "gated_deltanet", settings.work_dir, layers,
-            budget.get("distill_tokens", placements.DISTILL_TOKENS),
-            budget.get("distill_seq_len", placements.DISTILL_SEQ_LEN),
-            budget.get("distill_steps", placements.DISTILL_STEPS))
-        students_dir, source = info["dir"], "students distilled here (small budget)"
+        tokens = settings.distill_tokens or budget.get("distill_tokens", placements.DISTILL_TOKENS)
+        seq_len = settings.distill_seq_len or budget.get("distill_seq_len", placements.DISTILL_SEQ_LEN)
+        steps = settings.distill_steps or budget.get("distill_steps", placements.DISTILL_STEPS)
+        info = placements.ensure_students(teacher, tokenizer, settings.model, "gated_deltanet", settings.work_dir,
+                                          layers, tokens, seq_len, steps)
+        students_dir = info["dir"]
+        source = f"students distilled here ({tokens} tokens in sequences of {seq_len}, {steps} steps)"
     from dtr_core.distill import load_students
 
     students = load_students(students_dir, teacher, layers=layers)
@@ -405,6 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--probes", default=",".join(PROBES), help="comma-separated: passkey, kv")
     parser.add_argument("--work-dir", default=str(common.REPO_ROOT / "runs" / "bench"),
                         help="where students distilled here live (shared with dtr bench placements)")
+    parser.add_argument("--distill-tokens", type=int, default=None,
+                        help="students distilled here: teacher tokens (default: dtr bench placements')")
+    parser.add_argument("--distill-seq-len", type=int, default=None,
+                        help="students distilled here: tokens per training sequence (default: placements')")
+    parser.add_argument("--distill-steps", type=int, default=None,
+                        help="students distilled here: steps per layer (default: placements')")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return parser
@@ -419,17 +429,24 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise ValueError("--hybrid is a complete model: do not combine it with --students, --layers or --k")
     if args.layers is not None and args.k is not None:
         raise ValueError("give --layers or --k, not both")
+    distill = {"--distill-tokens": args.distill_tokens, "--distill-seq-len": args.distill_seq_len,
+               "--distill-steps": args.distill_steps}
+    given = [name for name, value in distill.items() if value is not None]
+    if given and (args.hybrid or args.students):
+        raise ValueError(f"{', '.join(given)} set(s) the budget of students distilled here; "
+                         "drop it, or drop --hybrid/--students")
     samples = args.samples if args.samples is not None else (4 if args.quick else 16)
     contexts = tuple(sorted(set(args.contexts or (QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS))))
     for name, value in (("--samples", samples), ("--k", args.k), ("--threads", args.threads),
-                        ("--contexts", min(contexts))):
+                        ("--contexts", min(contexts)), *distill.items()):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if args.threads:
         torch.set_num_threads(args.threads)
     return Settings(model=args.model, contexts=contexts, samples=samples, probes=probes, hybrid=args.hybrid,
                     students=args.students, layers=args.layers, k=args.k, work_dir=args.work_dir, seed=args.seed,
-                    threads=torch.get_num_threads(), quick=args.quick)
+                    threads=torch.get_num_threads(), quick=args.quick, distill_tokens=args.distill_tokens,
+                    distill_seq_len=args.distill_seq_len, distill_steps=args.distill_steps)
 
 
 def main(argv: list[str] | None = None) -> int:

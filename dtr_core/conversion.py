@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -98,6 +100,16 @@ class RunLayout:
 
     def hybrid(self, role: str) -> Path:
         return self.root / "hybrids" / role
+
+    def alias_hybrid(self, role: str, target: str | Path) -> Path:
+        """`hybrid(role)` becomes a relative symlink to the folder `target` (replacing what a resumed run left)."""
+        link = self.hybrid(role)
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        elif link.is_dir():
+            shutil.rmtree(link)
+        link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
+        return link
 
     @property
     def reports(self) -> Path:

@@ -5,6 +5,8 @@
   (`$DTR_CACHE_DIR`, default `~/.cache/dtr`), then loaded from there in ~1 s.
 - `tiny-llama`, `tiny-qwen2`, `tiny-qwen3`, `tiny-mistral`: seeded random models with a byte-level
   tokenizer built in code, for tests and smoke runs (no download, a few hundred KB).
+- `smollm2-135m-random`: SmolLM2-135M's exact architecture with seeded random weights and the byte-level
+  tokenizer, for speed benchmarks on machines the real weights cannot reach (speed does not depend on them).
 - a local folder (`save_pretrained` layout; teachers and saved dtr hybrids alike) or a hub id
   (real `from_pretrained`, for users who have a hub).
 """
@@ -90,8 +92,31 @@ TINY_CONFIGS: dict[str, Callable[[], object]] = {
 }
 
 
-def tiny_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    config = TINY_CONFIGS[name]()
+# SmolLM2-135M-Instruct's config.json, architecture fields (a slow test checks them against the real one)
+SHAPE_CONFIGS: dict[str, Callable[[], object]] = {
+    "smollm2-135m-random": lambda: LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
+        rms_norm_eps=9.999999747378752e-06,  # 1e-5 rounded to float32, as the GGUF stores it
+        rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    ),
+}
+RANDOM_CONFIGS = {**TINY_CONFIGS, **SHAPE_CONFIGS}
+
+
+def random_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A seeded random model of one of `RANDOM_CONFIGS` (same seed, same weights)."""
+    config = RANDOM_CONFIGS[name]()
     config.dtype = dtype
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -139,6 +164,7 @@ def smollm2_folder() -> Path:
 BUILTIN_MODELS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct (packaged GGUF, converted to fp32 safetensors)",
     **{name: "tiny random model with an in-code byte tokenizer (tests)" for name in TINY_CONFIGS},
+    "smollm2-135m-random": "SmolLM2-135M's architecture, random weights, byte tokenizer (speed benchmarks)",
 }
 
 
@@ -146,13 +172,13 @@ BUILTIN_MODELS: dict[str, str] = {
 class ModelSource:
     """What `load_model` resolved a source string to."""
 
-    kind: str  # "tiny" | "folder" | "hub"
+    kind: str  # "random" | "folder" | "hub"
     location: str
 
 
 def resolve_source(source: str) -> ModelSource:
-    if source in TINY_CONFIGS:
-        return ModelSource("tiny", source)
+    if source in RANDOM_CONFIGS:
+        return ModelSource("random", source)
     if source == "smollm2-135m":
         return ModelSource("folder", str(smollm2_folder()))
     path = Path(source).expanduser()
@@ -177,8 +203,8 @@ def load_model(
     import dtr_core.hybrid  # noqa: F401  registers dtr hybrids with the Auto classes
 
     resolved = resolve_source(source)
-    if resolved.kind == "tiny":
-        return tiny_model(resolved.location, dtype=dtype), byte_tokenizer()
+    if resolved.kind == "random":
+        return random_model(resolved.location, dtype=dtype), byte_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(
         resolved.location, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
     )

@@ -21,9 +21,10 @@ the paper's cost, L layer-forwards per batch per candidate, L(L+1)/2 candidate e
    A dropped candidate cannot be the argmax, so the chosen layer, its score and every fully evaluated
    score equal the plain search's.
 3. Ordering. Batches are scored cheapest per example first. Every candidate first sees one batch (it
-   would anyway: no bound fires before a batch is seen). Candidates are then completed in descending order of last round's score (`order_hint`, or
-   `first_hint` in round 0), then of that first-batch partial score, so a strong candidate sets a high
-   bar early; the order changes the cost, never the answer.
+   would anyway: no bound fires before a batch is seen). Candidates are then completed in descending
+   order of last round's score (`order_hint`, or `first_hint` in round 0), then of that first-batch
+   partial score, so a strong candidate sets a high bar early; the order changes the cost, never the
+   answer.
 
 Cost units (`SearchCost`): a layer-forward is one decoder layer applied to one batch; a candidate
 evaluation is one candidate started (completed + rejected). Memory: the prefix cache holds
@@ -33,9 +34,10 @@ is kept and candidates recompute from the nearest kept layer (more layer-forward
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -135,14 +137,31 @@ class _Evaluator:
         self.num_examples = sum(batch.num_examples for batch in self.batches)
         self.cost = SearchCost()
 
-    def _swapped(self, layers: Iterable[int]) -> dict[int, nn.Module]:
+    @contextlib.contextmanager
+    def _students_in(self, layers: Iterable[int]) -> Iterator[None]:
+        """The students of `layers` swapped into the model for the block, the originals restored after it."""
         layers = list(layers)
         missing = [layer for layer in layers if layer not in self.students]
         if missing:
             raise ValueError(f"no student for layers {missing}; available: {sorted(self.students)}")
         if len(set(layers)) != len(layers):
             raise ValueError(f"layers swapped twice: {layers}")
-        return swap_layers(self.model, {layer: self.students[layer] for layer in layers})
+        originals = swap_layers(self.model, {layer: self.students[layer] for layer in layers})
+        try:
+            yield
+        finally:
+            restore_layers(self.model, originals)
+
+    @contextlib.contextmanager
+    def _hybrid(self, layers: Iterable[int]) -> Iterator[None]:
+        """The model in eval and inference mode with `layers` swapped; as it was after the block."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self._students_in(layers), torch.inference_mode():
+                yield
+        finally:
+            self.model.train(was_training)
 
     def _summarize(self, scores: Sequence[BatchScores]) -> EvalResult:
         return summarize(self.task, self.split, scores)
@@ -150,15 +169,8 @@ class _Evaluator:
     def evaluate_layers(self, layers: Iterable[int] = ()) -> EvalResult:
         """Full evaluation of the hybrid with `layers` swapped (the teacher when empty)."""
         start = time.perf_counter()
-        was_training = self.model.training
-        self.model.eval()
-        originals = self._swapped(layers)
-        try:
-            with torch.inference_mode():
-                scores = [score_logits(batch, model_logits(self.model, batch)) for batch in self.batches]
-        finally:
-            restore_layers(self.model, originals)
-            self.model.train(was_training)
+        with self._hybrid(layers):
+            scores = [score_logits(batch, model_logits(self.model, batch)) for batch in self.batches]
         self._count(self.num_layers, self.batches)
         self.cost.full_evaluations += 1
         self.cost.seconds += time.perf_counter() - start
@@ -183,27 +195,17 @@ class PlainEvaluator(_Evaluator):
     ) -> dict[int, CandidateScore]:
         self._check(committed, candidates)
         start = time.perf_counter()
-        was_training = self.model.training
-        self.model.eval()
-        originals = self._swapped(committed)
         results: dict[int, CandidateScore] = {}
-        try:
-            with torch.inference_mode():
-                for layer in sorted(candidates):
-                    swapped = self._swapped([layer])
-                    try:
-                        scores = [score_logits(batch, model_logits(self.model, batch)) for batch in self.batches]
-                    finally:
-                        restore_layers(self.model, swapped)
-                    self._count(self.num_layers, self.batches)
-                    self.cost.batch_evaluations += len(self.batches)
-                    self.cost.candidate_evaluations += 1
-                    self.cost.completed_evaluations += 1
-                    result = self._summarize(scores)
-                    results[layer] = CandidateScore(result.score, tuple(result.per_example))
-        finally:
-            restore_layers(self.model, originals)
-            self.model.train(was_training)
+        with self._hybrid(committed):
+            for layer in sorted(candidates):
+                with self._students_in([layer]):
+                    scores = [score_logits(batch, model_logits(self.model, batch)) for batch in self.batches]
+                self._count(self.num_layers, self.batches)
+                self.cost.batch_evaluations += len(self.batches)
+                self.cost.candidate_evaluations += 1
+                self.cost.completed_evaluations += 1
+                result = self._summarize(scores)
+                results[layer] = CandidateScore(result.score, tuple(result.per_example))
         self.cost.seconds += time.perf_counter() - start
         return results
 
@@ -321,22 +323,15 @@ class FastEvaluator(_Evaluator):
     ) -> dict[int, CandidateScore]:
         self._check(committed, candidates)
         start = time.perf_counter()
-        was_training = self.model.training
-        self.model.eval()
-        originals = self._swapped(committed)
         results: dict[int, CandidateScore] = {}
-        try:
-            with torch.inference_mode():
-                traces = self._traces_for(committed)
-                # 2. every candidate sees the first batch (it would before any bound can fire anyway);
-                #    its partial score orders the candidates when last round's scores are unknown
-                seen = {layer: self._continue(layer, traces, [], best=None, stop=1)[0] for layer in candidates}
-                best: tuple[float, int, int] | None = None  # (score, correct count, layer)
-                for layer in self._order(candidates, order_hint, seen):
-                    results[layer], best = self._finish(layer, traces, seen[layer], best)
-        finally:
-            restore_layers(self.model, originals)
-            self.model.train(was_training)
+        with self._hybrid(committed):
+            traces = self._traces_for(committed)
+            # 2. every candidate sees the first batch (it would before any bound can fire anyway);
+            #    its partial score orders the candidates when last round's scores are unknown
+            seen = {layer: self._continue(layer, traces, [], best=None, stop=1)[0] for layer in candidates}
+            best: tuple[float, int, int] | None = None  # (score, correct count, layer)
+            for layer in self._order(candidates, order_hint, seen):
+                results[layer], best = self._finish(layer, traces, seen[layer], best)
         self.cost.seconds += time.perf_counter() - start
         return {layer: results[layer] for layer in sorted(results)}
 
@@ -361,8 +356,7 @@ class FastEvaluator(_Evaluator):
             return seen, None
         if not seen:
             self.cost.candidate_evaluations += 1
-        swapped = self._swapped([layer])
-        try:
+        with self._students_in([layer]):
             for position in range(len(seen), stop):
                 index = self.batch_order[position]
                 logits, spent = layerwise.logits_from(self.model, traces[index], layer)
@@ -373,8 +367,6 @@ class FastEvaluator(_Evaluator):
                     bound = self._rejects(layer, seen, best)
                     if bound is not None:
                         return seen, bound
-        finally:
-            restore_layers(self.model, swapped)
         return seen, None
 
     def _finish(

@@ -20,7 +20,6 @@ temporary Prefect API that process and Dask workers need in embedded mode.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -146,7 +145,7 @@ def _steps(params: ConvertParams, run_id: str, layout: RunLayout, tracking: Trac
     evals = {"teacher": teacher_eval}
     for role, layers in roles.items():
         if role == "opt" and list(layers) == list(roles["best"]):  # one model, two names: export and score once
-            paths["opt"], evals["opt"] = _alias_folder(layout.hybrid("opt"), paths["best"]), evals["best"]
+            paths["opt"], evals["opt"] = str(layout.alias_hybrid("opt", paths["best"])), evals["best"]
             logger.info("M_opt = M_best (%d linear layers %s): %s links to it", len(layers), layers, paths["opt"])
             continue
         if layout.hybrid(role).is_symlink():  # an earlier run's alias: export a folder of its own instead
@@ -187,16 +186,6 @@ def _steps(params: ConvertParams, run_id: str, layout: RunLayout, tracking: Trac
                                               {role: paths[role] for role in roles}, card, descriptions)
     summary["seconds"] = time.perf_counter() - started
     return publish_summary_task(summary, str(layout.summary), tracking)
-
-
-def _alias_folder(link: Path, target: str) -> str:
-    """`link` becomes a relative symlink to the folder `target` (replacing what a resumed run left there)."""
-    if link.is_symlink() or link.is_file():
-        link.unlink()
-    elif link.is_dir():
-        shutil.rmtree(link)
-    link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
-    return str(link)
 
 
 def run_convert(params: ConvertParams) -> dict[str, Any]:

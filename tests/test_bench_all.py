@@ -8,7 +8,7 @@ import random
 import pytest
 
 from benchmarks import all as bench_all
-from benchmarks import distill_cost, recall
+from benchmarks import distill_cost, placements, recall
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -62,9 +62,14 @@ def test_recall_prompts_have_exact_length_and_the_needle():
 
 def test_recall_tiny_run(tmp_path, capsys):
     argv = ["--model", "tiny-llama", "--contexts", "160,300", "--samples", "2", "--k", "2", "--quick", "--threads",
-            "1", "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--json"]
+            "1", "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--distill-seq-len", "32",
+            "--json"]
     assert recall.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
+    assert "in sequences of 32," in result["hybrid"]["source"]
+    assert [p.name for p in (tmp_path / "work").iterdir()] == [f"tiny-llama-gated_deltanet-t"
+                                                               f"{placements.QUICK['distill_tokens']}-s32-n"
+                                                               f"{placements.QUICK['distill_steps']}"]
     assert (tmp_path / "out" / "recall_accuracy.png").read_bytes()[:8] == PNG
     assert result["hybrid"]["linear_layers"] == [1, 3] and result["hybrid"]["mixers"] == ["gated_deltanet"]
     for name in ("teacher", "hybrid"):
@@ -78,6 +83,8 @@ def test_recall_tiny_run(tmp_path, capsys):
     assert "Where dtr falls short" in report and result["commands"]["dtr"] in report
     with pytest.raises(ValueError, match="not both"):
         recall.settings_from_args(recall.build_parser().parse_args(["--k", "2", "--layers", "1,2"]))
+    with pytest.raises(ValueError, match="budget of students distilled here"):
+        recall.settings_from_args(recall.build_parser().parse_args(["--students", "x", "--distill-steps", "3"]))
 
 
 def _fake_outputs(root):

@@ -220,3 +220,19 @@ def test_registered_as_dtr_bench_inference(tmp_path):
     assert exit_info.value.code == 0
     with pytest.raises(ValueError, match="unknown mixer"):
         inference.main(["--mixer", "nope"])
+
+
+def test_bfloat16_run_keeps_exact_cache_accounting(tmp_path, capsys):
+    argv = TINY_ARGS + ["--fractions", "0.5,1", "--dtype", "bfloat16", "--out", str(tmp_path), "--json"]
+    assert inference.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["settings"]["dtype"] == "bfloat16" and result["profile"]["element_bytes"] == 2
+    rows = result["prefill"] + result["decode"]
+    assert rows and all(r["cache"]["exact"] for r in rows)
+    assert "(CPU, batch 1)" in (tmp_path / "inference.md").read_text()
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda needs a CUDA GPU"):
+        inference.main(TINY_ARGS + ["--device", "cuda"])

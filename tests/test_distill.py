@@ -219,9 +219,9 @@ def test_bad_input_writes_nothing(teacher, activations, tmp_path, change, error,
 
 
 def test_other_teacher_is_refused(activations, tmp_path):
-    from dtr_core.models import tiny_model
+    from dtr_core.models import random_model
 
-    stranger = tiny_model("tiny-llama", seed=7)
+    stranger = random_model("tiny-llama", seed=7)
     with pytest.raises(ValueError, match="differ from those the activations"):
         distill_layer(stranger, 1, activations, "gla", FAST, tmp_path / "students")
     assert not (tmp_path / "students").exists()

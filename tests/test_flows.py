@@ -199,7 +199,7 @@ def test_pyfunc_generates_for_language_modelling_tasks(conversion, tmp_path):
 def test_m_opt_equal_to_m_best_is_one_folder_and_one_registered_version(conversion, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from flows.convert import _alias_folder
+    from dtr_core.conversion import RunLayout
     from tasks.pyfunc_model import task_card
     from tasks.registry import register_task
     from tasks.runtime import task as build_task
@@ -207,8 +207,9 @@ def test_m_opt_equal_to_m_best_is_one_folder_and_one_registered_version(conversi
 
     params, summary = conversion
     best = summary["rows"][1]["path"]
-    (tmp_path / "opt").mkdir()  # what a resumed run may have left there is replaced
-    link = _alias_folder(tmp_path / "opt", best)
+    layout = RunLayout(tmp_path)
+    layout.hybrid("opt").mkdir(parents=True)  # what a resumed run may have left there is replaced
+    link = str(layout.alias_hybrid("opt", best))
     assert Path(link).is_symlink() and Path(link).resolve() == Path(best).resolve()
     assert (Path(link) / "config.json").is_file()
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 import dtr_core  # noqa: F401  registers the hybrid classes
 from dtr_core.hybrid import cache_bytes, layer_map, make_hybrid
 from dtr_core.mixers import MIXERS, build_student
-from dtr_core.models import tiny_model
+from dtr_core.models import random_model
 from dtr_core.surgery import attention_module, restore_layers, swap_layers
 
 FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"]
@@ -30,7 +30,7 @@ def perturbed(students):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_zero_swaps_reproduce_the_teacher_bit_for_bit(family):
-    model = tiny_model(family)
+    model = random_model(family)
     ids = torch.randint(0, 250, (2, 33))
     expected = model(ids).logits
     assert swap_layers(model, {}) == {}
@@ -41,7 +41,7 @@ def test_zero_swaps_reproduce_the_teacher_bit_for_bit(family):
 
 
 def test_swap_then_restore_is_exact():
-    model = tiny_model("tiny-llama")
+    model = random_model("tiny-llama")
     ids = torch.randint(0, 250, (1, 20))
     expected = model(ids).logits
     originals = swap_layers(model, perturbed(students_for(model, [1, 3])))
@@ -53,7 +53,7 @@ def test_swap_then_restore_is_exact():
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mixer", sorted(MIXERS))
 def test_save_load_round_trip_without_remote_code(tmp_path, family, mixer):
-    model = tiny_model(family)
+    model = random_model(family)
     students = perturbed(students_for(model, [0, 2], mixer))
     hybrid = make_hybrid(model, students)
     ids = torch.randint(0, 250, (2, 21))
@@ -71,7 +71,7 @@ def test_save_load_round_trip_without_remote_code(tmp_path, family, mixer):
 @pytest.mark.parametrize("mixer", sorted(MIXERS))
 @pytest.mark.parametrize("layers", [[1, 2], [0, 1, 2, 3]], ids=["half", "all-linear"])
 def test_cached_greedy_generation_equals_argmax_over_full_forwards(mixer, layers):
-    model = tiny_model("tiny-llama")
+    model = random_model("tiny-llama")
     hybrid = make_hybrid(model, perturbed(students_for(model, layers, mixer)))
     prompt = torch.randint(0, 250, (1, 12))
     generated = hybrid.generate(prompt, max_new_tokens=15, do_sample=False, min_new_tokens=15)
@@ -84,7 +84,7 @@ def test_cached_greedy_generation_equals_argmax_over_full_forwards(mixer, layers
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_cache_holds_exactly_full_layer_kv_plus_fixed_state(dtype):
-    model = tiny_model("tiny-llama", dtype=dtype)
+    model = random_model("tiny-llama", dtype=dtype)
     hybrid = make_hybrid(model, students_for(model, [1, 3], "jetblock"))
     out = hybrid(torch.randint(0, 250, (1, 50)), use_cache=True)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
@@ -107,6 +107,6 @@ def test_unsupported_architecture_names_supported_families():
 
 
 def test_layer_out_of_range_is_a_clear_error():
-    model = tiny_model("tiny-llama")
+    model = random_model("tiny-llama")
     with pytest.raises(ValueError, match="layer index 7 is out of range; this model has layers 0..3"):
         attention_module(model, 7)

@@ -9,7 +9,7 @@ from transformers import LlamaConfig
 
 from dtr_core.cache import HybridCache
 from dtr_core.mixers import MIXERS, MixerConfig, build_student, get_mixer_class
-from dtr_core.models import tiny_model
+from dtr_core.models import random_model
 
 MIXER_NAMES = sorted(MIXERS)
 
@@ -128,7 +128,7 @@ def test_jetblock_starts_as_its_gated_deltanet_twin():
 @pytest.mark.parametrize("name", MIXER_NAMES)
 @pytest.mark.parametrize("family", ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"])
 def test_students_drop_into_every_family(name, family):
-    model = tiny_model(family)
+    model = random_model(family)
     teacher = model.model.layers[0].self_attn
     student = build_student(name, model.config, 0, teacher_attention=teacher)
     if family == "tiny-qwen3":
