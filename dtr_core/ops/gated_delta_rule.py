@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dtr_core.ops.common import check_state, compute_dtype
+from dtr_core.ops.common import check_state, compute_dtype, over_segments, start_state
 
 SEGMENT_LENGTH = 512  # tokens per call of the chunked kernel on long sequences (state carried over)
 
@@ -72,18 +72,12 @@ def naive_recurrent_gated_delta_rule(
     Returns (o [B, T, H, Dv] in q's dtype, final_state [B, H, Dk, Dv] in compute dtype | None).
     """
     _check_inputs(q, k, v, g, beta)
-    batch, length, heads, key_dim = q.shape
     dtype = q.dtype
-    compute = compute_dtype(q.dtype, v.dtype)
-    scale = key_dim**-0.5 if scale is None else scale
-    if initial_state is None:
-        state = q.new_zeros(batch, heads, key_dim, v.shape[-1], dtype=compute)
-    else:
-        check_state(initial_state, q, v)
-        state = initial_state.to(compute)
-    q, k, v, g, beta = (x.to(compute) for x in (q, k, v, g, beta))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    state = start_state(q, v, initial_state)
+    q, k, v, g, beta = (x.to(state.dtype) for x in (q, k, v, g, beta))
     output = torch.zeros_like(v)  # (B, T, H, Dv)
-    for t in range(length):
+    for t in range(q.shape[1]):
         output[:, t], state = _step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state, scale)
     return output.to(dtype), state if output_final_state else None
 
@@ -199,24 +193,14 @@ def chunk_gated_delta_rule(
     Returns (o [B, T, H, Dv] in q's dtype, final_state [B, H, Dk, Dv] in compute dtype | None).
     """
     _check_inputs(q, k, v, g, beta)
-    if initial_state is not None:
-        check_state(initial_state, q, v)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive; got {chunk_size}")
-    batch, length, heads, key_dim = q.shape
     dtype = q.dtype
-    compute = compute_dtype(q.dtype, v.dtype)
-    scale = key_dim**-0.5 if scale is None else scale
-    if initial_state is None:
-        state = q.new_zeros(batch, heads, key_dim, v.shape[-1], dtype=compute)
-    else:
-        state = initial_state.to(compute)
-    q, k, v, g, beta = (x.to(compute) for x in (q, k, v, g, beta))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    state = start_state(q, v, initial_state)
+    inputs = [x.to(state.dtype) for x in (q, k, v, g, beta)]
     segment = max(1, SEGMENT_LENGTH // chunk_size) * chunk_size  # whole chunks: no padding mid-sequence
-    outputs = [v.new_zeros(batch, 0, heads, v.shape[-1])]  # T == 0 returns an empty output
-    for start in range(0, length, segment):
-        piece = (x[:, start : start + segment] for x in (q, k, v, g, beta))
-        output, state = _chunk_gated_delta_rule_segment(*piece, scale, state, chunk_size)
-        outputs.append(output)
-    output = torch.cat(outputs, dim=1) if len(outputs) > 2 else outputs[-1]
+    output, state = over_segments(
+        lambda pieces, state: _chunk_gated_delta_rule_segment(*pieces, scale, state, chunk_size),
+        inputs, state, segment)
     return output.to(dtype), state if output_final_state else None

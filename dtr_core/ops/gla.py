@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dtr_core.ops.common import check_state, compute_dtype
+from dtr_core.ops.common import check_state, compute_dtype, over_segments, start_state
 
 # Long sequences run in segments of this many tokens, the state carried over: the same result, but the
 # working set stays in cache (measured on 2 idle CPU cores at T = 32K: 512 tokens 0.26 s, 1024 0.28 s,
@@ -79,18 +79,12 @@ def naive_recurrent_gla(
     Returns (o [B, T, H, Dv] in q's dtype, final_state [B, H, Dk, Dv] in compute dtype | None).
     """
     _check_inputs(q, k, v, gk)
-    batch, length, heads, key_dim = q.shape
     dtype = q.dtype
-    compute = compute_dtype(q.dtype, v.dtype)
-    scale = key_dim**-0.5 if scale is None else scale
-    if initial_state is None:
-        state = q.new_zeros(batch, heads, key_dim, v.shape[-1], dtype=compute)
-    else:
-        check_state(initial_state, q, v)
-        state = initial_state.to(compute)
-    q, k, v, gk = (x.to(compute) for x in (q, k, v, gk))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    state = start_state(q, v, initial_state)
+    q, k, v, gk = (x.to(state.dtype) for x in (q, k, v, gk))
     output = torch.zeros_like(v)  # (B, T, H, Dv)
-    for t in range(length):
+    for t in range(q.shape[1]):
         output[:, t], state = _step(q[:, t], k[:, t], v[:, t], gk[:, t], state, scale)
     return output.to(dtype), state if output_final_state else None
 
@@ -218,22 +212,11 @@ def chunk_gla(
     _check_inputs(q, k, v, gk)
     if chunk_size < 1 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two; got {chunk_size}")
-    if initial_state is not None:
-        check_state(initial_state, q, v)
-    batch, length, heads, key_dim = q.shape
     dtype = q.dtype
-    compute = compute_dtype(q.dtype, v.dtype)
-    scale = key_dim**-0.5 if scale is None else scale
-    if initial_state is None:
-        state = q.new_zeros(batch, heads, key_dim, v.shape[-1], dtype=compute)
-    else:
-        state = initial_state.to(compute)
-    q, k, v, gk = (x.to(compute) for x in (q, k, v, gk))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    state = start_state(q, v, initial_state)
+    inputs = [x.to(state.dtype) for x in (q, k, v, gk)]
     segment = max(1, SEGMENT_LENGTH // chunk_size) * chunk_size  # whole chunks: no padding mid-sequence
-    outputs = [v.new_zeros(batch, 0, heads, v.shape[-1])]  # T == 0 returns an empty output
-    for start in range(0, length, segment):
-        piece = (x[:, start : start + segment] for x in (q, k, v, gk))
-        output, state = _chunk_gla_segment(*piece, scale, state, chunk_size)
-        outputs.append(output)
-    output = torch.cat(outputs, dim=1) if len(outputs) > 2 else outputs[-1]
+    output, state = over_segments(lambda pieces, state: _chunk_gla_segment(*pieces, scale, state, chunk_size),
+                                  inputs, state, segment)
     return output.to(dtype), state if output_final_state else None
