@@ -23,6 +23,7 @@ there. Logs: `runs/bench/logs/<name>.log`. Exit status 1 when any benchmark fail
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import json
 import os
 import re
@@ -198,7 +199,8 @@ def assemble(out_root: Path, doc: Path, records: dict[str, dict], argv: Sequence
         if record is not None:
             status = record["status"] + (" (quick)" if record.get("quick") else "")
             when = f"{record['seconds'] / 60:.1f} min"
-        elif report.is_file() and earlier is not None and earlier.get("status") in OK_STATUSES:
+        elif report.is_file() and earlier is not None and earlier.get("status") in OK_STATUSES \
+                and _written_by(earlier, report):
             status = f"earlier run: {earlier['status']}" + (" (quick)" if earlier.get("quick") else "")
             when = f"{earlier['seconds'] / 60:.1f} min"
         else:
@@ -218,6 +220,20 @@ def assemble(out_root: Path, doc: Path, records: dict[str, dict], argv: Sequence
     for bench in BENCHES:
         out.append(section(bench, out_root, doc, records.get(bench.name)))
     return "\n".join(out)
+
+
+def _written_by(record: dict, report: Path) -> bool:
+    """Whether `report` is still the output of the recorded run, not of a later direct run: it shows the
+    recorded command, and the date it states (`- date (UTC): ...`) falls within the recorded run."""
+    text = report.read_text()
+    if record.get("commands", {}).get("dtr", "") not in text:
+        return False
+    stated = re.search(r"^- date \(UTC\): (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", text, re.MULTILINE)
+    if stated is None or "started_utc" not in record:
+        return True
+    started = _dt.datetime.strptime(record["started_utc"], common.DATE_FORMAT)
+    offset = (_dt.datetime.strptime(stated.group(1), common.DATE_FORMAT) - started).total_seconds()
+    return 0 <= offset <= record.get("seconds", 0) + 60
 
 
 def record_and_assemble(out_root: Path, doc: Path, records: dict[str, dict], argv: Sequence[str]) -> str:

@@ -297,6 +297,9 @@ def _version(package: str) -> str | None:
         return None
 
 
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"  # `machine_info()["date_utc"]`, shown as "- date (UTC): ..." in reports
+
+
 def machine_info(packages: Sequence[str] = ("torch", "transformers", "numpy")) -> dict:
     """Where and with what a benchmark ran: CPU, cores, threads, memory, load, versions, git commit."""
     import torch
@@ -315,7 +318,7 @@ def machine_info(packages: Sequence[str] = ("torch", "transformers", "numpy")) -
     commit = _git("rev-parse", "--short", "HEAD")
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     return {
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime(DATE_FORMAT),
         "cpu_model": _cpu_model(),
         "logical_cores": os.cpu_count(),
         "usable_cores": usable,

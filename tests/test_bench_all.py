@@ -131,3 +131,14 @@ def test_runs_selected_benchmarks_and_records_failures(tmp_path):
     assert "**Not completed in this run** (`dtr bench recall --model tiny-llama --samples 0 --out " in text
     assert "): failed — ValueError: --samples must be >= 1, got 0. Log: `" in text
     assert (logs / "recall.log").is_file()
+
+
+def test_a_direct_run_after_a_recorded_one_is_not_credited_to_it(tmp_path):
+    record = {"commands": {"dtr": "dtr bench mixers --json"}, "started_utc": "2026-11-28 17:59:00", "seconds": 70}
+    report = tmp_path / "mixers.md"
+    report.write_text("- command: `dtr bench mixers --json`\n- date (UTC): 2026-11-28 17:59:50; platform x\n")
+    assert bench_all._written_by(record, report)
+    report.write_text("- command: `dtr bench mixers --json`\n- date (UTC): 2026-11-28 21:00:20; platform x\n")
+    assert not bench_all._written_by(record, report)  # the same command, run later by hand
+    report.write_text("- command: `dtr bench mixers --quick`\n- date (UTC): 2026-11-28 17:59:50; platform x\n")
+    assert not bench_all._written_by(record, report)
