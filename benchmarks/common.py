@@ -46,9 +46,13 @@ class Sample:
     cpu_s: float  # process CPU time (all threads) over the same interval
 
 
+def is_cuda(device: torch.device | str) -> bool:
+    return str(device).startswith("cuda")
+
+
 def synchronize(device: torch.device | str = "cpu") -> None:
     """Wait for the device's queued work (CUDA kernels run asynchronously); nothing to do on CPU."""
-    if str(device).startswith("cuda"):
+    if is_cuda(device):
         import torch
 
         torch.cuda.synchronize(device)
@@ -255,12 +259,12 @@ class PeakCudaMemory:
 
 def peak_memory(device: torch.device | str = "cpu") -> PeakRSS | PeakCudaMemory:
     """Peak memory of a block on `device`: resident memory on CPU, torch's CUDA allocations on a GPU."""
-    return PeakCudaMemory(device) if str(device).startswith("cuda") else PeakRSS()
+    return PeakCudaMemory(device) if is_cuda(device) else PeakRSS()
 
 
 def device_name(device: torch.device | str) -> str:
     """The GPU's name for a CUDA device, else "cpu"."""
-    if not str(device).startswith("cuda"):
+    if not is_cuda(device):
         return "cpu"
     import torch
 

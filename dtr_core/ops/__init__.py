@@ -16,7 +16,7 @@ Each recurrence comes in three forms that tests hold equal (outputs, gradients, 
 Modules:
 - `gla.py`: gated linear attention (Yang et al. 2024), per-key-dim decay `gk [B, T, H, Dk]`.
 - `gated_delta_rule.py`: Gated DeltaNet (Yang et al. 2025), scalar decay `g` and write strength `beta`.
-- `common.py`: the compute dtype and the state-shape check both recurrences use.
+- `common.py`: what both recurrences share: the compute dtype, the state check and start, the segment loop.
 - `dispatch.py`: `select_backend` and the `dispatch.gla` / `dispatch.gated_delta_rule` front doors (fla on
   CUDA, torch elsewhere). CPU code paths never import triton or fla. The front doors are not re-exported
   here: their names would shadow the `gla` / `gated_delta_rule` submodules.

@@ -146,14 +146,15 @@ def _chunk_gated_delta_rule_segment(
 
     q, k, v, g, beta = (to_chunks(x) for x in (q, k, v, g, beta))
     cumulative = g.cumsum(-1)  # (N, BH, C)
+    decay_from_start = cumulative.exp().unsqueeze(-1)  # exp(b), (N, BH, C, 1)
     decay = (cumulative.unsqueeze(-1) - cumulative.unsqueeze(-2)).tril().exp().tril()  # D, with 0 above
     k_beta = k * beta.unsqueeze(-1)
     system = (k_beta @ k.transpose(-1, -2)) * decay  # solve_triangular reads only its strictly lower part
     u = torch.linalg.solve_triangular(system, v * beta.unsqueeze(-1), upper=False, unitriangular=True)
-    w = torch.linalg.solve_triangular(system, k_beta * cumulative.exp().unsqueeze(-1), upper=False, unitriangular=True)
+    w = torch.linalg.solve_triangular(system, k_beta * decay_from_start, upper=False, unitriangular=True)
     q = q * scale
     intra = (q @ k.transpose(-1, -2)) * decay  # (N, BH, C, C)
-    q_decayed = q * cumulative.exp().unsqueeze(-1)
+    q_decayed = q * decay_from_start
     k_decayed_t = (k * (cumulative[..., -1:] - cumulative).exp().unsqueeze(-1)).transpose(-1, -2)  # (N, BH, Dk, C)
     chunk_decay = cumulative[..., -1].exp()[..., None, None]  # (N, BH, 1, 1)
     state = state.reshape(batch * heads, key_dim, value_dim)
@@ -183,10 +184,10 @@ def chunk_gated_delta_rule(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated delta rule in chunked parallel form (UT transform per chunk); equals the naive loop.
 
-    The same algorithm as fla's chunked kernel and transformers' `torch_chunk_gated_delta_rule`
-    (Qwen3-Next), which dtr wrapped before: this version runs the state products alone in the chunk loop and
-    batches the rest, and is about 1.25x faster at T = 32K on 2 CPU cores (`dtr bench mixers`). It computes in
-    float32, or float64 for float64 inputs. Sequences longer than `SEGMENT_LENGTH` run segment by segment,
+    The algorithm of fla's chunked kernel and of transformers' `torch_chunk_gated_delta_rule` (Qwen3-Next),
+    with only the state products in the chunk loop and the rest batched: about 1.25x faster than
+    transformers' form at T = 32K on 2 CPU cores (docs/BENCHMARKS_MIXERS.md). It computes in float32, or
+    float64 for float64 inputs. Sequences longer than `SEGMENT_LENGTH` run segment by segment,
     the state carried over (same result, better cache use).
 
     q, k: [B, T, H, Dk] (L2-normalised); v: [B, T, H, Dv]; g, beta: [B, T, H]; initial_state: [B, H, Dk, Dv].
