@@ -28,9 +28,9 @@ KV traffic). It is reported beside the ideal, as an explanation, never as the ta
 
 Prefill of T tokens (the logits of the last token only): compute-bound (each weight is reused T times), so
 the ideal ratio is the FLOPs ratio. Full layer: 2 P_attn T + 2 H D T (T + 1) (causal); linear layer in the
-chunked form (chunk C, `dtr_core.ops.gated_delta_rule.chunk_gated_delta_rule`): 2 P_lin T + H T (8 C D +
-6 D^2) (per chunk three C x C x D products, two unit-triangular solves with D right-hand sides that count as
-one more, and three C x D x D state products); the rest: 2 (P_rest - P_lm_head) T + 2 P_lm_head.
+chunked form (chunk C, `dtr_core.ops.gated_delta_rule.chunk_gated_delta_rule`): 2 P_lin T + H T (10 C D + C^2
++ 6 D^2) (per chunk five C x C x D products, one C x C unit-triangular inverse, three C x D x D state
+products); the rest: 2 (P_rest - P_lm_head) T + 2 P_lm_head.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from benchmarks.common import timed
+from dtr_core.ops.common import DEFAULT_CHUNK_SIZE
 
 FULL = "full"
 STEP_FLOPS_PER_HD2 = 7  # gated delta rule step: decay (1) + S^T k (2) + rank-1 update (2) + S^T q (2), per H D^2
@@ -104,7 +105,7 @@ def profile_model(teacher: PreTrainedModel, student: nn.Module) -> ModelProfile:
         linear_params=_params(student),
         linear_state_bytes=student.state_bytes(1, next(teacher.parameters()).dtype),
         mixer=student.name,
-        chunk_size=mixer_config.chunk_size if mixer_config is not None else 64,
+        chunk_size=mixer_config.chunk_size if mixer_config is not None else DEFAULT_CHUNK_SIZE,
         conv_size=conv_size,
     )
 
@@ -176,7 +177,7 @@ def prefill_cost(profile: ModelProfile, kinds: list[str], context: int) -> Cost:
             flops = 2.0 * p.full_attention_params * t + 2.0 * h * d * t * (t + 1)
             total += Cost(flops, float(p.full_attention_params * e + kv_bytes_per_layer(p, t)))
         else:
-            chunked = h * t * (8 * c * d + 6 * d * d) + 2 * h * d * p.conv_size * t
+            chunked = h * t * (10 * c * d + c * c + 6 * d * d) + 2 * h * d * p.conv_size * t
             total += Cost(2.0 * p.linear_params * t + chunked, float(p.linear_params * e + p.linear_state_bytes))
     return total
 

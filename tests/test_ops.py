@@ -16,9 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dtr_core.ops import dispatch
-from dtr_core.ops import gated_delta_rule as gdr_module
-from dtr_core.ops import gla as gla_module
+from dtr_core.ops import common, dispatch
 from dtr_core.ops.gated_delta_rule import (
     chunk_gated_delta_rule,
     naive_recurrent_gated_delta_rule,
@@ -89,7 +87,7 @@ def test_chunk_gla_matches_naive_outputs_grads_state(length, key_dim, value_dim,
 def test_chunk_gla_long_sequences_run_in_segments(monkeypatch):
     inputs = gla_inputs(130, 60, 64)
     expected = outputs_and_grads(naive_recurrent_gla, inputs)
-    monkeypatch.setattr(gla_module, "SEGMENT_LENGTH", 32)  # 130 tokens: five segments of two chunks
+    monkeypatch.setattr(common, "SEGMENT_LENGTH", 32)  # 130 tokens: five segments of two chunks
     actual = outputs_and_grads(chunk_gla, inputs, chunk_size=16)
     assert_all_close(actual, expected, F64, "segmented chunk_gla")
 
@@ -193,7 +191,7 @@ def test_chunk_gated_delta_rule_matches_naive_outputs_grads_state(length, key_di
 def test_chunk_gated_delta_rule_long_sequences_run_in_segments(monkeypatch):
     inputs = gdr_inputs(130, 60, 64)
     expected = outputs_and_grads(naive_recurrent_gated_delta_rule, inputs)
-    monkeypatch.setattr(gdr_module, "SEGMENT_LENGTH", 32)
+    monkeypatch.setattr(common, "SEGMENT_LENGTH", 32)
     actual = outputs_and_grads(chunk_gated_delta_rule, inputs, chunk_size=16)
     assert_all_close(actual, expected, F64, "segmented chunk_gated_delta_rule")
 

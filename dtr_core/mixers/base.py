@@ -34,6 +34,7 @@ from transformers import PretrainedConfig
 
 from dtr_core.cache import recurrent_layer
 from dtr_core.families import get_family
+from dtr_core.ops.common import DEFAULT_CHUNK_SIZE
 
 IMPLEMENTATIONS = ("chunk", "naive")
 
@@ -42,7 +43,7 @@ IMPLEMENTATIONS = ("chunk", "naive")
 class MixerConfig:
     use_rope: bool = True  # keep the teacher's rotary embedding on q/k (see module docstring)
     conv_size: int = 4  # JetBlock dynamic convolution width (Jet-Nemotron uses 4)
-    chunk_size: int = 64  # chunk length of the chunked parallel form
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # chunk length of the chunked parallel form (PyTorch backend)
     backend: str = "auto"  # "auto": fla kernels on CUDA when installed, else PyTorch; or "torch" / "fla"
 
     def __post_init__(self) -> None:

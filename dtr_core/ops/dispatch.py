@@ -23,6 +23,7 @@ import logging
 
 import torch
 
+from dtr_core.ops.common import DEFAULT_CHUNK_SIZE
 from dtr_core.ops.gated_delta_rule import chunk_gated_delta_rule
 from dtr_core.ops.gla import chunk_gla
 
@@ -79,7 +80,7 @@ def gla(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    chunk_size: int = 64,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked GLA on the selected backend. Shapes as `dtr_core.ops.gla.chunk_gla`."""
@@ -108,7 +109,7 @@ def gated_delta_rule(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    chunk_size: int = 64,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked gated delta rule on the selected backend. Shapes as `chunk_gated_delta_rule`."""

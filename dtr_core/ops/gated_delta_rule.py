@@ -22,9 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dtr_core.ops.common import check_state, compute_dtype, over_segments, start_state
-
-SEGMENT_LENGTH = 512  # tokens per call of the chunked kernel on long sequences (state carried over)
+from dtr_core.ops import common
+from dtr_core.ops.common import DEFAULT_CHUNK_SIZE, check_state, compute_dtype, over_segments, start_state
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> None:
@@ -138,38 +137,41 @@ def _chunk_gated_delta_rule_segment(
     pad = (-length) % chunk
     chunks = (length + pad) // chunk
 
-    def to_chunks(x: torch.Tensor) -> torch.Tensor:  # (B, T, H, ...) -> contiguous (N, B*H, C, ...)
+    def to_chunks(x: torch.Tensor) -> torch.Tensor:  # (B, T, H, ...) -> contiguous (B*H*N, C, ...)
+        x = x.transpose(1, 2)  # (B, H, T, ...)
         if pad:  # zero k, v, beta and g: padded tokens leave the state unchanged
-            x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, 0, 0, pad))
-        x = x.reshape(batch, chunks, chunk, heads, *x.shape[3:]).transpose(2, 3)  # (B, N, H, C, ...)
-        return x.transpose(0, 1).reshape(chunks, batch * heads, chunk, *x.shape[4:])
+            x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
+        return x.reshape(batch * heads * chunks, chunk, *x.shape[3:])
 
+    def per_chunk(x: torch.Tensor) -> torch.Tensor:  # (B*H*N, ...) -> (B*H, N, ...), a view
+        return x.unflatten(0, (batch * heads, chunks))
+
+    # 3-D (B*H*N, rows, cols) throughout: bmm reads transposed operands in place, 4-D matmul would copy them
     q, k, v, g, beta = (to_chunks(x) for x in (q, k, v, g, beta))
-    cumulative = g.cumsum(-1)  # (N, BH, C)
-    decay_from_start = cumulative.exp().unsqueeze(-1)  # exp(b), (N, BH, C, 1)
+    cumulative = g.cumsum(-1)  # (BHN, C)
+    decay_from_start = cumulative.exp().unsqueeze(-1)  # exp(b), (BHN, C, 1)
     decay = (cumulative.unsqueeze(-1) - cumulative.unsqueeze(-2)).tril().exp().tril()  # D, with 0 above
     k_beta = k * beta.unsqueeze(-1)
-    system = (k_beta @ k.transpose(-1, -2)) * decay  # solve_triangular reads only its strictly lower part
-    u = torch.linalg.solve_triangular(system, v * beta.unsqueeze(-1), upper=False, unitriangular=True)
-    w = torch.linalg.solve_triangular(system, k_beta * decay_from_start, upper=False, unitriangular=True)
+    system = torch.bmm(k_beta, k.mT) * decay  # solve_triangular reads only its strictly lower part
+    identity = torch.eye(chunk, dtype=q.dtype, device=q.device).expand_as(system)
+    inverse = torch.linalg.solve_triangular(system, identity, upper=False, unitriangular=True)  # (I + A)^-1
+    u = per_chunk(torch.bmm(inverse, v * beta.unsqueeze(-1)))
+    w = per_chunk(torch.bmm(inverse, k_beta * decay_from_start))
     q = q * scale
-    intra = (q @ k.transpose(-1, -2)) * decay  # (N, BH, C, C)
-    q_decayed = q * decay_from_start
-    k_decayed_t = (k * (cumulative[..., -1:] - cumulative).exp().unsqueeze(-1)).transpose(-1, -2)  # (N, BH, Dk, C)
-    chunk_decay = cumulative[..., -1].exp()[..., None, None]  # (N, BH, 1, 1)
+    intra = torch.bmm(q, k.mT) * decay  # (BHN, C, C)
+    k_decayed_t = per_chunk((k * (cumulative[:, -1:] - cumulative).exp().unsqueeze(-1)).mT)  # (BH, N, Dk, C)
+    chunk_decay = per_chunk(cumulative[:, -1].exp()[:, None, None])  # (BH, N, 1, 1)
     state = state.reshape(batch * heads, key_dim, value_dim)
     states_in, new_values = [], []  # the state entering each chunk, and each chunk's v_new
     for n in range(chunks):
         states_in.append(state)
-        new_value = u[n] - torch.bmm(w[n], state)
-        state = state * chunk_decay[n] + torch.bmm(k_decayed_t[n], new_value)
+        new_value = torch.baddbmm(u[:, n], w[:, n], state, alpha=-1)
+        state = torch.baddbmm(state * chunk_decay[:, n], k_decayed_t[:, n], new_value)
         new_values.append(new_value)
-    intra_output = intra.flatten(0, 1) @ torch.stack(new_values).flatten(0, 1)
-    output = torch.baddbmm(intra_output, q_decayed.flatten(0, 1), torch.stack(states_in).flatten(0, 1))
-    output = output.view(chunks, batch, heads, chunk, value_dim).permute(1, 0, 3, 2, 4)  # (B, N, C, H, Dv)
-    output = output.reshape(batch, chunks * chunk, heads, value_dim)[:, :length]
+    new_values, states_in = (torch.stack(x, dim=1).flatten(0, 1) for x in (new_values, states_in))
+    output = torch.baddbmm(torch.bmm(intra, new_values), q * decay_from_start, states_in)  # (BHN, C, Dv)
+    output = output.view(batch, heads, chunks * chunk, value_dim)[:, :, :length].transpose(1, 2)  # a view
     return output, state.view(batch, heads, key_dim, value_dim)
-
 
 def chunk_gated_delta_rule(
     q: torch.Tensor,
@@ -180,14 +182,14 @@ def chunk_gated_delta_rule(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    chunk_size: int = 64,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated delta rule in chunked parallel form (UT transform per chunk); equals the naive loop.
 
     The algorithm of fla's chunked kernel and of transformers' `torch_chunk_gated_delta_rule` (Qwen3-Next),
     with only the state products in the chunk loop and the rest batched: about 1.25x faster than
     transformers' form at T = 32K on 2 CPU cores (docs/BENCHMARKS_MIXERS.md). It computes in float32, or
-    float64 for float64 inputs. Sequences longer than `SEGMENT_LENGTH` run segment by segment,
+    float64 for float64 inputs. Sequences longer than `common.SEGMENT_LENGTH` run segment by segment,
     the state carried over (same result, better cache use).
 
     q, k: [B, T, H, Dk] (L2-normalised); v: [B, T, H, Dv]; g, beta: [B, T, H]; initial_state: [B, H, Dk, Dv].
@@ -200,7 +202,7 @@ def chunk_gated_delta_rule(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     state = start_state(q, v, initial_state)
     inputs = [x.to(state.dtype) for x in (q, k, v, g, beta)]
-    segment = max(1, SEGMENT_LENGTH // chunk_size) * chunk_size  # whole chunks: no padding mid-sequence
+    segment = max(1, common.SEGMENT_LENGTH // chunk_size) * chunk_size  # whole chunks: no padding mid-sequence
     output, state = over_segments(
         lambda pieces, state: _chunk_gated_delta_rule_segment(*pieces, scale, state, chunk_size),
         inputs, state, segment)

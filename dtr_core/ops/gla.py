@@ -27,7 +27,7 @@ so that block is `(q * exp(b - b_r)) @ (k * exp(b_r - b))^T`. Halving from the c
 q and k of one level are the previous level's times one block decay (a product of exps of sums of `gk`,
 all `<= 1`), and the top level yields `q * exp(b)` and `k * exp(b_last - b)` for the inter-chunk terms.
 Memory is linear in `T`: scores `[.., T/C, C, C]`, per-chunk states `[.., T/C, Dk, Dv]`; sequences over
-`SEGMENT_LENGTH` tokens run segment by segment with the state carried over.
+`common.SEGMENT_LENGTH` tokens run segment by segment with the state carried over.
 """
 
 from __future__ import annotations
@@ -35,12 +35,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dtr_core.ops.common import check_state, compute_dtype, over_segments, start_state
-
-# Long sequences run in segments of this many tokens, the state carried over: the same result, but the
-# working set stays in cache (measured on 2 idle CPU cores at T = 32K: 512 tokens 0.26 s, 1024 0.28 s,
-# 4096 0.41 s; see docs/BENCHMARKS_MIXERS.md).
-SEGMENT_LENGTH = 512
+from dtr_core.ops import common
+from dtr_core.ops.common import DEFAULT_CHUNK_SIZE, check_state, compute_dtype, over_segments, start_state
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor) -> None:
@@ -161,7 +157,13 @@ def _chunk_scores_and_decays(
 
 
 def _chunk_gla_segment(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor, scale: float, state: torch.Tensor, chunk: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gk: torch.Tensor,
+    scale: float,
+    state: torch.Tensor,
+    chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One segment in compute dtype: inputs (B, T, H, D), state (B, H, Dk, Dv) -> (o (B, T, H, Dv), state)."""
     batch, length, heads, key_dim = q.shape
@@ -178,7 +180,7 @@ def _chunk_gla_segment(
     q, k, v, gk = (to_chunks(x) for x in (q, k, v, gk))
     scores, q_decayed, k_decayed, chunk_decay = _chunk_scores_and_decays(q, k, gk)
     intra = scores @ v  # (B, H, N, C, Dv)
-    chunk_updates = k_decayed.transpose(-1, -2) @ v  # (B, H, N, Dk, Dv): what each chunk adds to the state
+    chunk_updates = torch.bmm(k_decayed.flatten(0, 2).mT, v.flatten(0, 2)).view(*q.shape[:3], key_dim, value_dim)
     chunk_decay = chunk_decay.transpose(-1, -2)  # (B, H, N, Dk, 1)
     states_in = []  # the state entering each chunk
     for n in range(q.shape[2]):
@@ -189,7 +191,7 @@ def _chunk_gla_segment(
     output = torch.baddbmm(
         intra.flatten(0, 2), q_decayed.flatten(0, 2), states_in.flatten(0, 2), beta=scale, alpha=scale
     )
-    output = output.view(batch, heads, -1, value_dim)[:, :, :length].transpose(1, 2)  # (B, T, H, Dv)
+    output = output.view(batch, heads, -1, value_dim)[:, :, :length].transpose(1, 2)  # (B, T, H, Dv), a view
     return output, state
 
 
@@ -201,13 +203,13 @@ def chunk_gla(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    chunk_size: int = 64,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """GLA in chunked parallel form (training and prefill); equals `naive_recurrent_gla`.
 
     q, k, gk: [B, T, H, Dk]; v: [B, T, H, Dv]; initial_state: [B, H, Dk, Dv]; chunk_size a power of two.
     Returns (o [B, T, H, Dv] in q's dtype, final_state [B, H, Dk, Dv] in compute dtype | None).
-    Sequences longer than `SEGMENT_LENGTH` run segment by segment, the state carried over.
+    Sequences longer than `common.SEGMENT_LENGTH` run segment by segment, the state carried over.
     """
     _check_inputs(q, k, v, gk)
     if chunk_size < 1 or chunk_size & (chunk_size - 1):
@@ -216,7 +218,8 @@ def chunk_gla(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     state = start_state(q, v, initial_state)
     inputs = [x.to(state.dtype) for x in (q, k, v, gk)]
-    segment = max(1, SEGMENT_LENGTH // chunk_size) * chunk_size  # whole chunks: no padding mid-sequence
-    output, state = over_segments(lambda pieces, state: _chunk_gla_segment(*pieces, scale, state, chunk_size),
-                                  inputs, state, segment)
+    segment = max(1, common.SEGMENT_LENGTH // chunk_size) * chunk_size  # whole chunks: no padding mid-sequence
+    output, state = over_segments(
+        lambda pieces, state: _chunk_gla_segment(*pieces, scale, state, chunk_size), inputs, state, segment
+    )
     return output.to(dtype), state if output_final_state else None
