@@ -132,7 +132,6 @@ def _chunk_scores_and_decays(
     """
     *lead, chunk, dim = q.shape
     block_decay = gk.exp()  # (..., C/s, Dk): total decay of each aligned s-block, here s = 1
-    block_log = gk
     q_ref = q * block_decay  # s = 1: q_i exp(b_i - b_{i-1})
     k_ref = k  # s = 1: k_j exp(b_j - b_j)
     scores = q.new_zeros(*lead, chunk, chunk)
@@ -142,16 +141,14 @@ def _chunk_scores_and_decays(
         pairs = chunk // (2 * size)
         q_h = q_ref.view(*lead, pairs, 2, size, dim)  # (..., P, 2 siblings, s, Dk)
         k_h = k_ref.view(*lead, pairs, 2, size, dim)
-        lower = q_h[..., 1, :, :] @ k_h[..., 0, :, :].transpose(-1, -2)  # (..., P, s, s)
+        lower = torch.bmm(q_h[..., 1, :, :].flatten(0, -3), k_h[..., 0, :, :].flatten(0, -3).mT)  # (.. P, s, s)
         target = scores.view(*lead, pairs, 2, size, pairs, 2, size)[..., :, 1, :, :, 0, :]  # (..., P, s, P, s)
-        torch.diagonal(target, dim1=-4, dim2=-2).copy_(lower.movedim(-3, -1))  # block p of rows, p of cols
+        torch.diagonal(target, dim1=-4, dim2=-2).copy_(lower.view(*lead, pairs, size, size).movedim(-3, -1))
         decay = block_decay.view(*lead, pairs, 2, 1, dim)
         q_ref = torch.cat([q_h[..., :1, :, :], q_h[..., 1:, :, :] * decay[..., :1, :, :]], dim=-3)
         k_ref = torch.cat([k_h[..., :1, :, :] * decay[..., 1:, :, :], k_h[..., 1:, :, :]], dim=-3)
         q_ref, k_ref = q_ref.view(*lead, chunk, dim), k_ref.view(*lead, chunk, dim)
-        siblings = block_log.view(*lead, pairs, 2, dim)
-        block_log = siblings[..., 0, :] + siblings[..., 1, :]  # (..., P, Dk): log decay of each 2s-block
-        block_decay = block_log.exp()
+        block_decay = decay[..., 0, 0, :] * decay[..., 1, 0, :]  # (..., P, Dk): decay of each 2s-block
         size *= 2
     return scores, q_ref, k_ref, block_decay  # at s = C: q exp(b), k exp(b_last - b), exp(b_last)
 
