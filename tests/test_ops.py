@@ -250,6 +250,27 @@ def test_gated_delta_rule_rejects_bad_shapes():
 # ---------------------------------------------------------------- dispatch
 
 
+@pytest.mark.parametrize("op", ["gla", "gated_delta_rule"])
+def test_empty_sequence_returns_no_tokens_and_the_initial_state(op):
+    inputs = (gla_inputs if op == "gla" else gdr_inputs)(0, 8, 6)
+    chunk, naive = (chunk_gla, naive_recurrent_gla) if op == "gla" else (
+        chunk_gated_delta_rule, naive_recurrent_gated_delta_rule)
+    for fn in (chunk, naive):
+        output, state = fn(**inputs, output_final_state=True)
+        assert output.shape == (BATCH, 0, HEADS, 6)
+        torch.testing.assert_close(state, inputs["initial_state"], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("op", ["gla", "gated_delta_rule"])
+def test_whole_segments_equal_the_oracle(op, monkeypatch):
+    inputs = (gla_inputs if op == "gla" else gdr_inputs)(96, 16, 8)  # three whole segments, no padding
+    chunk, naive = (chunk_gla, naive_recurrent_gla) if op == "gla" else (
+        chunk_gated_delta_rule, naive_recurrent_gated_delta_rule)
+    expected = outputs_and_grads(naive, inputs)
+    monkeypatch.setattr(common, "SEGMENT_LENGTH", 32)
+    assert_all_close(outputs_and_grads(chunk, inputs, chunk_size=16), expected, F64, f"segmented {op}")
+
+
 def test_select_backend_on_cpu():
     cpu = torch.device("cpu")
     assert dispatch.select_backend(cpu) == "torch"

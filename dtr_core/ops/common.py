@@ -49,6 +49,8 @@ def over_segments(
     the `[B, T, ...]` inputs (`inputs[2]` is v), the state carried over; returns (o [B, T, H, Dv], state).
     One piece's output is returned as it is; several are copied into one buffer."""
     batch, length, heads, value_dim = inputs[2].shape
+    if length == 0:
+        return inputs[2].new_zeros(batch, 0, heads, value_dim), state
     if length <= segment_length:
         return segment_fn(list(inputs), state)
     output = inputs[2].new_empty(batch, length, heads, value_dim)
