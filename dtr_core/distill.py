@@ -208,7 +208,7 @@ def distill_layer(
         raise ValueError(f"need at least 2 captured sequences (1 to train, 1 held out), got {n_seq}")
 
     key = hash_json({"format": DISTILL_FORMAT, "activations": manifest["content_hash"],
-                     "attention": attention_fp, "mixer": mixer_name, "mixer_config": mixer_config.to_dict(),
+                     "attention": attention_fp, "mixer": mixer_name, "mixer_config": mixer_config.defining_dict(),
                      "config": config.to_dict(), "layer": layer_idx})
     target_dir = layer_dir(out_dir, layer_idx)
     existing = _read_meta(target_dir)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from dtr_core.capture import capture_activations, open_layer_activations
 from dtr_core.distill import DistillConfig, LayerResult, distill_layer, load_students, read_layer_results
-from dtr_core.mixers import MIXERS
+from dtr_core.mixers import MIXERS, MixerConfig
 from dtr_core.surgery import attention_module, restore_layers, swap_layers
 
 N, T = 20, 32
@@ -158,6 +158,11 @@ def test_completed_layer_is_reused(teacher, activations, tmp_path):
                           progress=lambda *args: calls.append(args))
     assert again.reused and calls == [] and weights.stat().st_mtime_ns == stamp
     assert {**again.to_dict(), "reused": False} == first.to_dict()
+    # how the student is computed (chunk size, backend) is not what it computes: still reused
+    other_execution = MixerConfig(chunk_size=8, backend="torch")
+    assert distill_layer(teacher, 0, activations, "jetblock", FAST, tmp_path, mixer_config=other_execution).reused
+    assert not distill_layer(teacher, 0, activations, "jetblock", FAST, tmp_path,
+                             mixer_config=MixerConfig(use_rope=False)).reused
     # any change to what determines the result retrains and replaces the layer
     changed = distill_layer(teacher, 0, activations, "jetblock", DistillConfig(**{**FAST.to_dict(), "steps": 20}),
                             tmp_path)

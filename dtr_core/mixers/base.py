@@ -57,6 +57,11 @@ class MixerConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def defining_dict(self) -> dict:
+        """The fields that define the student's function: `chunk_size` and `backend` only choose how it is
+        computed (the same result up to rounding), so a trained student stays valid when they change."""
+        return {name: value for name, value in asdict(self).items() if name not in ("chunk_size", "backend")}
+
     @classmethod
     def from_dict(cls, values: dict | None) -> "MixerConfig":
         return cls(**(values or {}))
