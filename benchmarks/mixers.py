@@ -11,7 +11,8 @@ and, once per T, `torch.nn.functional.scaled_dot_product_attention`:
 
 Every number is measured (the naive loop too, at every T): one warm-up call (on a prefix for long
 sequences), then the median of up to `repeats` calls (at least 3; slow ones stop after ~20 s) with the
-min-max spread. `--clock cpu` times this process's CPU time instead of wall time: with `--threads 1` it
+min-max spread. The naive and chunked calls of one op and T alternate (naive, chunk, naive, chunk, ..),
+so both see the same machine and their ratio holds up when its speed drifts. `--clock cpu` times this process's CPU time instead of wall time: with `--threads 1` it
 stays meaningful when other jobs share the machine. `vs naive` and `vs SDPA` are speed-ups (reference time / this time)
 against the naive loop and against SDPA in the same unit: whole-sequence rows against `sdpa`, per-token
 rows against `sdpa_decode` and against the naive loop's time per token. The crossover is the smallest
@@ -80,19 +81,30 @@ _device = torch.device("cpu")
 MIN_REPEATS, REPEAT_BUDGET_S = 3, 20.0  # past 3 repeats, stop once a measurement has taken 20 s
 
 
-def _time_ms(fn: Callable[[], object], repeats: int, warmup: Callable[[], object] | None = None) -> list[float]:
-    """Times of `repeats` calls after one warm-up call (fewer, but at least 3, for slow calls)."""
-    (warmup or fn)()
-    times: list[float] = []
+def _time_interleaved(
+    fns: list[Callable[[], object]], repeats: int, warmups: list[Callable[[], object] | None]
+) -> list[list[float]]:
+    """Times in ms of `repeats` rounds of calls, each round calling every fn once in turn, after one warm-up
+    call each (fewer rounds, but at least 3, when they are slow). Interleaving lets the fns share whatever
+    the machine does meanwhile, so their ratios hold up when its speed drifts."""
+    for fn, warmup in zip(fns, warmups):
+        (warmup or fn)()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        common.synchronize(_device)
-        start = _clock()
-        fn()
-        common.synchronize(_device)
-        times.append((_clock() - start) * 1e3)
-        if len(times) >= MIN_REPEATS and sum(times) > REPEAT_BUDGET_S * 1e3:
+        for fn, fn_times in zip(fns, times):
+            common.synchronize(_device)
+            start = _clock()
+            fn()
+            common.synchronize(_device)
+            fn_times.append((_clock() - start) * 1e3)
+        if len(times[0]) >= MIN_REPEATS and sum(map(sum, times)) > REPEAT_BUDGET_S * 1e3 * len(fns):
             break
     return times
+
+
+def _time_ms(fn: Callable[[], object], repeats: int, warmup: Callable[[], object] | None = None) -> list[float]:
+    """Times in ms of `repeats` calls after one warm-up call (fewer, but at least 3, for slow calls)."""
+    return _time_interleaved([fn], repeats, [warmup])[0]
 
 
 def _inputs(op: str, length: int, heads: int, dim: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -130,15 +142,12 @@ def _measure_op(op: str, length: int, heads: int, dim: int, repeats: int) -> lis
     inputs = _inputs(op, length, heads, dim, torch.Generator().manual_seed(length))
     warm = _head(inputs, min(length, 256))  # warm the naive loop on a prefix: its cost is per token anyway
     warm_chunk = _head(inputs, min(length, WARMUP_MAX_LENGTH))
-    rows = [
-        _spread(op, "naive", length, "sequence",
-                _time_ms(lambda: NAIVE[op](**inputs), repeats, lambda: NAIVE[op](**warm))),
-        _spread(op, "chunk", length, "sequence",
-                _time_ms(lambda: CHUNK[op](**inputs), repeats, lambda: CHUNK[op](**warm_chunk))),
-    ]
+    impls = {"naive": (lambda: NAIVE[op](**inputs), lambda: NAIVE[op](**warm)),
+             "chunk": (lambda: CHUNK[op](**inputs), lambda: CHUNK[op](**warm_chunk))}
     if _device.type == "cuda":
-        rows.append(_spread(op, "fla", length, "sequence", _time_ms(lambda: FLA[op](**inputs, backend="fla"), repeats,
-                                                                   lambda: FLA[op](**warm_chunk, backend="fla"))))
+        impls["fla"] = (lambda: FLA[op](**inputs, backend="fla"), lambda: FLA[op](**warm_chunk, backend="fla"))
+    times = _time_interleaved([fn for fn, _ in impls.values()], repeats, [warmup for _, warmup in impls.values()])
+    rows = [_spread(op, impl, length, "sequence", impl_times) for impl, impl_times in zip(impls, times)]
     _, state = CHUNK[op](**inputs, output_final_state=True)  # decode from the state after `length` tokens
     steps = min(DECODE_STEPS, length)
     tokens = [_head(inputs, 1, start=t) for t in range(steps)]

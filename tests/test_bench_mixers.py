@@ -74,3 +74,14 @@ def test_cuda_device_without_a_gpu_is_one_clear_error(capsys):
         mixers.main(["--tiny", "--device", "cuda"])
     assert exit_info.value.code == 2
     assert "--device cuda needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_timed_calls_alternate_after_one_warm_up_each(monkeypatch):
+    calls = []
+    ticks = iter(range(1000))
+    monkeypatch.setattr(mixers, "_clock", lambda: next(ticks))  # every call takes one tick = 1000 ms
+    monkeypatch.setattr(mixers, "REPEAT_BUDGET_S", 3.5)  # past 3 rounds, stop once each fn took > 3.5 s
+    times = mixers._time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], 10,
+                                     [lambda: calls.append("warm a"), None])
+    assert calls == ["warm a", "b"] + ["a", "b"] * 4
+    assert times == [[1000.0] * 4, [1000.0] * 4]
