@@ -5,8 +5,8 @@ flash-linear-attention (`fla.ops`). Hugging Face attention is `[B, H, T, D]`; th
 
 Every op returns `(output [B, T, H, Dv], final_state [B, H, Dk, Dv] | None)`. Gates are in log space
 (`<= 0`), `scale` defaults to `Dk ** -0.5`, and an optional `initial_state [B, H, Dk, Dv]` continues a
-sequence. Math runs in float32 (float64 stays float64, except in `chunk_gated_delta_rule`, which is
-float32 throughout); outputs are cast back to the input dtype, states are returned in the compute dtype.
+sequence. Math runs in float32 (float64 inputs in float64); outputs are cast back to the input dtype, states
+are returned in the compute dtype.
 
 Each recurrence comes in three forms that tests hold equal (outputs, gradients, final state):
 - `naive_recurrent_*`: a per-token Python loop, the readable oracle;
@@ -16,7 +16,8 @@ Each recurrence comes in three forms that tests hold equal (outputs, gradients, 
 Modules:
 - `gla.py`: gated linear attention (Yang et al. 2024), per-key-dim decay `gk [B, T, H, Dk]`.
 - `gated_delta_rule.py`: Gated DeltaNet (Yang et al. 2025), scalar decay `g` and write strength `beta`.
-- `common.py`: what both recurrences share: the compute dtype, the state check and start, the segment loop.
+- `common.py`: what both recurrences share: the default chunk and segment lengths, the compute dtype, the
+  state check and start, the segment loop.
 - `dispatch.py`: `select_backend` and the `dispatch.gla` / `dispatch.gated_delta_rule` front doors (fla on
   CUDA, torch elsewhere). CPU code paths never import triton or fla. The front doors are not re-exported
   here: their names would shadow the `gla` / `gated_delta_rule` submodules.
