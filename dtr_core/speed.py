@@ -10,7 +10,8 @@ What is measured (batch 1 by default, `torch.inference_mode`, the model's own de
 
 A short warm-up forward runs first (allocator and kernel selection), and the median of `repeats`
 measurements is reported. Timings depend on what else runs on the machine: compare models measured
-in the same process, one after another (`speedup` does that), never numbers from different runs.
+in the same process with `measure_speeds`, which interleaves their repeats, never numbers from
+different runs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -27,7 +29,7 @@ from dtr_core.hybrid import cache_bytes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SpeedResult", "measure_speed", "speedup"]
+__all__ = ["SpeedResult", "measure_speed", "measure_speeds", "speedup"]
 
 WARMUP_TOKENS = 16  # enough to trigger every code path (prefill + one decode step) at negligible cost
 
@@ -81,23 +83,50 @@ def measure_speed(
     seed: int = 0,
 ) -> SpeedResult:
     """Prefill latency and decode rate of `model` at `context_len` (see the module docstring)."""
+    return measure_speeds({"model": model}, context_len, decode_tokens, batch_size, repeats, seed)["model"]
+
+
+def measure_speeds(
+    models: Mapping[str, PreTrainedModel],
+    context_len: int = 2048,
+    decode_tokens: int = 32,
+    batch_size: int = 1,
+    repeats: int = 1,
+    seed: int = 0,
+) -> dict[str, SpeedResult]:
+    """`measure_speed` of several models, {label: model} -> {label: result}, their repeats interleaved:
+    round r measures every model once, in order, so a drift in the machine's speed (other jobs, other
+    tenants) reaches all of them alike and their ratios hold up. Every model sees the same tokens."""
     if context_len < 1 or decode_tokens < 1 or batch_size < 1 or repeats < 1:
         raise ValueError(f"context_len, decode_tokens, batch_size and repeats must be >= 1, got "
                          f"{context_len}, {decode_tokens}, {batch_size}, {repeats}")
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and context_len + decode_tokens > limit:
-        raise ValueError(f"context_len + decode_tokens = {context_len + decode_tokens} exceeds the model's "
-                         f"max_position_embeddings ({limit}); use a shorter context")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    for label, model in models.items():
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and context_len + decode_tokens > limit:
+            raise ValueError(f"context_len + decode_tokens = {context_len + decode_tokens} exceeds {label}'s "
+                             f"max_position_embeddings ({limit}); use a shorter context")
+    was_training = {label: model.training for label, model in models.items()}
+    runs: dict[str, list[tuple[float, float]]] = {label: [] for label in models}
     try:
-        warmup = _random_tokens(model.config.vocab_size, min(WARMUP_TOKENS, context_len), batch_size, seed + 1)
-        _prefill_and_decode(model, warmup.to(device), 1)
-        tokens = _random_tokens(model.config.vocab_size, context_len, batch_size, seed).to(device)
-        runs = [_prefill_and_decode(model, tokens, decode_tokens) for _ in range(repeats)]
+        tokens = {}
+        for label, model in models.items():
+            model.eval()
+            device = next(model.parameters()).device
+            warmup = _random_tokens(model.config.vocab_size, min(WARMUP_TOKENS, context_len), batch_size, seed + 1)
+            _prefill_and_decode(model, warmup.to(device), 1)
+            tokens[label] = _random_tokens(model.config.vocab_size, context_len, batch_size, seed).to(device)
+        for _ in range(repeats):
+            for label, model in models.items():
+                runs[label].append(_prefill_and_decode(model, tokens[label], decode_tokens))
     finally:
-        model.train(was_training)
+        for label, model in models.items():
+            model.train(was_training[label])
+    return {label: _result(models[label], label_runs, context_len, decode_tokens, batch_size)
+            for label, label_runs in runs.items()}
+
+
+def _result(model: PreTrainedModel, runs: list[tuple[float, float]], context_len: int, decode_tokens: int,
+            batch_size: int) -> SpeedResult:
     prefill = statistics.median(r[0] for r in runs)
     decode = statistics.median(r[1] for r in runs)
     result = SpeedResult(

@@ -1,7 +1,8 @@
 """Sub-flow `benchmark`: prefill latency, decode rate and cache size of models at one context length.
 
-Models are measured one after another in the same process (timings of different runs do not compare);
-speedups are relative to the first model.
+Models are measured in one task, their repeats interleaved (round r measures every model once), so a drift
+in the machine's speed reaches all of them alike (timings of different runs do not compare); speedups are
+relative to the first model.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ def benchmark(
     labels = labels or list(models)
     if len(labels) != len(models):
         raise ValueError(f"{len(labels)} labels for {len(models)} models")
-    results = []
-    for model, label in zip(models, labels):
-        result = speed_task(model, label, speed.context_len, speed.decode_tokens, speed.repeats, serial_threads())
-        if results:
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"labels must be distinct, got {labels}")
+    results = speed_task(models, labels, speed.context_len, speed.decode_tokens, speed.repeats, serial_threads())
+    for result in results:
+        if result is not results[0]:
             result.update(speedup(results[0], result))
-        results.append(result)
-        logger.info("%s at %d tokens: prefill %.2fs, decode %.1f tok/s, cache %.1f MB", label, speed.context_len,
-                    result["prefill_seconds"], result["decode_tokens_per_second"], result["cache_bytes"] / 2**20)
+        logger.info("%s at %d tokens: prefill %.2fs, decode %.1f tok/s, cache %.1f MB", result["label"],
+                    speed.context_len, result["prefill_seconds"], result["decode_tokens_per_second"],
+                    result["cache_bytes"] / 2**20)
     return results

@@ -158,7 +158,7 @@ def _steps(params: ConvertParams, run_id: str, layout: RunLayout, tracking: Trac
         logger.info("M_%s: %d linear layers %s, validation %.4f, test %.4f", role, len(layers), layers,
                     evals[role]["validation"]["score"], evals[role]["test"]["score"])
 
-    # 5. speed at a long context, measured one after another in this process
+    # 5. speed at a long context, the models' repeats interleaved in this process
     distinct = ["teacher", "best"] + (["opt"] if not os.path.samefile(paths["opt"], paths["best"]) else [])
     measured = benchmark_flow(models=[paths[role] for role in distinct],
                               labels=["teacher" if role == "teacher" else f"M_{role}" for role in distinct],

@@ -34,3 +34,5 @@ def test_distill_replace_evaluate_benchmark_alone(tmp_path):
     speeds = benchmark(models=["tiny-llama", "tiny-llama"], labels=["a", "b"],
                        speed=SpeedParams(context_len=32, decode_tokens=2))
     assert [s["label"] for s in speeds] == ["a", "b"] and "decode_speedup" in speeds[1]
+    with pytest.raises(ValueError, match="distinct"):
+        benchmark(models=["tiny-llama", "tiny-llama"], labels=["a", "a"], speed=SpeedParams(context_len=32))

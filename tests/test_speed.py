@@ -7,7 +7,8 @@ import torch
 
 from dtr_core.hybrid import cache_bytes, make_hybrid
 from dtr_core.mixers import build_student
-from dtr_core.speed import SpeedResult, measure_speed, speedup
+from dtr_core import speed as speed_module
+from dtr_core.speed import SpeedResult, measure_speed, measure_speeds, speedup
 
 
 def _hybrid(teacher, layers):
@@ -50,3 +51,23 @@ def test_bad_arguments_raise(tiny_llama, kwargs):
     teacher, _ = tiny_llama
     with pytest.raises(ValueError):
         measure_speed(teacher, **{"context_len": 16, "decode_tokens": 2, **kwargs})
+
+
+def test_measure_speeds_interleaves_the_models_repeats(tiny_llama, monkeypatch):
+    teacher, _ = tiny_llama
+    hybrid = _hybrid(teacher, (1,))
+    calls = []
+    real = speed_module._prefill_and_decode
+
+    def recording(model, tokens, decode_tokens):
+        calls.append(("teacher" if model is teacher else "hybrid", tokens.shape[1], tokens.sum().item()))
+        return real(model, tokens, decode_tokens)
+
+    monkeypatch.setattr(speed_module, "_prefill_and_decode", recording)
+    results = measure_speeds({"teacher": teacher, "hybrid": hybrid}, context_len=24, decode_tokens=2, repeats=3)
+    warm = min(speed_module.WARMUP_TOKENS, 24)
+    assert [(who, length) for who, length, _ in calls] == (
+        [("teacher", warm), ("hybrid", warm)] + [("teacher", 24), ("hybrid", 24)] * 3)
+    assert len({checksum for _, length, checksum in calls if length == 24}) == 1  # the same prompt for both
+    assert list(results) == ["teacher", "hybrid"]
+    assert results["hybrid"].cache_bytes == cache_bytes(hybrid, 24) < results["teacher"].cache_bytes
