@@ -12,9 +12,9 @@ and, once per T, `torch.nn.functional.scaled_dot_product_attention`:
 Every number is measured (the naive loop too, at every T): one warm-up call (on a prefix for long
 sequences), then the median of up to `repeats` calls (at least 3; slow ones stop after ~20 s) with the
 min-max spread. The naive and chunked calls of one op and T alternate (naive, chunk, naive, chunk, ..),
-so both see the same machine and their ratio holds up when its speed drifts. `--clock cpu` times this process's CPU time instead of wall time: with `--threads 1` it
-stays meaningful when other jobs share the machine. `vs naive` and `vs SDPA` are speed-ups (reference time / this time)
-against the naive loop and against SDPA in the same unit: whole-sequence rows against `sdpa`, per-token
+so both see the same machine and their ratio holds up when its speed drifts. `--clock cpu` times this
+process's CPU time instead of wall time: with `--threads 1` it stays meaningful when other jobs share the
+machine. `vs naive` and `vs SDPA` are speed-ups (reference time / this time) against the naive loop and against SDPA in the same unit: whole-sequence rows against `sdpa`, per-token
 rows against `sdpa_decode` and against the naive loop's time per token. The crossover is the smallest
 measured T from which the chunked form beats SDPA prefill at every larger measured T.
 

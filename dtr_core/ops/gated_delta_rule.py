@@ -173,6 +173,7 @@ def _chunk_gated_delta_rule_segment(
     output = output.view(batch, heads, chunks * chunk, value_dim)[:, :, :length].transpose(1, 2)  # a view
     return output, state.view(batch, heads, key_dim, value_dim)
 
+
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -187,8 +188,8 @@ def chunk_gated_delta_rule(
     """Gated delta rule in chunked parallel form (UT transform per chunk); equals the naive loop.
 
     The algorithm of fla's chunked kernel and of transformers' `torch_chunk_gated_delta_rule` (Qwen3-Next),
-    with only the state products in the chunk loop and the rest batched: about 1.25x faster than
-    transformers' form at T = 32K on 2 CPU cores (docs/BENCHMARKS_MIXERS.md). It computes in float32, or
+    with only the state products in the chunk loop, one triangular inverse per chunk and the rest batched
+    (what that buys on CPU: docs/BENCHMARKS_MIXERS.md). It computes in float32, or
     float64 for float64 inputs. Sequences longer than `common.SEGMENT_LENGTH` run segment by segment,
     the state carried over (same result, better cache use).
 
