@@ -14,9 +14,10 @@ sequences), then the median of up to `repeats` calls (at least 3; slow ones stop
 min-max spread. The naive and chunked calls of one op and T alternate (naive, chunk, naive, chunk, ..),
 so both see the same machine and their ratio holds up when its speed drifts. `--clock cpu` times this
 process's CPU time instead of wall time: with `--threads 1` it stays meaningful when other jobs share the
-machine. `vs naive` and `vs SDPA` are speed-ups (reference time / this time) against the naive loop and against SDPA in the same unit: whole-sequence rows against `sdpa`, per-token
-rows against `sdpa_decode` and against the naive loop's time per token. The crossover is the smallest
-measured T from which the chunked form beats SDPA prefill at every larger measured T.
+machine. `vs naive` and `vs SDPA` are speed-ups (reference time / this time) against the naive loop and
+against SDPA in the same unit: whole-sequence rows against `sdpa`, per-token rows against `sdpa_decode` and
+against the naive loop's time per token. The crossover is the smallest measured T from which the chunked
+form beats SDPA prefill at every larger measured T.
 
 On a CUDA GPU (`--device cuda`) every tensor lives on the GPU, each timed call is bracketed by
 `torch.cuda.synchronize()`, T goes up to 64K, and an `fla` row per op times flash-linear-attention's Triton
