@@ -2,7 +2,8 @@
 
 Models are measured in one task, their repeats interleaved (round r measures every model once), so a drift
 in the machine's speed reaches all of them alike (timings of different runs do not compare); speedups are
-relative to the first model.
+relative to the first model. The models are all in memory at once (for `dtr convert`: the teacher, M_best
+and, when it differs, M_opt).
 """
 
 from __future__ import annotations
