@@ -34,9 +34,9 @@ def benchmark(
     if len(set(labels)) != len(labels):
         raise ValueError(f"labels must be distinct, got {labels}")
     results = speed_task(models, labels, speed.context_len, speed.decode_tokens, speed.repeats, serial_threads())
+    for result in results[1:]:
+        result.update(speedup(results[0], result))
     for result in results:
-        if result is not results[0]:
-            result.update(speedup(results[0], result))
         logger.info("%s at %d tokens: prefill %.2fs, decode %.1f tok/s, cache %.1f MB", result["label"],
                     speed.context_len, result["prefill_seconds"], result["decode_tokens_per_second"],
                     result["cache_bytes"] / 2**20)

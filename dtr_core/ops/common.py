@@ -43,11 +43,13 @@ def over_segments(
     segment_fn: Callable[[list[torch.Tensor], torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     inputs: Sequence[torch.Tensor],
     state: torch.Tensor,
-    segment_length: int,
+    chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run `segment_fn(pieces, state) -> (output, state)` over consecutive `segment_length`-token pieces of
-    the `[B, T, ...]` inputs (`inputs[2]` is v), the state carried over; returns (o [B, T, H, Dv], state).
-    One piece's output is returned as it is; several are copied into one buffer."""
+    """Run `segment_fn(pieces, state) -> (output, state)` over consecutive pieces of the `[B, T, ...]` inputs
+    (`inputs[2]` is v), each `SEGMENT_LENGTH` tokens rounded down to whole chunks (at least one, so no
+    padding mid-sequence), the state carried over; returns (o [B, T, H, Dv], state). One piece's output is
+    returned as it is; several are copied into one buffer."""
+    segment_length = max(1, SEGMENT_LENGTH // chunk_size) * chunk_size
     batch, length, heads, value_dim = inputs[2].shape
     if length == 0:
         return inputs[2].new_zeros(batch, 0, heads, value_dim), state

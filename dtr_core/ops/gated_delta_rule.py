@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dtr_core.ops import common
 from dtr_core.ops.common import DEFAULT_CHUNK_SIZE, check_state, compute_dtype, over_segments, start_state
 
 
@@ -190,7 +189,7 @@ def chunk_gated_delta_rule(
     The algorithm of fla's chunked kernel and of transformers' `torch_chunk_gated_delta_rule` (Qwen3-Next),
     with only the state products in the chunk loop, one triangular inverse per chunk and the rest batched
     (what that buys on CPU: docs/BENCHMARKS_MIXERS.md). It computes in float32, or
-    float64 for float64 inputs. Sequences longer than `common.SEGMENT_LENGTH` run segment by segment,
+    float64 for float64 inputs. Sequences longer than `ops.common.SEGMENT_LENGTH` run segment by segment,
     the state carried over (same result, better cache use).
 
     q, k: [B, T, H, Dk] (L2-normalised); v: [B, T, H, Dv]; g, beta: [B, T, H]; initial_state: [B, H, Dk, Dv].
@@ -203,8 +202,7 @@ def chunk_gated_delta_rule(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     state = start_state(q, v, initial_state)
     inputs = [x.to(state.dtype) for x in (q, k, v, g, beta)]
-    segment = max(1, common.SEGMENT_LENGTH // chunk_size) * chunk_size  # whole chunks: no padding mid-sequence
     output, state = over_segments(
         lambda pieces, state: _chunk_gated_delta_rule_segment(*pieces, scale, state, chunk_size),
-        inputs, state, segment)
+        inputs, state, chunk_size)
     return output.to(dtype), state if output_final_state else None

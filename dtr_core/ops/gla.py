@@ -27,7 +27,7 @@ so that block is `(q * exp(b - b_r)) @ (k * exp(b_r - b))^T`. Halving from the c
 q and k of one level are the previous level's times one block decay (a product of exps of sums of `gk`,
 all `<= 1`), and the top level yields `q * exp(b)` and `k * exp(b_last - b)` for the inter-chunk terms.
 Memory is linear in `T`: scores `[.., T/C, C, C]`, per-chunk states `[.., T/C, Dk, Dv]`; sequences over
-`common.SEGMENT_LENGTH` tokens run segment by segment with the state carried over.
+`ops.common.SEGMENT_LENGTH` tokens run segment by segment with the state carried over.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dtr_core.ops import common
 from dtr_core.ops.common import DEFAULT_CHUNK_SIZE, check_state, compute_dtype, over_segments, start_state
 
 
@@ -206,7 +205,7 @@ def chunk_gla(
 
     q, k, gk: [B, T, H, Dk]; v: [B, T, H, Dv]; initial_state: [B, H, Dk, Dv]; chunk_size a power of two.
     Returns (o [B, T, H, Dv] in q's dtype, final_state [B, H, Dk, Dv] in compute dtype | None).
-    Sequences longer than `common.SEGMENT_LENGTH` run segment by segment, the state carried over.
+    Sequences longer than `ops.common.SEGMENT_LENGTH` run segment by segment, the state carried over.
     """
     _check_inputs(q, k, v, gk)
     if chunk_size < 1 or chunk_size & (chunk_size - 1):
@@ -215,8 +214,7 @@ def chunk_gla(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     state = start_state(q, v, initial_state)
     inputs = [x.to(state.dtype) for x in (q, k, v, gk)]
-    segment = max(1, common.SEGMENT_LENGTH // chunk_size) * chunk_size  # whole chunks: no padding mid-sequence
     output, state = over_segments(
-        lambda pieces, state: _chunk_gla_segment(*pieces, scale, state, chunk_size), inputs, state, segment
+        lambda pieces, state: _chunk_gla_segment(*pieces, scale, state, chunk_size), inputs, state, chunk_size
     )
     return output.to(dtype), state if output_final_state else None
