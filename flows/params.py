@@ -3,19 +3,56 @@ dropdowns for `Literal`s) and bad values are rejected before any work.
 
 `ConvertParams` is everything a conversion depends on; `PROFILES` are named starting points (`default`:
 SmolLM2-135M on `sentiment` within ~20 minutes on 2 CPU cores; `smoke`: the same path on a tiny random
-model in well under two minutes, used by tests). `check_params` runs the checks pydantic cannot (is the
-model source there, does the task build, is the corpus readable) and raises `ValueError` with one line.
+model in well under two minutes, used by tests).
+
+Two stages of checks, both before any work and both writing nothing:
+- parse time (pydantic, microseconds): types and ranges, the run id (a plain folder name inside
+  `output_dir`), the registered model name (MLflow's own rules), `max_layers >= 1`;
+- `check_params` (seconds): everything that needs the file system or the network: the model source
+  (`dtr_core.preflight`), the task data, the corpus, the output folder and its free disk, the tracking store
+  and the Dask scheduler (`tasks.checks`). Each problem is a `ValueError` with one line.
 """
 
 from __future__ import annotations
 
+import posixpath
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MixerName = Literal["gated_deltanet", "gla", "jetblock"]  # = sorted(dtr_core.mixers.MIXERS) (tested)
 RunnerKind = Literal["threads", "processes", "dask"]
+
+# A run id names one folder inside output_dir: no separators, no "..", no leading dot or dash.
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+MODEL_NAME_MAX_LENGTH = 256  # the registry's name column (mlflow/store/model_registry/dbmodels/models.py)
+
+
+def check_registered_model_name(name: str) -> None:
+    """The rules of MLflow 3.17's model registry (`mlflow.utils.validation._validate_model_name` and the
+    file store's extra ones), without importing mlflow; a test compares the two. One-line ValueError."""
+    if not name.strip():
+        raise ValueError("a registered model name must not be empty")
+    bad = [c for c in "/:%" if c in name]
+    if bad:
+        raise ValueError(f"a registered model name cannot contain {', '.join(repr(c) for c in bad)}; got {name!r}")
+    norm = posixpath.normpath(name)
+    if norm != name or norm == "." or norm.startswith(".."):
+        raise ValueError(f"registered model name {name!r} would resolve to {norm!r} as a path; MLflow refuses it")
+    if len(name) > MODEL_NAME_MAX_LENGTH:
+        raise ValueError(f"a registered model name has at most {MODEL_NAME_MAX_LENGTH} characters, got {len(name)}")
+
+
+def run_folder(output_dir: str, run_id: str) -> Path:
+    """`output_dir/run_id`, resolved (symlinks followed); ValueError when it lies outside output_dir."""
+    root = Path(output_dir).expanduser().resolve()
+    folder = (root / run_id).resolve()
+    if folder.parent != root:
+        raise ValueError(f"run folder {root / run_id} resolves to {folder}, outside output_dir {root}; choose "
+                         "another --run-id")
+    return folder
 
 
 class _Params(BaseModel):
@@ -67,6 +104,10 @@ class DistillBudget(_Params):
     steps: int = Field(30, ge=1, description="Optimiser steps per layer")
     lr: float = Field(1e-3, gt=0, le=1.0, description="AdamW peak learning rate (warm-up 10% of steps, cosine decay)")
     batch_size: int = Field(4, ge=1, description="Sequences per optimiser step")
+    max_normalized_loss: float = Field(1.0, gt=0, allow_inf_nan=False, description="A student whose held-out "
+                                       "normalised loss (MSE / variance of the teacher's output; 1.0 = no better "
+                                       "than predicting the mean) is at or above this is marked failed and never "
+                                       "offered to the search")
 
     @model_validator(mode="after")
     def _two_sequences(self) -> DistillBudget:
@@ -80,7 +121,8 @@ class DistillBudget(_Params):
 
         return DistillConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, seed=seed,
                              warmup_steps=max(1, round(0.1 * self.steps)),  # the module's 10% warm-up
-                             log_every=max(1, min(10, self.steps // 10)))
+                             log_every=max(1, min(10, self.steps // 10)),
+                             max_normalized_loss=self.max_normalized_loss)
 
 
 class ToleranceParams(_Params):
@@ -139,6 +181,13 @@ class TrackingParams(_Params):
                                   "succeeds")
     model_name: str | None = Field(None, description="Registered model name; None: dtr-<model>-<task>")
 
+    @field_validator("model_name")
+    @classmethod
+    def _registry_name(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_registered_model_name(value)
+        return value
+
 
 class ConvertParams(_Params):
     """Everything a conversion depends on (the flow `convert` takes these fields as its parameters)."""
@@ -150,15 +199,29 @@ class ConvertParams(_Params):
     distill: DistillBudget = Field(default_factory=DistillBudget)
     tolerance: ToleranceParams = Field(default_factory=ToleranceParams)
     acceptance: AcceptanceParams = Field(default_factory=AcceptanceParams)
-    max_layers: int | None = Field(None, ge=0, description="Stop the search after this many linear layers "
+    max_layers: int | None = Field(None, ge=1, description="Stop the search after this many linear layers "
                                    "(None: until a round is rejected or every layer is linear)")
     seed: int = Field(0, ge=0, description="Seed of distillation and bootstrap")
     runner: RunnerParams = Field(default_factory=RunnerParams)
     speed: SpeedParams = Field(default_factory=SpeedParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
     output_dir: str = Field("runs", description="Where run folders go (runs/<run_id>/...)")
-    run_id: str | None = Field(None, description="Run folder name; None: derived from the parameters, so the "
-                               "same parameters resume the same run")
+    run_id: str | None = Field(None, description="Run folder name (letters, digits, '.', '_', '-'; at most 100); "
+                               "None: derived from the parameters, so the same parameters resume the same run")
+
+    @field_validator("run_id")
+    @classmethod
+    def _plain_folder_name(cls, value: str | None) -> str | None:
+        if value is not None and (not RUN_ID_PATTERN.fullmatch(value) or ".." in value):
+            raise ValueError("must be 1-100 letters, digits, '.', '_' or '-', start with a letter or digit and "
+                             "hold no '..' (it names one folder inside output_dir)")
+        return value
+
+    @model_validator(mode="after")
+    def _run_folder_inside_output_dir(self) -> ConvertParams:
+        if self.run_id is not None:
+            run_folder(self.output_dir, self.run_id)
+        return self
 
     def result_dict(self) -> dict[str, Any]:
         """The parameters that decide the result (what the run id hashes): not where or how it runs."""
@@ -193,7 +256,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
         "model": "tiny-llama",
         "task": {"name": "sentiment", "validation_limit": 24, "test_limit": 24},
-        "distill": {"tokens": 1024, "seq_len": 64, "steps": 8},
+        # a random 4-layer model: its students reach 1.2-3.0 at this budget (all mixers, seeds 0/1); 10 still
+        # catches lr-1.0 divergence (36-390 on it)
+        "distill": {"tokens": 1024, "seq_len": 64, "steps": 8, "max_normalized_loss": 10.0},
         "max_layers": None,
         "speed": {"context_len": 256, "decode_tokens": 8},
     },
@@ -232,34 +297,57 @@ def build_params(profile: str = "default", **overrides: Any) -> ConvertParams:
 
 
 def check_params(params: ConvertParams) -> None:
-    """Checks pydantic cannot do: model source, task data, corpus, runner address. One-line ValueError.
+    """Everything pydantic cannot check, before any work: one-line ValueError, nothing written, no MLflow run.
 
-    Cheap: nothing is loaded except the task's data (which the search needs anyway).
+    Cheapest first: runner and output folder, tracking store and Dask scheduler (a 3 s timeout each), the
+    model source (config, architecture, complete and finite weights, tokenizer: `dtr_core.preflight`), the
+    task data and its splits, the corpus, tolerance and acceptance, then the free disk for the run's estimate.
     """
-    from dtr_core.corpus import load_corpus
-    from dtr_core.models import BUILTIN_MODELS, resolve_source
+    from dtr_core import preflight
+    from dtr_core.conversion import RunLayout
+    from tasks.checks import check_dask_address, check_tracking_uri
+    from tasks.tracking import resolve_tracking_uri
 
-    if params.model not in BUILTIN_MODELS:
-        resolve_source(params.model)  # FileNotFoundError / ValueError naming the fix
-    task = params.task.build()
-    task.split("validation")
-    task.split("test")
-    if params.task.data_file is None and params.task.name not in _builtin_tasks() \
-            and not params.task.name.endswith(".json"):
-        raise ValueError(f"unknown task '{params.task.name}'")
-    if params.distill.corpus != "bbc" and not params.distill.corpus.startswith("hf:") \
-            and not Path(params.distill.corpus).expanduser().exists():
-        raise ValueError(f"distillation corpus {params.distill.corpus!r} does not exist; use 'bbc', a file or folder, "
-                         "or hf:<dataset>[:<config>]:<split>")
-    if params.distill.corpus != "bbc":
-        load_corpus(params.distill.corpus)
-    params.tolerance.build()
-    params.acceptance.build(params.seed)
     if params.runner.dask_address is not None and params.runner.kind != "dask":
         raise ValueError(f"runner.dask_address is set but runner.kind is '{params.runner.kind}'; use kind 'dask'")
-    from tasks.tracking import check_tracking_uri, resolve_tracking_uri
-
+    preflight.check_output_dir(params.output_dir)
     check_tracking_uri(resolve_tracking_uri(params.tracking.tracking_uri))
+    if params.runner.dask_address is not None:
+        check_dask_address(params.runner.dask_address)
+    facts = preflight.check_model_source(params.model)
+    run_dir = run_folder(params.output_dir, params.resolved_run_id())
+    RunLayout(run_dir).check_owned()
+    _check_task(params.task)
+    _check_corpus(params.distill.corpus)
+    params.tolerance.build()
+    params.acceptance.build(params.seed)
+    if params.tracking.register_models:
+        check_registered_model_name(params.registered_name())
+    needed = preflight.estimate_disk_bytes(params.distill.tokens, facts.num_layers, facts.hidden_size,
+                                           facts.num_params)
+    preflight.check_output_dir(params.output_dir, max(0, needed - preflight.folder_bytes(run_dir)))
+
+
+def _check_task(task: TaskParams) -> None:
+    if task.data_file is None and task.name not in _builtin_tasks() and not task.name.endswith(".json"):
+        raise ValueError(f"unknown task '{task.name}'; choose one of: {', '.join(sorted(_builtin_tasks()))}, "
+                         "a task spec .json file, or --data-file")
+    if task.data_file is None and task.name.endswith(".json") and not Path(task.name).expanduser().is_file():
+        raise ValueError(f"task spec {task.name} does not exist; pass an existing .json file or a built-in task")
+    built = task.build()  # a user task reads its data here: types, encoding, columns, labels
+    built.split("validation")  # the splits: enough rows for validation + test + 1 train
+    built.split("test")
+
+
+def _check_corpus(corpus: str) -> None:
+    from dtr_core.corpus import load_corpus
+
+    if corpus == "bbc":
+        return
+    if not corpus.startswith("hf:") and not Path(corpus).expanduser().exists():
+        raise ValueError(f"distillation corpus {corpus!r} does not exist; use 'bbc', a file or folder, "
+                         "or hf:<dataset>[:<config>]:<split>")
+    load_corpus(corpus)
 
 
 def _builtin_tasks() -> set[str]:

@@ -66,7 +66,7 @@ def test_split_is_deterministic_disjoint_and_stratified():
 
 def test_split_too_small_and_empty_splits_raise():
     examples = _examples(10, ("p", "n"))
-    with pytest.raises(ValueError, match="fewer than validation"):
+    with pytest.raises(ValueError, match=r"fewer than validation_size \(5\) \+ test_size \(5\) \+ 1 for training = 11"):
         stratified_split(examples, validation_size=5, test_size=5, seed=0)
     task = ClassificationTask(name="t", load=lambda: examples, validation_size=0, test_size=3,
                               verbalisers={"p": " p", "n": " n"})
@@ -266,8 +266,15 @@ def test_user_task_errors(tmp_path):
         TaskSpec(path=str(path), text_column="txt", verbalisers={"a": " a", "b": " b"}).build()
     with pytest.raises(ValueError, match=r"labels \['b'\] have no verbaliser"):
         TaskSpec(path=str(path), verbalisers={"a": " a", "c": " c"}, validation_size=5, test_size=5).build()
-    with pytest.raises(ValueError, match="has 30 examples, fewer than validation"):
+    with pytest.raises(ValueError, match="has 30 usable rows, fewer than validation_size"):
         TaskSpec(path=str(path), verbalisers={"a": " a", "b": " b"}).build()
+    with pytest.raises(ValueError, match=r"field 'verbalisers' must be an object label -> continuation"):
+        TaskSpec(path=str(path), verbalisers=[" a", " b"])
+    with pytest.raises(ValueError, match=r"field 'validation_size' must be an integer, got '5' \(str\)"):
+        TaskSpec(path=str(path), verbalisers={"a": " a", "b": " b"}, validation_size="5")
+    one_class = _write_rows(tmp_path, ".jsonl", [{"text": f"t{i}", "label": "a"} for i in range(30)])
+    with pytest.raises(ValueError, match=r"single label \('a'\)"):
+        TaskSpec(path=str(one_class), verbalisers={"a": " a", "b": " b"}, validation_size=5, test_size=5).build()
     with pytest.raises(ValueError, match="needs verbalisers"):
         TaskSpec(path=str(path))
     with pytest.raises(ValueError, match="template must contain"):

@@ -23,6 +23,9 @@ pytestmark = pytest.mark.usefixtures("fresh_runtime_cache")
     ({"task": {"validation_limit": 0}}, "task.validation_limit"),
     ({"acceptance": {"confidence": 1.5}}, "acceptance.confidence"),
     ({"max_layers": -1}, "max_layers"),
+    ({"max_layers": 0}, "max_layers"),
+    ({"run_id": "../../x"}, "run_id"),
+    ({"tracking": {"model_name": "team/model"}}, "tracking.model_name"),
     ({"unknown": 1}, "unknown"),
 ])
 def test_pydantic_rejects_with_one_line(tmp_path, overrides, message):

@@ -63,8 +63,9 @@ def stratified_split(
     needed = validation_size + test_size + 1
     if len(examples) < needed:
         raise ValueError(
-            f"task '{task_name}' has {len(examples)} examples, fewer than validation ({validation_size}) + "
-            f"test ({test_size}) + 1 train; lower validation_size / test_size or add data"
+            f"task '{task_name}' has {len(examples)} examples, fewer than validation_size ({validation_size}) + "
+            f"test_size ({test_size}) + 1 for training = {needed}; lower the task's validation_size / test_size "
+            "or add examples"
         )
     order = stratified_order(examples, seed)
     return {

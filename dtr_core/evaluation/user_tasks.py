@@ -8,15 +8,21 @@
 as strings (csv is read as text, other formats are cast with `str`). Rows with an empty text or label are
 dropped (logged). A `split_column` with values train / validation / test replaces the automatic split.
 A task spec file is a JSON object with the fields of `TaskSpec`; a relative `path` is read relative to it.
-Every problem is a one-line `ValueError` naming the fix.
+
+Every problem is a one-line `ValueError` naming the fix, raised when the spec is made or built (before any
+model work): a field of the wrong type (`"validation_size": "twenty"`: the field, the expected type and the
+value), verbalisers that are not an object label -> continuation, a data file that is not UTF-8 text, empty,
+missing a column (the columns it has are listed), with fewer than two distinct labels, or too small for
+`validation_size` + `test_size` + 1 training row.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from dtr_core.evaluation.tasks import ClassificationTask, Example, LanguageModelingTask, Task
@@ -24,6 +30,18 @@ from dtr_core.evaluation.tasks import ClassificationTask, Example, LanguageModel
 logger = logging.getLogger(__name__)
 
 TABLE_FORMATS = (".csv", ".jsonl", ".parquet")
+TEXT_FORMATS = (".csv", ".jsonl")  # read as text: must be UTF-8
+
+
+def check_utf8(path: Path) -> None:
+    """One-line ValueError naming the first byte that is not UTF-8 (line and offset)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{data[error.start]:02x} at line {line}, offset "
+                         f"{error.start}); re-save it as UTF-8") from None
 
 
 def read_table(path: str | Path, columns: list[str]) -> list[dict]:
@@ -37,14 +55,23 @@ def read_table(path: str | Path, columns: list[str]) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    elif suffix == ".jsonl":
-        frame = pd.read_json(path, lines=True, dtype=False)
-    elif suffix == ".parquet":
-        frame = pd.read_parquet(path)
-    else:
+    if suffix not in TABLE_FORMATS:
         raise ValueError(f"cannot read {path}: format '{suffix}' is not one of {', '.join(TABLE_FORMATS)}")
+    if path.stat().st_size == 0 or (suffix in TEXT_FORMATS and not path.read_bytes().strip()):
+        raise ValueError(f"data file {path} is empty; it needs a header row (or JSON objects) with the columns "
+                         f"{', '.join(repr(c) for c in columns)} and one row per example")
+    if suffix in TEXT_FORMATS:
+        check_utf8(path)
+    try:
+        if suffix == ".csv":
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+        elif suffix == ".jsonl":
+            frame = pd.read_json(path, lines=True, dtype=False, encoding="utf-8")
+        else:
+            frame = pd.read_parquet(path)
+    except (ValueError, pd.errors.ParserError, OSError) as error:  # EmptyDataError is a ValueError
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"cannot read {path} as {suffix[1:]} ({reason}); check the file's format") from None
     missing = [column for column in columns if column not in frame.columns]
     if missing:
         raise ValueError(f"{path} has no column {', '.join(repr(c) for c in missing)} (columns: "
@@ -53,9 +80,28 @@ def read_table(path: str | Path, columns: list[str]) -> list[dict]:
     return frame.to_dict(orient="records")
 
 
+_STR, _OPT_STR, _INT = "a string", "a string or null", "an integer"
+# field -> what it must be (the JSON spelling, for messages); verbalisers are checked on their own
+FIELD_TYPES: dict[str, str] = {
+    "path": _STR, "text_column": _STR, "label_column": _OPT_STR, "template": _STR, "name": _OPT_STR,
+    "split_column": _OPT_STR, "id_column": _OPT_STR, "validation_size": _INT, "test_size": _INT, "seed": _INT,
+    "num_shots": _INT, "instruction": _STR, "max_tokens": _INT,
+}
+_NON_NEGATIVE = ("validation_size", "test_size", "num_shots", "seed")
+
+
+def _type_ok(value: object, expected: str) -> bool:
+    if expected == _INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, str) or (expected == _OPT_STR and value is None)
+
+
 @dataclass(frozen=True)
 class TaskSpec:
-    """A task over a local file. `verbalisers` (label -> continuation) is required for classification."""
+    """A task over a local file. `verbalisers` (label -> continuation) is required for classification.
+
+    Field types are checked on construction (one-line ValueError naming the field, the type and the value).
+    """
 
     path: str
     text_column: str = "text"
@@ -71,31 +117,71 @@ class TaskSpec:
     num_shots: int = 0
     instruction: str = ""
     max_tokens: int = 512  # language modelling only
+    spec_file: str | None = field(default=None, compare=False, repr=False)  # the .json it came from (messages)
 
     def __post_init__(self) -> None:
-        if isinstance(self.verbalisers, Mapping):
-            object.__setattr__(self, "verbalisers", tuple((str(k), v) for k, v in self.verbalisers.items()))
+        if isinstance(self.path, os.PathLike):
+            object.__setattr__(self, "path", os.fspath(self.path))
+        where = f"task spec {self.spec_file}" if self.spec_file else f"task spec for {self.path}"
+        for name, expected in FIELD_TYPES.items():
+            value = getattr(self, name)
+            if not _type_ok(value, expected):
+                raise ValueError(f"{where}: field '{name}' must be {expected}, got {value!r} "
+                                 f"({type(value).__name__})")
+        for name in _NON_NEGATIVE:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{where}: field '{name}' must be >= 0, got {getattr(self, name)}")
+        object.__setattr__(self, "verbalisers", self._checked_verbalisers(where))
         if self.label_column is not None and not self.verbalisers:
-            raise ValueError(f"task spec for {self.path} needs verbalisers (label -> continuation), "
+            raise ValueError(f"{where} needs verbalisers (label -> continuation), "
                              f"e.g. {{\"pos\": \" positive\", \"neg\": \" negative\"}}; or label_column=None for perplexity")
+
+    def _checked_verbalisers(self, where: str) -> tuple[tuple[str, str], ...]:
+        example = "e.g. {\"pos\": \" positive\", \"neg\": \" negative\"}"
+        value = self.verbalisers
+        if isinstance(value, Mapping):
+            pairs = list(value.items())
+        elif isinstance(value, (tuple, list)) and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in value):
+            pairs = [tuple(p) for p in value]
+        else:
+            raise ValueError(f"{where}: field 'verbalisers' must be an object label -> continuation ({example}), "
+                             f"got {value!r} ({type(value).__name__})")
+        for label, continuation in pairs:
+            if not isinstance(continuation, str):
+                raise ValueError(f"{where}: verbaliser of label {label!r} must be a string continuation ({example}), "
+                                 f"got {continuation!r} ({type(continuation).__name__})")
+        return tuple((str(label), continuation) for label, continuation in pairs)
 
     @classmethod
     def from_json(cls, path: str | Path) -> TaskSpec:
         """A spec from a JSON object file; a relative `path` inside it is relative to the file."""
         path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"task spec {path} does not exist")
+        check_utf8(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
             raise ValueError(f"task spec {path} is not valid JSON ({error})") from None
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - {"spec_file"}
         if not isinstance(data, dict) or "path" not in data or set(data) - known:
             unknown = sorted(set(data) - known) if isinstance(data, dict) else []
             raise ValueError(f"task spec {path} must be a JSON object with 'path' and only the fields "
                              f"{', '.join(sorted(known))}" + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+        if not isinstance(data["path"], str):
+            raise ValueError(f"task spec {path}: field 'path' must be a string, got {data['path']!r} "
+                             f"({type(data['path']).__name__})")
         data_path = Path(data["path"]).expanduser()
         if not data_path.is_absolute():
             data_path = path.parent / data_path
-        return cls(**{**data, "path": str(data_path)})
+        return cls(**{**data, "path": str(data_path), "spec_file": str(path)})
+
+    def _fix_sizes(self) -> str:
+        """How to change the split sizes, in the user's terms (a spec file, or a spec made in code)."""
+        if self.spec_file:
+            return f"lower \"validation_size\" / \"test_size\" in {self.spec_file}"
+        return ("put the file in a task spec .json with smaller \"validation_size\" / \"test_size\" and pass it "
+                "as the task (--task spec.json)")
 
     def _examples(self, name: str) -> list[Example]:
         columns = [self.text_column] + [c for c in (self.label_column, self.split_column, self.id_column) if c]
@@ -121,6 +207,18 @@ class TaskSpec:
         """Read the file now and return the task (errors surface here, not mid-search)."""
         name = self.name or Path(self.path).stem
         examples = tuple(self._examples(name))
+        if self.label_column is not None:
+            labels = sorted({e.label for e in examples})
+            if len(labels) < 2:
+                raise ValueError(f"{self.path}: column '{self.label_column}' has a single label ({labels[0]!r}) in "
+                                 f"{len(examples)} rows; a classification task needs at least two labels (add rows "
+                                 "of the other labels, or set label_column to null for a perplexity task)")
+        if self.split_column is None:
+            needed = self.validation_size + self.test_size + 1
+            if len(examples) < needed:
+                raise ValueError(f"{self.path} has {len(examples)} usable rows, fewer than validation_size "
+                                 f"({self.validation_size}) + test_size ({self.test_size}) + 1 for training = {needed}; "
+                                 f"add rows or {self._fix_sizes()}")
         common = dict(name=name, load=lambda: examples, validation_size=self.validation_size,
                       test_size=self.test_size, seed=self.seed, description=f"user task from {self.path}")
         if self.label_column is None:
@@ -130,4 +228,10 @@ class TaskSpec:
                                       num_shots=self.num_shots, instruction=self.instruction)
         task.split("validation")  # splits now: missing labels, too little data, empty splits
         task.split("test")
+        if self.label_column is not None:
+            held_out = {e.label for e in task.split("validation")}
+            if len(held_out) < 2:
+                raise ValueError(f"{self.path}: the validation split holds a single label ({next(iter(held_out))!r}), "
+                                 "so it cannot tell hybrids apart; add rows of the other labels or a larger "
+                                 "\"validation_size\" in the task spec")
         return task
