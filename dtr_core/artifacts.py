@@ -1,9 +1,20 @@
-"""Artifact helpers: atomic writes, JSON files and content hashes.
+"""Artifact helpers: atomic writes, JSON files and content hashes, and the dtr folder marker.
 
 Every file a run leaves behind is written atomically (style point 9, as nanochat's
 `checkpoint_manager.py` does): data goes to a temporary name in the same folder, is flushed and
 fsynced, and is then moved into place with `os.replace`, so a crash never leaves a half-written
 file under its final name. Folders are built the same way (`atomic_dir`).
+
+dtr never replaces a folder it did not write. Every folder built by `atomic_dir` carries the marker
+file `.dtr-artifact` (JSON: `writer`, `kind`, `created` in UTC; `from_pretrained` ignores it), and
+`atomic_dir(path)` replaces an existing `path` only when it is a dtr artifact (`is_dtr_artifact`) or an
+empty folder; anything else raises `NotADtrArtifact` (a `FileExistsError`) naming the path and the fix,
+unless the caller passes `overwrite=True` (`dtr hybridize --overwrite`). Folders written before the
+marker existed are recognised by the completion file dtr always wrote last into them:
+`dtr_export.json` (exported hybrids, `runs/<id>/hybrids/<role>`), a `meta.json` or `manifest.json`
+holding both a `format` and a `key` field (students `runs/<id>/students/layer_007`, captures
+`runs/<id>/activations`), or a `config.json` whose `model_type` starts with `dtr_` (a hybrid saved by
+`dtr hybridize`). So resumed runs and re-runs into an earlier output keep working without `overwrite`.
 
 Hashes are hex sha256 digests. `hash_json` hashes a canonical JSON encoding (sorted keys, no
 whitespace), so equal configs give equal keys whatever the dict order.
@@ -19,10 +30,10 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
 
 _CHUNK = 1 << 20  # 1 MiB reads when hashing files
 
@@ -63,26 +74,95 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+MARKER = ".dtr-artifact"
+MARKER_WRITER = "dtr"
+# Completion files that dtr wrote last into its folders before the marker existed (see the docstring).
+_LEGACY_KEYED_FILES = ("meta.json", "manifest.json")
+_LEGACY_EXPORT_FILE = "dtr_export.json"
+
+
+class NotADtrArtifact(FileExistsError):
+    """`atomic_dir` was asked to replace a non-empty folder (or a file) that dtr did not write."""
+
+
+def _read_json_object(path: Path) -> dict[str, Any] | None:
+    try:
+        obj = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def is_dtr_artifact(path: str | os.PathLike) -> bool:
+    """True when the folder `path` was written by dtr: it has the marker, or a pre-marker completion file."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    if (path / MARKER).is_file() or (path / _LEGACY_EXPORT_FILE).is_file():
+        return True
+    for name in _LEGACY_KEYED_FILES:
+        obj = _read_json_object(path / name)
+        if obj is not None and "format" in obj and "key" in obj:
+            return True
+    config = _read_json_object(path / "config.json")
+    return config is not None and str(config.get("model_type", "")).startswith("dtr_")
+
+
+def check_replaceable(path: str | os.PathLike, overwrite: bool = False, option: str = "overwrite=True") -> None:
+    """Raise `NotADtrArtifact` unless `atomic_dir(path)` may replace `path`.
+
+    Allowed: `path` does not exist, is an empty folder, is a dtr artifact, or `overwrite` is set.
+    `option` names the caller's way to force it in the message (`--overwrite` for the CLI).
+    """
+    path = Path(path)
+    if overwrite or not (path.exists() or path.is_symlink()):
+        return
+    if path.is_dir():
+        if is_dtr_artifact(path) or not any(path.iterdir()):
+            return
+        what = "is a folder that dtr did not write"
+    else:
+        what = "is a file, not a folder dtr wrote"
+    raise NotADtrArtifact(f"{path} {what}; choose a new or empty folder, or pass {option} to replace it")
+
+
+def write_marker(folder: str | os.PathLike, kind: str | None = None) -> None:
+    """Mark `folder` as written by dtr (`atomic_dir` does it for every folder it builds); an existing marker
+    is kept, so it records when dtr first wrote the folder."""
+    if (Path(folder) / MARKER).is_file():
+        return
+    created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    write_json(Path(folder) / MARKER, {"writer": MARKER_WRITER, "kind": kind, "created": created})
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False, kind: str | None = None) -> Iterator[Path]:
     """Yield a fresh temporary folder next to `path`; on success it replaces `path` as a whole.
 
-    An existing `path` is moved aside first and deleted after the swap, so readers see either
-    the old complete folder or the new complete one (plus a short window with neither).
+    The folder gets the dtr marker (`kind` says what it holds, e.g. "hybrid"). An existing `path` must
+    be empty or a dtr artifact unless `overwrite` (checked before the block runs and again before the
+    swap; `NotADtrArtifact` otherwise). It is moved aside first and deleted after the swap, so readers see
+    either the old complete folder or the new complete one (plus a short window with neither).
     On failure the temporary folder is removed and `path` is left as it was.
     """
     path = Path(path)
+    check_replaceable(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        write_marker(tmp, kind)
+        check_replaceable(path, overwrite)  # the block may have run for minutes
         old = None
-        if path.exists():
+        if path.exists() or path.is_symlink():
             old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(path, old)
         os.replace(tmp, path)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_symlink() or not old.is_dir():
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -102,8 +182,10 @@ def hash_json(obj: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def hash_tensor(tensor: torch.Tensor) -> str:
+def hash_tensor(tensor: "torch.Tensor") -> str:
     """sha256 over dtype, shape and raw bytes of a tensor (moved to CPU, made contiguous)."""
+    import torch  # here, so the module loads without torch (the CLI's input checks use it)
+
     t = tensor.detach().to("cpu").contiguous()
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
     h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")

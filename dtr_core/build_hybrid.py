@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -21,18 +22,37 @@ from dtr_core.surgery import attention_module, check_layer_index
 logger = logging.getLogger(__name__)
 
 
+_LAYER_PART = re.compile(r"(\d+)(?:\s*-\s*(\d+))?")
+_LAYERS_EXAMPLE = "e.g. 3,7,12 or 0-4"
+# Far beyond any model's depth (the model's own range is checked in `build_hybrid`); it keeps a typo such as
+# 0-4000000000 from building a set of four billion indices.
+_MAX_LAYER_INDEX = 100_000
+
+
 def parse_layers(text: str) -> list[int]:
-    """'3,7,12' or '3-5,9' -> sorted unique layer indices."""
+    """'3,7,12' or '3-5,9' -> sorted unique layer indices (at least one).
+
+    Raises ValueError (one line, with the fix) for empty text, reversed ranges ('3-1'), negative
+    indices and anything else that is not a list of layer indices.
+    """
+    parts = [piece.strip() for piece in text.split(",")]
+    if not any(parts):
+        raise ValueError(f"--layers is empty; give the layers to make linear, {_LAYERS_EXAMPLE}")
     layers: set[int] = set()
-    try:
-        for part in filter(None, (piece.strip() for piece in text.split(","))):
-            if "-" in part:
-                start, end = (int(value) for value in part.split("-", 1))
-                layers.update(range(start, end + 1))
-            else:
-                layers.add(int(part))
-    except ValueError:
-        raise ValueError(f"--layers '{text}' is not a list of layer indices; write e.g. 3,7,12 or 0-4") from None
+    for part in filter(None, parts):
+        match = _LAYER_PART.fullmatch(part)
+        if match is None:
+            if part.startswith("-") and _LAYER_PART.fullmatch(part[1:]):
+                raise ValueError(f"--layers '{text}' has a negative index ({part}); layers count from 0, "
+                                 f"write {_LAYERS_EXAMPLE}")
+            raise ValueError(f"--layers '{text}' is not a list of layer indices; write {_LAYERS_EXAMPLE}")
+        start = int(match[1])
+        end = start if match[2] is None else int(match[2])
+        if end < start:
+            raise ValueError(f"--layers '{text}' has the reversed range {part}; write it as {end}-{start}")
+        if end > _MAX_LAYER_INDEX:
+            raise ValueError(f"--layers '{text}': layer {end} is beyond any model; {_LAYERS_EXAMPLE}")
+        layers.update(range(start, end + 1))
     return sorted(layers)
 
 
@@ -65,11 +85,16 @@ def build_hybrid(
 
 
 def save_hybrid(
-    hybrid: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | os.PathLike
+    hybrid: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | os.PathLike,
+    overwrite: bool = False,
 ) -> Path:
-    """`save_pretrained` (safetensors) of model and tokenizer into `out_dir`, atomically."""
+    """`save_pretrained` (safetensors) of model and tokenizer into `out_dir`, atomically.
+
+    An existing `out_dir` is replaced only if it is empty or a dtr artifact, or with `overwrite`
+    (`dtr_core.artifacts.atomic_dir`).
+    """
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as staging:
+    with atomic_dir(out_dir, overwrite=overwrite, kind="hybrid") as staging:
         hybrid.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)

@@ -3,9 +3,11 @@
     runs/<run_id>/hybrids/best/   config.json (model_type dtr_<family>, dtr_layer_mixers), model.safetensors,
                                   tokenizer files, dtr_export.json (what this hybrid is and where it came from)
 
-`dtr_export.json` is written inside the same atomically renamed folder, so a folder that has it is complete.
+`dtr_export.json` is written inside the same atomically renamed folder, so a folder that has it is complete;
+like every folder `atomic_dir` writes, it also carries the `.dtr-artifact` marker, and a non-dtr folder at
+`out_dir` is never replaced (`dtr_core.artifacts`).
 Its `key` hashes what determines the weights (teacher fingerprint, students' keys, layers, mixer): a folder
-with the same key is reused, not rewritten. Loading needs only `import dtr_core` and
+with the same key is reused, not rewritten. Loading needs only `import dtr_core.hybrid` and
 `AutoModelForCausalLM.from_pretrained(folder)` (or `dtr_core.models.load_model(folder)`).
 MLflow packaging of these folders lives in `tasks/` (dtr_core never imports MLflow).
 """
@@ -83,7 +85,7 @@ def export_hybrid(
         "parameters": sum(p.numel() for p in hybrid.parameters()),
         "metadata": metadata or {},
     }
-    with atomic_dir(out_dir) as staging:
+    with atomic_dir(out_dir, kind="hybrid-export") as staging:
         hybrid.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         write_json(staging / EXPORT_INFO, info)  # last: the completion marker

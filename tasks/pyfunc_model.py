@@ -42,7 +42,7 @@ class DtrHybridModel(mlflow.pyfunc.PythonModel):
     """pyfunc: classify with the task's verbalisers, or generate (see the module docstring)."""
 
     def load_context(self, context) -> None:
-        import dtr_core  # noqa: F401  registers the dtr hybrid classes with transformers
+        import dtr_core.hybrid  # noqa: F401  registers the dtr hybrid classes with transformers
         from dtr_core.models import load_model
 
         self.model, self.tokenizer = load_model(context.artifacts["hybrid"])

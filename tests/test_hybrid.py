@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-import dtr_core  # noqa: F401  registers the hybrid classes
+import dtr_core.hybrid  # noqa: F401  registers the hybrid classes
 from dtr_core.hybrid import cache_bytes, layer_map, make_hybrid
 from dtr_core.mixers import MIXERS, build_student
 from dtr_core.models import random_model

@@ -7,6 +7,10 @@
 Every flow parameter is an option (help texts are the parameters' own descriptions); options left out come
 from the profile. Parameters are validated before anything starts (one-line error, exit code 2). Prefect
 runs embedded unless PREFECT_API_URL is set; MLflow uses MLFLOW_TRACKING_URI or ./mlflow.db.
+
+Once the parameters pass, every log record (dtr's loggers at DEBUG, Prefect's and MLflow's at their own
+level, credentials masked) also goes to `runs/<run_id>/logs/convert-<UTC time>.log`; a runtime failure is
+one `error:` line that points to that file (`dtr/cli.py`), the traceback only there (or with --verbose).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import json
 import logging
 import os
 import signal
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -57,20 +63,31 @@ def _max_layers(value: str | None) -> Any:
 
 
 def _quiet_libraries(verbose: bool) -> None:
-    """Progress lines from the flow stay; per-task state lines and library progress bars go."""
+    """Progress lines from the flow stay; per-task state lines and library progress bars go.
+
+    dtr's own loggers and MLflow's are quieted on the console by `dtr.cli.attach_log_file`, which keeps
+    them whole in the run's log file.
+    """
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "WARNING")
-        for name in ("dtr_core", "tasks", "mlflow", "alembic", "httpx"):
+        for name in ("alembic", "httpx"):  # a line per migration step and per API request
             logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("urllib3").setLevel(logging.ERROR)  # a warning per retry when a server goes away
     import warnings
 
     warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+
+
+def log_file_path(params: Any) -> Path:
+    """`<output_dir>/<run_id>/logs/convert-<UTC time>.log`: this run's log (every attempt its own file)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return Path(params.output_dir).resolve() / params.resolved_run_id() / "logs" / f"convert-{stamp}.log"
 
 
 def _interrupt(signum, frame) -> None:
@@ -96,6 +113,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
              f"search: {summary['rounds']} rounds, stopped: {summary['stop_reason']}, P_min {summary['p_min']:.4f}; "
              f"wall time {summary['seconds'] / 60:.1f} min",
              f"run folder: {summary['run_dir']}"]
+    lines += [f"failed layer {failed['layer']} (never offered to the search): {failed['reason']}"
+              for failed in summary.get("failed_layers") or []]
     for row in summary["rows"][1:]:
         layers = ", ".join(map(str, row["linear_layers"])) or "none"
         lines.append(f"{row['model']}: {row['path']}  (linear layers: {layers})")
@@ -146,7 +165,8 @@ def convert_command(
     output_dir: str | None = typer.Option(None, "--output-dir", "-o", help=_help("output_dir")),
     run_id: str | None = typer.Option(None, "--run-id", help=_help("run_id")),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object at the end"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show per-task and library log lines"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show per-task and library log lines, "
+                                 "and a failure's traceback"),
 ) -> None:
     """Convert a pretrained transformer into a task-specific hybrid (Distill-then-Replace), end to end."""
     from flows.params import build_params
@@ -181,10 +201,15 @@ def convert_command(
 
     check_params(params)  # before Prefect or any model starts: one-line errors
     _quiet_libraries(verbose)
+    from dtr.cli import attach_log_file, start_work
+    from flows.convert import run_convert  # imports prefect and mlflow, which set up their logging on import
+
+    log_file = attach_log_file(log_file_path(params))  # only now: bad input writes nothing
+    start_work(log_file.parent.parent)
     typer.echo(f"dtr convert: {params.model} for '{params.task.label}' (profile {profile}, mixer {params.mixer}, "
                f"runner {params.runner.kind} x{params.runner.workers}) -> "
                f"{os.path.join(params.output_dir, params.resolved_run_id())}")
-    from flows.convert import run_convert
+    typer.echo(f"log: {log_file}")
 
     # SIGTERM ends the run like Ctrl-C: the flow is marked crashed, the MLflow run FAILED and the temporary
     # Prefect server stopped (the default action would leave it running). The run folder stays resumable.

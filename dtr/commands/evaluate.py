@@ -20,8 +20,10 @@ def eval_command(
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="sequences per forward pass"),
     as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
     per_example: bool = typer.Option(False, "--per-example", help="with --json: include per-example results"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="on failure, also print the traceback"),
 ) -> None:
     """Print a task metric for a model (label-likelihood accuracy, or perplexity)."""
+    from dtr.cli import start_work
     from dtr_core.evaluation import evaluate, get_task
     from dtr_core.models import load_model
 
@@ -31,6 +33,7 @@ def eval_command(
         raise ValueError(f"--limit must be >= 1, got {limit}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    start_work()
     loaded_model, tokenizer = load_model(model)
     result = evaluate(loaded_model, tokenizer, task_obj, split=split, limit=limit, batch_size=batch_size)
     if as_json:

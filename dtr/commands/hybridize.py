@@ -1,11 +1,30 @@
-"""`dtr hybridize`: build a hybrid from a model and a layer set and save it as a Hugging Face folder."""
+"""`dtr hybridize`: build a hybrid from a model and a layer set and save it as a Hugging Face folder.
+
+`--out` must be new, empty, or a folder dtr wrote (e.g. an earlier `dtr hybridize` output, which is
+replaced); any other folder is refused before the model loads, unless `--overwrite` says to replace it.
+"""
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+
+def _check_writable(out: Path) -> None:
+    """A PermissionError naming the folder now (exit 2), not after the model is built, if `out` cannot be made.
+
+    The folder is built next to `out` and renamed into place, so its parent (or the nearest existing
+    ancestor) must be writable.
+    """
+    folder = out.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(errno.EACCES, "Permission denied", str(folder))
 
 
 def hybridize(
@@ -16,20 +35,29 @@ def hybridize(
     students: Annotated[Optional[Path], typer.Option(help="Distillation output folder (runs/<id>/students); default: fresh students initialised from the teacher.")] = None,
     no_rope: Annotated[bool, typer.Option("--no-rope", help="Students without rotary position embedding (NoPE).")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own code from the hub (only if you trust it).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out even if it is a folder dtr did not write (its files are deleted).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="On failure, also print the traceback.")] = False,
 ) -> None:
     """Build a hybrid: the given layers become linear-attention students; save it."""
+    from dtr.cli import start_work
+    from dtr_core.artifacts import check_replaceable
     from dtr_core.build_hybrid import build_hybrid, parse_layers, save_hybrid
     from dtr_core.hybrid import cache_bytes, layer_map
     from dtr_core.mixers import MixerConfig, get_mixer_class
     from dtr_core.models import load_model
+    from transformers.utils import logging as hf_logging
 
     layer_list = parse_layers(layers)
     get_mixer_class(mixer)  # fail before loading a model
     if students is not None and not students.is_dir():
         raise FileNotFoundError(f"students folder {students} does not exist; pass the `students` folder of a run")
+    check_replaceable(out, overwrite, option="--overwrite")  # never a user's folder, unless asked
+    _check_writable(out)
+    start_work(out, option="--out")
+    hf_logging.disable_progress_bar()  # a bar per saved shard
     teacher, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
     hybrid = build_hybrid(teacher, layer_list, mixer, students, MixerConfig(use_rope=not no_rope))
-    save_hybrid(hybrid, tokenizer, out)
+    save_hybrid(hybrid, tokenizer, out, overwrite=overwrite)
     kinds = layer_map(hybrid)
     linear = sum(kind != "full" for kind in kinds)
     ratio = cache_bytes(hybrid, 32768) / cache_bytes(teacher, 32768)
