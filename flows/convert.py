@@ -13,6 +13,11 @@ It follows the numbered listing of `dtr_core/reference.py` (and chooses the same
 Resume: the run folder is named by a hash of the parameters that decide the result, so the same parameters
 land in the same folder; completed captures, layers, candidates, exports and evaluations are reused by
 content key. `summary.json` is written last: a folder without it is an unfinished run.
+One process per run folder: the flow holds `runs/<run_id>/.lock` (`dtr_core/run_lock.py`) from before its
+first write until it ends; a second conversion of the same run id stops at once with one line. The folder
+records its MLflow parent run (`mlflow_run.json`): a resumed run reattaches to it, and a finished run that
+is run again registers no new version (`tasks/tracking.py`, `tasks/registry.py`). Params, tags and the
+summary carry the tracking URI and Dask address with credentials masked.
 Runners: see `flows/runners.py`; call `run_convert(params)` (what `dtr convert` does) to get the shared
 temporary Prefect API that process and Dask workers need in embedded mode.
 """
@@ -28,8 +33,10 @@ from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dtr_core.artifacts import write_json
+from dtr_core.artifacts import write_json, write_marker
 from dtr_core.conversion import RunLayout
+from dtr_core.redaction import redact
+from dtr_core.run_lock import run_folder_lock
 from flows.benchmark import benchmark as benchmark_flow
 from flows.distill import distill as distill_flow
 from flows.params import (
@@ -52,12 +59,13 @@ from tasks.evaluate import evaluate_task
 from tasks.export import export_task
 from tasks.pyfunc_model import task_card
 from tasks.registry import register_task
-from tasks.report import plots_task, publish_summary_task, summary_rows
+from tasks.report import failed_layers, plots_task, publish_summary_task, summary_rows
 from tasks.runtime import serial_threads
 from tasks.runtime import task as build_task
 from tasks.tracking import Tracking, resolve_tracking_uri
 
 DEFAULTS = build_params("default")
+FAIL_MARK_SECONDS = 10.0  # marking the MLflow run FAILED after a failure waits at most this long
 
 
 @flow(name="convert", task_runner=ThreadPoolTaskRunner(max_workers=1), validate_parameters=True,
@@ -96,21 +104,32 @@ def _convert(params: ConvertParams) -> dict[str, Any]:
     started = time.perf_counter()
     run_id = params.resolved_run_id()
     layout = RunLayout(Path(params.output_dir).resolve() / run_id)
-    layout.summary.unlink(missing_ok=True)  # a re-run is unfinished until it finishes
-    write_json(layout.config, {**params.model_dump(mode="json"), "run_id": run_id})
-    tracking = Tracking.start_parent(
-        resolve_tracking_uri(params.tracking.tracking_uri), params.tracking.experiment, run_id,
-        params.model_dump(mode="json"),
-        tags={"dtr.model": params.model, "dtr.task": params.task.label, "dtr.mixer": params.mixer,
-              "dtr.run_dir": str(layout.root), "prefect.flow_run_id": str(FlowRunContext.get().flow_run.id)})
-    logger.info("run %s in %s; MLflow run %s", run_id, layout.root, tracking.parent_run_id)
-    try:
-        summary = _steps(params, run_id, layout, tracking, logger, started)
-    except BaseException:
-        tracking.finish("FAILED")
-        raise
-    tracking.finish("FINISHED")
-    return summary
+    with run_folder_lock(layout.root):  # one process per run folder, before anything is written there
+        write_marker(layout.root, kind="run")
+        layout.summary.unlink(missing_ok=True)  # a re-run is unfinished until it finishes
+        values = public_params(params)
+        write_json(layout.config, {**values, "run_id": run_id})
+        tracking = Tracking.start_parent(
+            resolve_tracking_uri(params.tracking.tracking_uri), params.tracking.experiment, run_id, values,
+            tags={"dtr.model": params.model, "dtr.task": params.task.label, "dtr.mixer": params.mixer,
+                  "dtr.run_dir": str(layout.root), "prefect.flow_run_id": str(FlowRunContext.get().flow_run.id)},
+            run_dir=layout.root)
+        logger.info("run %s in %s; MLflow run %s", run_id, layout.root, tracking.parent_run_id)
+        try:
+            summary = _steps(params, run_id, layout, tracking, logger, started)
+        except BaseException:
+            tracking.finish("FAILED", wait=FAIL_MARK_SECONDS)  # best effort: the store may be what failed
+            raise
+        tracking.finish("FINISHED")
+        return summary
+
+
+def public_params(params: ConvertParams) -> dict[str, Any]:
+    """The parameters as JSON, with credentials in the tracking URI and Dask address masked."""
+    values = params.model_dump(mode="json")
+    values["tracking"]["tracking_uri"] = redact(values["tracking"]["tracking_uri"])
+    values["runner"]["dask_address"] = redact(values["runner"]["dask_address"])
+    return values
 
 
 def _steps(params: ConvertParams, run_id: str, layout: RunLayout, tracking: Tracking, logger, started: float):
@@ -174,8 +193,9 @@ def _steps(params: ConvertParams, run_id: str, layout: RunLayout, tracking: Trac
         "p_min": trajectory["p_min"], "stop_reason": trajectory["stop_reason"], "speed": params.speed.model_dump(),
         "rounds": len(trajectory["rounds"]), "swap_order": trajectory["swap_order"],
         "rows": summary_rows(trajectory, evals, speeds, paths),
-        "mlflow": {"uri": tracking.uri, "experiment_id": tracking.experiment_id, "run_id": tracking.parent_run_id,
-                   "url": tracking.run_url()},
+        "failed_layers": failed_layers(layer_results),
+        "mlflow": {"uri": redact(tracking.uri), "experiment_id": tracking.experiment_id,
+                   "run_id": tracking.parent_run_id, "url": tracking.run_url()},
         "registered": None,
     }
     if params.tracking.register_models:

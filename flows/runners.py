@@ -43,9 +43,12 @@ def make_task_runner(runner: RunnerParams, dask_address: str | None = None):
 
 
 def local_cluster_kwargs(workers: int) -> dict:
-    """Every listener on loopback, no dashboard, one thread per worker process."""
+    """Every listener on loopback, no dashboard, one thread per worker process.
+
+    A Dask scheduler always opens an HTTP server (health, metrics), and `dashboard_address=None` puts it on
+    the dashboard's port 8787; here it gets a free loopback port and no dashboard pages (tested by connecting)."""
     return {"host": "127.0.0.1", "n_workers": workers, "threads_per_worker": 1, "processes": True,
-            "dashboard_address": None}
+            "dashboard_address": "127.0.0.1:0", "scheduler_kwargs": {"dashboard": False}}
 
 
 @contextlib.contextmanager

@@ -5,6 +5,11 @@ both aliases), with aliases `best` and `opt` pointing at them
 (`latest` and `v<digits>` are reserved by MLflow). This is the flow's last step: only a run that got here
 registers anything. Both models are logged before either is registered; if registering fails half way,
 the versions already created (and the registered model, if this run created it) are deleted again.
+
+Each version carries `dtr.weights_sha256`, a hash of the hybrid's `model*.safetensors` files. A hybrid whose
+hash already has a version under that name (a finished conversion run again, or the same weights from
+another run) is not logged or registered again: the aliases move to the existing version. After the aliases
+are set, every version's `dtr.role` tag lists exactly the aliases it holds (cleared when it holds none).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from tasks.tracking import Tracking, retry
 logger = logging.getLogger(__name__)
 
 ROLES = ("best", "opt")
+HASH_TAG = "dtr.weights_sha256"
 RESERVED_ALIASES = ("latest",)
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "tokenizers==0.23.3", "safetensors==0.8.0",
                     "pandas==3.1.1", "einops==0.8.2"]
@@ -47,58 +53,47 @@ def input_example(task_card: dict[str, Any]):
 def register_task(tracking: Tracking, model_name: str, hybrids: dict[str, str], card: dict[str, Any],
                   descriptions: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Log `hybrids` ({role: folder}) as pyfunc models and register them; returns {role: {version, uri}}."""
-    import mlflow
-    import mlflow.pyfunc
-
-    from dtr_core.artifacts import write_json
-    import tasks.pyfunc_model as pyfunc_module
-    from tasks.pyfunc_model import signature_for
-
     for role in hybrids:
         if role in RESERVED_ALIASES or (role.startswith("v") and role[1:].isdigit()):
             raise ValueError(f"alias '{role}' is reserved by MLflow")
-    mlflow.set_tracking_uri(tracking.uri)
-    mlflow.set_registry_uri(tracking.uri)
     client = tracking.client()
     roles_of: dict[str, list[str]] = {}  # folder -> its roles: M_opt = M_best is logged and registered once
     for role, folder in hybrids.items():
         roles_of.setdefault(os.path.realpath(folder), []).append(role)
-    logged: dict[str, tuple[str, str]] = {}  # folder -> (model uri, model id)
-    with tempfile.TemporaryDirectory(prefix="dtr-card-") as tmp:
-        card_path = os.path.join(tmp, "task.json")
-        write_json(card_path, card)
-        # The fluent API needs an active run; it is per thread, and this task's thread owns it until the end.
-        with mlflow.start_run(run_id=tracking.parent_run_id):
-            for folder, roles in roles_of.items():
-                info = mlflow.pyfunc.log_model(
-                    name="m_" + "_".join(roles),
-                    python_model=pyfunc_module.__file__,  # a model from code: nothing pickled
-                    artifacts={"hybrid": folder, "task": card_path},
-                    code_paths=_code_paths(),
-                    signature=signature_for(card["kind"]),
-                    input_example=input_example(card),
-                    pip_requirements=PIP_REQUIREMENTS,
-                )
-                logged[folder] = (info.model_uri, info.model_id)
+    hashes = {folder: weights_sha256(folder) for folder in roles_of}
+    existing = {folder: _version_with_hash(tracking, client, model_name, digest) for folder, digest in hashes.items()}
+    logged = _log_models(tracking, {folder: roles for folder, roles in roles_of.items() if existing[folder] is None},
+                         card)
     created: list[tuple[str, str]] = []
     new_model = not _exists(client, model_name)
     try:
         if new_model:
-            retry(lambda: client.create_registered_model(model_name, description="dtr hybrids: best = highest "
-                                                         "validation score, opt = most linear layers within tolerance"))
+            tracking._retry(lambda: client.create_registered_model(
+                model_name, description="dtr hybrids: best = highest validation score, opt = most linear layers "
+                "within tolerance"))
         results: dict[str, dict[str, Any]] = {}
-        for folder, (uri, model_id) in logged.items():
-            roles = roles_of[folder]
-            version = retry(lambda uri=uri, model_id=model_id, roles=roles: client.create_model_version(
-                model_name, uri, run_id=tracking.parent_run_id, description=descriptions.get(roles[0], ""),
-                tags={"dtr.role": ",".join(roles)}, model_id=model_id))
-            created.append((model_name, version.version))
+        for folder, roles in roles_of.items():
+            version = existing[folder]
+            if version is None:
+                uri, model_id = logged[folder]
+                version = tracking._retry(lambda uri=uri, model_id=model_id, roles=roles, folder=folder:
+                                          client.create_model_version(
+                                              model_name, uri, run_id=tracking.parent_run_id,
+                                              description=descriptions.get(roles[0], ""),
+                                              tags={"dtr.role": ",".join(roles), HASH_TAG: hashes[folder]},
+                                              model_id=model_id))
+                created.append((model_name, version.version))
+            else:
+                uri = version.source
+                logger.info("%s: version %s already holds these weights (%s); not registered again", model_name,
+                            version.version, hashes[folder][:12])
             for role in roles:
                 results[role] = {"version": version.version, "model_uri": uri,
                                  "registered_uri": f"models:/{model_name}@{role}"}
         for role, result in results.items():
-            retry(lambda role=role, result=result: client.set_registered_model_alias(model_name, role,
-                                                                                     result["version"]))
+            tracking._retry(lambda role=role, result=result: client.set_registered_model_alias(
+                model_name, role, result["version"]))
+        _sync_role_tags(tracking, client, model_name)
     except Exception:
         for name, version in created:
             try:
@@ -112,6 +107,70 @@ def register_task(tracking: Tracking, model_name: str, hybrids: dict[str, str], 
                 logger.warning("could not delete registered model %s after a failed registration", model_name)
         raise
     return results
+
+
+def weights_sha256(folder: str | os.PathLike) -> str:
+    """Content hash of a hybrid folder's weights: sha256 over its `model*.safetensors` files (names and bytes)."""
+    from dtr_core.artifacts import hash_json, sha256_file
+
+    files = sorted(Path(folder).glob("model*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder} holds no model*.safetensors file; is it an exported hybrid?")
+    return hash_json({path.name: sha256_file(path) for path in files})
+
+
+def _version_with_hash(tracking: Tracking, client, model_name: str, digest: str):
+    """The newest version of `model_name` tagged with weights hash `digest`, else None."""
+    found = tracking._retry(lambda: client.search_model_versions(
+        f"name = '{model_name}' and tags.`{HASH_TAG}` = '{digest}'"))
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def _log_models(tracking: Tracking, roles_of: dict[str, list[str]], card: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Log each folder as a pyfunc model on the parent run; returns {folder: (model uri, model id)}."""
+    if not roles_of:
+        return {}
+    import mlflow
+    import mlflow.pyfunc
+
+    from dtr_core.artifacts import write_json
+    import tasks.pyfunc_model as pyfunc_module
+    from tasks.pyfunc_model import signature_for
+
+    mlflow.set_tracking_uri(tracking.uri)
+    mlflow.set_registry_uri(tracking.uri)
+    logged: dict[str, tuple[str, str]] = {}
+    with tempfile.TemporaryDirectory(prefix="dtr-card-") as tmp:
+        card_path = os.path.join(tmp, "task.json")
+        write_json(card_path, card)
+        # The fluent API needs an active run; it is per thread, and this task's thread owns it until the end.
+        with mlflow.start_run(run_id=tracking.parent_run_id):
+            for folder, roles in roles_of.items():
+                info = retry(lambda folder=folder, roles=roles: mlflow.pyfunc.log_model(
+                    name="m_" + "_".join(roles),
+                    python_model=pyfunc_module.__file__,  # a model from code: nothing pickled
+                    artifacts={"hybrid": folder, "task": card_path},
+                    code_paths=_code_paths(),
+                    signature=signature_for(card["kind"]),
+                    input_example=input_example(card),
+                    pip_requirements=PIP_REQUIREMENTS,
+                ), attempts=1, uri=tracking.uri)  # not repeated: a second attempt would log a second model
+                logged[folder] = (info.model_uri, info.model_id)
+    return logged
+
+
+def _sync_role_tags(tracking: Tracking, client, model_name: str) -> None:
+    """Every version's `dtr.role` tag = the roles whose alias points at it; cleared where none does."""
+    aliases = tracking._retry(lambda: client.get_registered_model(model_name)).aliases
+    for version in tracking._retry(lambda: client.search_model_versions(f"name = '{model_name}'")):
+        roles = ",".join(role for role in ROLES if aliases.get(role) == version.version)
+        if version.tags.get("dtr.role", "") == roles:
+            continue
+        if roles:
+            tracking._retry(lambda v=version.version, roles=roles: client.set_model_version_tag(
+                model_name, v, "dtr.role", roles))
+        else:
+            tracking._retry(lambda v=version.version: client.delete_model_version_tag(model_name, v, "dtr.role"))
 
 
 def _exists(client, name: str) -> bool:

@@ -12,7 +12,8 @@ from typing import Any
 
 TINY = {
     "task": {"name": "sentiment", "validation_limit": 16, "test_limit": 16},
-    "distill": {"tokens": 512, "seq_len": 32, "steps": 4},
+    # 48 steps (~1 s a layer): every tiny-llama layer beats max_normalized_loss 1.0 (32 steps: layer 0 at 0.96)
+    "distill": {"tokens": 512, "seq_len": 32, "steps": 48},
     "speed": {"context_len": 64, "decode_tokens": 4},
 }
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from pipeline_support import mlflow_client, runs_by_kind, tiny_params
+from pipeline_support import TINY, mlflow_client, runs_by_kind, tiny_params
 
 pytestmark = pytest.mark.usefixtures("prefect_harness", "fresh_runtime_cache")
 
@@ -64,7 +64,7 @@ def test_mlflow_parent_child_runs_and_metrics(conversion):
     parent = client.get_run(summary["mlflow"]["run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.params["model"] == "tiny-llama"
-    assert parent.data.params["distill.steps"] == "4"
+    assert parent.data.params["distill.steps"] == str(TINY["distill"]["steps"])
     assert parent.data.params["task.name"] == "sentiment"
     metrics = parent.data.metrics
     for name in ("teacher_validation", "teacher_test", "best_validation", "best_test", "opt_validation", "opt_test",
@@ -78,7 +78,7 @@ def test_mlflow_parent_child_runs_and_metrics(conversion):
     distill_runs = children["distill"]
     assert sorted(int(r.data.params["layer"]) for r in distill_runs) == [0, 1, 2, 3]
     curve = client.get_metric_history(distill_runs[0].info.run_id, "train_loss")
-    assert len(curve) >= 2 and curve[-1].step == 4
+    assert len(curve) >= 2 and curve[-1].step == TINY["distill"]["steps"]
     assert all("normalized_loss" in r.data.metrics and "seconds" in r.data.metrics for r in distill_runs)
 
     trajectory = read_json(summary["run_dir"] + "/greedy/trajectory.json")
