@@ -19,13 +19,21 @@ Decisions the paper leaves open, taken here:
 - saved weights are those after the last step (no early stopping, which would need the held-out
   set during training);
 - a non-finite loss or gradient norm stops the layer: `meta.json` says `status: "failed"` with the
-  reason and no weights file is written, so a failure can never be loaded as a student.
+  reason and no weights file is written;
+- a student that trains to finite weights but whose held-out normalised loss is at or above
+  `DistillConfig.max_normalized_loss` (default 1.0: no better than predicting the mean) is failed too,
+  with a reason naming the loss and the threshold. Its weights are kept, so a later run with another
+  threshold re-judges it without training. `load_students` never loads a failed layer, so the search
+  never offers one.
 
 Artifacts (`out_dir/layer_007/`): `weights.safetensors` (student state dict) then `meta.json`
 (the completion marker), both inside one atomically renamed folder. `meta.json` carries `key`, a
-hash of everything that determines the result (activations content hash, the teacher attention's
-fingerprint, mixer, mixer config, DistillConfig, layer); a completed layer with the same key is
-returned without training.
+hash of everything that determines the trained weights (activations content hash, the teacher
+attention's fingerprint, mixer, mixer config, DistillConfig without the verdict threshold, layer) and
+`weights_sha256`. A completed layer with the same key whose weights still match that hash is returned
+without training, judged against the current threshold (`meta.json` is rewritten when the verdict
+changes). Weights that are missing, unreadable or changed on disk are not reused: the layer is trained
+again with a warning, and the same seed gives the same weights bit for bit.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ WEIGHTS = "weights.safetensors"
 META = "meta.json"
 
 ProgressCallback = Callable[[int, int, float], None]
+_VERDICT_FIELDS = ("max_normalized_loss",)  # DistillConfig fields that judge a student but do not train it
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,11 @@ class DistillConfig:
     log_every: int = 10  # loss-curve resolution in meta.json and progress callbacks
     eval_fraction: float = 0.1  # share of captured sequences held out (the last ones)
     max_eval_sequences: int = 16  # cap on held-out sequences: evaluation stays a few seconds
+    # A student whose held-out normalised loss is at or above this fails: at 1.0 it predicts the teacher's
+    # output no better than each channel's mean, so swapping it in can only hurt. The default convert's 30
+    # students measured 0.094-0.864 (docs/BENCHMARKS.md); a run at lr 1.0 gave 5.7-384,780, which a
+    # 40-example validation gain still committed. Judges the weights, never changes them: not in the key.
+    max_normalized_loss: float = 1.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -99,6 +113,9 @@ class DistillConfig:
             (self.log_every > 0, f"log_every must be > 0, got {self.log_every}"),
             (0 < self.eval_fraction < 1, f"eval_fraction must be in (0, 1), got {self.eval_fraction}"),
             (self.max_eval_sequences > 0, f"max_eval_sequences must be > 0, got {self.max_eval_sequences}"),
+            (math.isfinite(self.max_normalized_loss) and self.max_normalized_loss > 0,
+             f"max_normalized_loss must be a finite number > 0 (a large value disables the check), "
+             f"got {self.max_normalized_loss}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -106,6 +123,10 @@ class DistillConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def defining_dict(self) -> dict[str, Any]:
+        """The fields that decide the trained weights (the reuse key): all but the verdict threshold."""
+        return {name: value for name, value in asdict(self).items() if name not in _VERDICT_FIELDS}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> DistillConfig:
@@ -139,6 +160,7 @@ class LayerResult:
     final_loss: float | None = None  # held-out MSE after training
     initial_normalized_loss: float | None = None  # initial_loss / Var(teacher output), held out
     normalized_loss: float | None = None  # final_loss / Var(teacher output), held out
+    max_normalized_loss: float | None = None  # the threshold the status was judged against
     best_train_loss: float | None = None  # lowest training-batch MSE seen
     final_train_loss: float | None = None  # training-batch MSE of the last step
     steps: int = 0  # optimiser steps completed
@@ -209,15 +231,15 @@ def distill_layer(
 
     key = hash_json({"format": DISTILL_FORMAT, "activations": manifest["content_hash"],
                      "attention": attention_fp, "mixer": mixer_name, "mixer_config": mixer_config.defining_dict(),
-                     "config": config.to_dict(), "layer": layer_idx})
+                     "config": config.defining_dict(), "layer": layer_idx})
     target_dir = layer_dir(out_dir, layer_idx)
     existing = _read_meta(target_dir)
-    if existing is not None and existing.get("status") == "ok" and existing.get("key") == key \
-            and (target_dir / WEIGHTS).is_file():
-        logger.info("distill layer %d: reusing %s (key %s)", layer_idx, target_dir, key[:12])
-        result = LayerResult.from_dict(existing)
-        result.reused = True
-        return result
+    if existing is not None and existing.get("key") == key and existing.get("weights_sha256"):
+        problem = _weights_problem(target_dir, existing)
+        if problem is None:
+            logger.info("distill layer %d: reusing %s (key %s)", layer_idx, target_dir, key[:12])
+            return _rejudge(target_dir, existing, config)
+        logger.warning("distill layer %d: %s; distilling the layer again", layer_idx, problem)
 
     result, student, curve = _train(model, teacher_attention, layer_idx, activations_dir, mixer_name,
                                     mixer_config, config, n_eval, key, build_student, progress)
@@ -228,7 +250,7 @@ def distill_layer(
             "model_fingerprint": manifest["model_fingerprint"], "attention_fingerprint": attention_fp,
             "seq_len": seq_len, "eval_split": f"last {n_eval} of {n_seq} captured sequences"}
     with atomic_dir(target_dir) as tmp:
-        if result.ok:
+        if result.normalized_loss is not None:  # training finished with finite weights (kept even if judged failed)
             state = {name: t.detach().to("cpu").contiguous() for name, t in student.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS), metadata={"mixer": mixer_name, "layer": str(layer_idx)})
             meta["weights_sha256"] = sha256_file(tmp / WEIGHTS)
@@ -325,8 +347,51 @@ def _train(model, teacher_attention, layer_idx, activations_dir, mixer_name, mix
     if not math.isfinite(result.final_loss):
         return fail(f"non-finite held-out loss after training: {result.final_loss}")
     result.normalized_loss = result.final_loss / variance
+    _judge(result, config.max_normalized_loss)
     result.seconds = round(time.perf_counter() - started, 3)
     return result, student, curve
+
+
+def _judge(result: LayerResult, max_normalized_loss: float) -> None:
+    """Set the status of a trained student (finite `normalized_loss`) from its held-out normalised loss."""
+    result.max_normalized_loss = max_normalized_loss
+    if result.normalized_loss >= max_normalized_loss:
+        result.status = "failed"
+        result.reason = (f"held-out normalised loss {result.normalized_loss:.4g} is at or above max_normalized_loss "
+                         f"{max_normalized_loss} (1.0: no better than predicting the mean)")
+    else:
+        result.status, result.reason = "ok", None
+
+
+def _rejudge(directory: Path, meta: dict[str, Any], config: DistillConfig) -> LayerResult:
+    """A reused student judged against `config`'s threshold; `meta.json` is rewritten if the verdict changed."""
+    result = LayerResult.from_dict(meta)
+    before = (result.status, result.reason, result.max_normalized_loss)
+    _judge(result, config.max_normalized_loss)
+    if (result.status, result.reason, result.max_normalized_loss) != before:
+        if result.status != before[0]:
+            logger.warning("distill layer %d: reused student is now %s against max_normalized_loss %s "
+                           "(normalised loss %.4g)", result.layer, result.status, config.max_normalized_loss,
+                           result.normalized_loss)
+        write_json(directory / META, {**meta, "status": result.status, "reason": result.reason,
+                                      "max_normalized_loss": result.max_normalized_loss,
+                                      "config": config.to_dict()})
+    result.reused = True
+    return result
+
+
+def _weights_problem(directory: Path, meta: dict[str, Any]) -> str | None:
+    """Why the weights file of a completed layer cannot be trusted, or None if it matches its meta.json."""
+    path = directory / WEIGHTS
+    if not path.is_file():
+        return f"{path} is missing"
+    try:
+        digest = sha256_file(path)
+    except OSError as error:
+        return f"{path} cannot be read ({error})"
+    if digest != meta.get("weights_sha256"):
+        return f"{path} does not match the sha256 recorded in its meta.json (the file changed after it was written)"
+    return None
 
 
 @torch.no_grad()
@@ -383,16 +448,32 @@ def _expand(rope: tuple[torch.Tensor, torch.Tensor], batch: int) -> tuple[torch.
 
 
 def _read_meta(directory: Path) -> dict[str, Any] | None:
+    """The layer's meta.json, or None if there is none or it cannot be read (the layer is then trained again)."""
     path = directory / META
-    return read_json(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        meta = read_json(path)
+    except (OSError, ValueError) as error:
+        logger.warning("distill: %s cannot be read (%s); the layer is distilled again", path, error)
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def read_layer_results(students_dir: str | os.PathLike) -> dict[int, LayerResult]:
-    """Results of every completed layer folder (ok or failed) under `students_dir`, by layer."""
+    """Results of every completed layer folder (ok or failed) under `students_dir`, by layer.
+
+    A meta.json that cannot be read raises ValueError naming it and the fix (`distill_layer` rewrites it).
+    """
     results: dict[int, LayerResult] = {}
     for meta_path in sorted(Path(students_dir).glob("layer_*/" + META)):
-        meta = read_json(meta_path)
-        results[int(meta["layer"])] = LayerResult.from_dict(meta)
+        try:
+            meta = read_json(meta_path)
+            result = LayerResult.from_dict(meta)
+        except (OSError, ValueError, TypeError, AttributeError) as error:
+            raise ValueError(f"{meta_path} cannot be read ({error}): run the same conversion again (same options) "
+                             f"to distil that layer again") from None
+        results[result.layer] = result
     return results
 
 
@@ -406,7 +487,9 @@ def load_students(
 
     `layers` restricts to those layers (missing or failed ones are skipped with a warning);
     `mixer_name`, if given, must match what each layer was distilled with (else ValueError).
-    Students get the model's device and dtype, in eval mode.
+    A weights file that is missing, unreadable or does not match the sha256 in its meta.json is never
+    loaded: ValueError naming the file and the fix (run the same conversion again: `distill_layer`
+    trains such a layer again). Students get the model's device and dtype, in eval mode.
     """
     from dtr_core.mixers import MixerConfig, build_student
 
@@ -426,8 +509,10 @@ def load_students(
         directory = layer_dir(students_dir, layer_idx)
         meta = read_json(directory / META)
         weights_path = directory / WEIGHTS
-        if sha256_file(weights_path) != meta["weights_sha256"]:
-            raise ValueError(f"{weights_path} does not match the hash recorded in its meta.json")
+        problem = _weights_problem(directory, meta)
+        if problem is not None:
+            raise ValueError(f"layer {layer_idx}'s student cannot be loaded: {problem}; run the same conversion "
+                             f"again (same options): it distils layer {layer_idx} again and replaces the file")
         student = build_student(result.mixer, model.config, layer_idx, MixerConfig.from_dict(meta["mixer_config"]))
         student.load_state_dict(load_file(str(weights_path)), strict=True)
         students[layer_idx] = student.to(device=parameter.device, dtype=parameter.dtype).eval()

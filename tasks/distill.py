@@ -16,8 +16,9 @@ def distill_layer_task(model: str, layer: int, activations_dir: str, students_di
                        distill_config: dict[str, Any], tracking: Tracking | None, threads: int) -> dict[str, Any]:
     """Train (or reuse) the student of `layer`; returns its `LayerResult` as a dict.
 
-    A layer whose training diverges comes back with status "failed" (not an exception): the search
-    simply never offers it.
+    A layer whose training diverges (a non-finite loss, or a held-out normalised loss at or above
+    `max_normalized_loss`) comes back with status "failed" and a reason (not an exception): the search
+    never offers it. A reused student whose weights changed on disk is trained again (`distill_layer`).
     """
     from dtr_core.artifacts import read_json
     from dtr_core.distill import META, DistillConfig, distill_layer, layer_dir
@@ -32,7 +33,7 @@ def distill_layer_task(model: str, layer: int, activations_dir: str, students_di
         tracking.child_run(
             f"distill-l{layer:03d}",
             params={"layer": layer, "mixer": mixer, **{f"distill.{k}": v for k, v in distill_config.items()}},
-            metrics={"normalized_loss": result.normalized_loss,
+            metrics={"normalized_loss": result.normalized_loss, "max_normalized_loss": result.max_normalized_loss,
                      "initial_normalized_loss": result.initial_normalized_loss,
                      "final_loss": result.final_loss, "initial_loss": result.initial_loss,
                      "seconds": result.seconds, "tokens": result.tokens, "steps": result.steps},

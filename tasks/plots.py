@@ -3,7 +3,7 @@
 - `plot_score_trajectory`: validation score vs number of linear layers along the greedy path, with the
   teacher's score and the threshold P_min; committed rounds filled, the rejected last round hollow.
 - `plot_distill_losses`: per-layer normalised distillation loss (held-out MSE / Var(teacher output)) before
-  and after training; failed layers marked.
+  and after training; failed layers in red and labelled, with the failure threshold.
 - `plot_layer_map`: which layers are full or linear in M_best and M_opt.
 """
 
@@ -48,23 +48,38 @@ def plot_score_trajectory(trajectory: Mapping[str, Any], path: str | Path, metri
 
 
 def plot_distill_losses(layer_results: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """`layer_results` are `LayerResult.to_dict()` values."""
+    """`layer_results` are `LayerResult.to_dict()` values. Failed layers: red bar (if a loss was measured) and a
+    red "failed" label; the failure threshold `max_normalized_loss` is drawn when the results carry it."""
+    from matplotlib.patches import Patch
+
     results = sorted(layer_results, key=lambda r: r["layer"])
     fig, ax = plt.subplots(figsize=(max(6.4, 0.22 * len(results) + 2), 4.0))
     layers = [r["layer"] for r in results]
+    failed = [r["status"] != "ok" for r in results]
     initial = [r.get("initial_normalized_loss") or 0.0 for r in results]
     final = [r.get("normalized_loss") or 0.0 for r in results]
-    ax.bar([x - 0.2 for x in layers], initial, width=0.4, color="lightgray", label="copied weights (before)")
-    ax.bar([x + 0.2 for x in layers], final, width=0.4, color="tab:blue", label="distilled (after)")
-    for r in results:
-        if r["status"] != "ok":
-            ax.annotate("failed", (r["layer"], 0), rotation=90, ha="center", va="bottom", color="tab:red", fontsize=7)
-    ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":", label="= predicting the mean")
+    ax.bar([x - 0.2 for x in layers], initial, width=0.4, color="lightgray")
+    ax.bar([x + 0.2 for x in layers], final, width=0.4, color=["tab:red" if f else "tab:blue" for f in failed])
+    for r, is_failed in zip(results, failed):
+        if is_failed:  # at the top of the axes, whatever the loss (a diverged one may be off the scale)
+            ax.annotate("failed", (r["layer"] + 0.2, 0.98), xycoords=ax.get_xaxis_transform(), rotation=90,
+                        ha="center", va="top", color="tab:red", fontsize=7,
+                        bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
+    handles = [Patch(color="lightgray", label="copied weights (before)"),
+               Patch(color="tab:blue", label="distilled (after)")]
+    if any(failed):
+        handles.append(Patch(color="tab:red", label="failed: never offered to the search"))
+    thresholds = {r["max_normalized_loss"] for r in results if r.get("max_normalized_loss") is not None}
+    handles.append(ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":",
+                              label="= predicting the mean" + (" (fails at or above)" if thresholds == {1.0} else "")))
+    for threshold in sorted(thresholds - {1.0}):
+        handles.append(ax.axhline(threshold, color="tab:red", linewidth=0.8, linestyle="--",
+                                  label=f"max_normalized_loss {threshold:g} (fails at or above)"))
     ax.set_yscale("symlog", linthresh=1.0)
     ax.set_xlabel("layer")
     ax.set_ylabel("normalised held-out MSE")
     ax.set_title("blockwise local distillation per layer")
-    ax.legend(fontsize=8)
+    ax.legend(handles=handles, fontsize=8)
     return _save(fig, path)
 
 

@@ -2,7 +2,8 @@
 markdown artifact), and the pure functions that build the summary table (also used by `dtr convert`).
 
 Summary rows: teacher, M_best, M_opt — linear layers, validation and test score, decoding cache size at the
-benchmark context, measured prefill and decode speedups vs the teacher.
+benchmark context, measured prefill and decode speedups vs the teacher. `failed_layers` lists the layers whose
+student failed (never offered to the search), each with its reason; the markdown names them under the table.
 """
 
 from __future__ import annotations
@@ -63,6 +64,12 @@ def summary_rows(trajectory: dict[str, Any], evals: dict[str, dict[str, Any]], s
     return rows
 
 
+def failed_layers(layer_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`[{"layer", "reason"}]` of every layer whose student failed, by layer (`LayerResult.to_dict()` inputs)."""
+    return [{"layer": r["layer"], "reason": r.get("reason") or "failed"}
+            for r in sorted(layer_results, key=lambda r: r["layer"]) if r["status"] != "ok"]
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
     """The Prefect markdown artifact: the table, where things are, the MLflow link."""
     context = summary["speed"]["context_len"]
@@ -80,6 +87,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         linear = ", ".join(map(str, row["linear_layers"])) or "none"
         lines.append(f"| {row['model']} | {row['num_linear']} ({linear}) | {row['validation']:.4f} | {row['test']:.4f} "
                      f"| {row['cache_bytes'] / 2**20:.1f} MB | {row['prefill_speedup']:.2f}x | {row['decode_speedup']:.2f}x |")
+    failed = summary.get("failed_layers") or []
+    if failed:
+        lines += ["", f"{len(failed)} layer(s) failed distillation and were never offered to the search:"]
+        lines += [f"- layer {f['layer']}: {f['reason']}" for f in failed]
     lines += ["", f"- run folder: `{summary['run_dir']}`",
               f"- MLflow run: {summary['mlflow']['url']}"]
     for role, info in (summary.get("registered") or {}).items():

@@ -43,7 +43,7 @@ def test_layout_and_manifest(teacher, token_ids, tmp_path):
     assert manifest["shapes"]["inputs"] == [N, T, hidden]
     assert manifest["data"] == {"corpus": "random bytes"}
     assert read_json(tmp_path / "act" / "manifest.json") == manifest
-    assert sorted(p.name for p in (tmp_path / "act").iterdir()) == sorted(
+    assert sorted(p.name for p in (tmp_path / "act").iterdir() if not p.name.startswith(".")) == sorted(
         ["manifest.json", "tokens.safetensors"] + [f"layer_{i:03d}.safetensors" for i in layers])
     for name, info in manifest["files"].items():
         assert sha256_file(tmp_path / "act" / name) == info["sha256"]
@@ -102,7 +102,7 @@ def test_reuse_and_recapture(teacher, token_ids, tmp_path):
     first = capture_activations(teacher, token_ids, tmp_path, layers=[0, 1])
     stamp = (tmp_path / "layer_000.safetensors").stat().st_mtime_ns
     calls = []
-    handle = teacher.register_forward_hook(lambda *args: calls.append(1))
+    handle = attention_module(teacher, 0).register_forward_hook(lambda *args: calls.append(1))
     try:
         again = capture_activations(teacher, token_ids, tmp_path, layers=[0, 1], batch_size=3)
     finally:
@@ -148,6 +148,11 @@ def test_failure_mid_capture_leaves_nothing(teacher, token_ids, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _files(directory) -> list[str]:
+    """File names in a folder, without dot-files (the dtr artifact marker)."""
+    return sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
+
+
 def test_artifact_helpers(tmp_path):
     write_json(tmp_path / "a" / "x.json", {"b": 1, "a": [1.5]})
     assert read_json(tmp_path / "a" / "x.json") == {"a": [1.5], "b": 1}
@@ -159,11 +164,41 @@ def test_artifact_helpers(tmp_path):
         tmp.write_bytes(b"partial")
         raise RuntimeError
     assert list(tmp_path.iterdir()) == [tmp_path / "a"]
-    with atomic_dir(tmp_path / "a") as tmp:  # replaces the whole folder
+    with atomic_dir(tmp_path / "b") as tmp:
+        (tmp / "x.json").write_text(json.dumps(0))
+    with atomic_dir(tmp_path / "b") as tmp:  # replaces the whole folder it wrote
         (tmp / "y.json").write_text(json.dumps(1))
-    assert [p.name for p in (tmp_path / "a").iterdir()] == ["y.json"]
-    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "a") as tmp:
+    assert _files(tmp_path / "b") == ["y.json"]
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "b") as tmp:
         (tmp / "z").write_text("")
         raise RuntimeError
-    assert [p.name for p in (tmp_path / "a").iterdir()] == ["y.json"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    assert _files(tmp_path / "b") == ["y.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip-one-byte", "delete", "garbage-manifest"])
+def test_damaged_capture_is_captured_again(teacher, token_ids, tmp_path, caplog, damage):
+    first = capture_activations(teacher, token_ids, tmp_path, layers=[0, 1])
+    path = tmp_path / ("manifest.json" if damage == "garbage-manifest" else "layer_001.safetensors")
+    original = (tmp_path / "layer_001.safetensors").read_bytes()
+    if damage == "truncate":
+        path.write_bytes(original[: len(original) // 2])
+    elif damage == "flip-one-byte":  # same size: only the re-hash sees it
+        path.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+    elif damage == "delete":
+        path.unlink()
+    else:
+        path.write_text("{ not json")
+    assert not verify_capture(tmp_path)
+    calls = []
+    handle = attention_module(teacher, 0).register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with caplog.at_level("WARNING", logger="dtr_core.capture"):
+            again = capture_activations(teacher, token_ids, tmp_path, layers=[0, 1])
+    finally:
+        handle.remove()
+    assert "reused" not in again and calls, "the teacher ran again"
+    assert str(path) in caplog.text
+    assert (tmp_path / "layer_001.safetensors").read_bytes() == original
+    assert again["content_hash"] == first["content_hash"] and verify_capture(tmp_path)
+    assert capture_activations(teacher, token_ids, tmp_path, layers=[0, 1])["reused"]
