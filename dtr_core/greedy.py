@@ -11,8 +11,9 @@ repeat:
 ```
 The search also stops when every offered layer is linear, or at a cap (`max_layers`, `target_fraction`).
 How P_l is computed is not this module's business: the caller passes `score_candidates`, either the plain
-evaluator (one full forward per candidate, the paper's cost) or the fast one in `dtr_core/search.py`;
-both give the same answer. Candidates rejected early by an exact bound come back with `score=None`;
+evaluator (`search.PlainEvaluator`: one full forward per candidate, the paper's cost) or the fast scorer
+(`dtr_core/scorer.py`, through `search.FastEvaluator` or the flow's one task per candidate); both give the
+same answer. Candidates rejected early by an exact bound come back with `score=None`;
 they can never be the argmax.
 
 Resume: `on_round` receives each newly finished round (persist it); `completed_rounds` replays persisted

@@ -7,7 +7,9 @@ for the `keep` layers) and the keyword arguments (attention mask, `position_embe
 `position_ids`, `cache=None`, ...; per layer, so a family with per-layer masks such as sliding windows is
 reproduced too). `logits_from` then calls layers `start..L-1` with those arguments, the final norm and the
 LM head, as `LlamaModel.forward` / `LlamaForCausalLM.forward` do in transformers 5.24. Nothing is
-re-derived, so the logits equal the model's own bit for bit (tested in tests/test_search.py).
+re-derived, so the logits equal the model's own bit for bit (tested in tests/test_search.py). A
+`substitute` module runs in place of a decoder layer without touching the model (the fast scorer,
+`dtr_core/scorer.py`, runs a candidate's student this way while other threads use the same model).
 
 Memory: one kept layer costs B x T x hidden floats per batch; all layers of a split cost
 N x T x hidden x L floats (`hidden_bytes`). `checkpoint_layers` picks an evenly spaced subset under a
@@ -18,7 +20,7 @@ from the embeddings when nothing fits.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,18 +55,12 @@ class BatchTrace:
     layer_kwargs: list[dict[str, Any]]
     input_ids: torch.Tensor | None = None
     logits_to_keep: int | torch.Tensor = 0  # as given to the model's forward
-    logits: torch.Tensor | None = field(default=None, repr=False)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.hidden.values())
 
 
-def trace_batch(
-    model: PreTrainedModel,
-    model_inputs: Mapping[str, Any],
-    keep: Iterable[int] = (),
-    keep_logits: bool = False,
-) -> BatchTrace:
+def trace_batch(model: PreTrainedModel, model_inputs: Mapping[str, Any], keep: Iterable[int] = ()) -> BatchTrace:
     """Run `model(**model_inputs)` once and record each decoder layer's inputs (hidden states for `keep`)."""
     layers = decoder_layers(model)
     keep = set(keep)
@@ -87,7 +83,7 @@ def trace_batch(
 
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
-        output = model(**model_inputs)
+        model(**model_inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -98,15 +94,23 @@ def trace_batch(
         layer_kwargs=layer_kwargs,  # type: ignore[arg-type]
         input_ids=model_inputs.get("input_ids"),
         logits_to_keep=model_inputs.get("logits_to_keep", 0),
-        logits=output.logits if keep_logits else None,
     )
 
 
-def run_layers(model: PreTrainedModel, trace: BatchTrace, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Apply decoder layers start..stop-1 to `hidden` with the traced arguments. Costs stop - start layer-forwards."""
+def run_layers(
+    model: PreTrainedModel,
+    trace: BatchTrace,
+    hidden: torch.Tensor,
+    start: int,
+    stop: int,
+    substitute: Mapping[int, nn.Module] | None = None,
+) -> torch.Tensor:
+    """Apply decoder layers start..stop-1 to `hidden` with the traced arguments (`substitute[i]`, when given,
+    in place of layer i). Costs stop - start layer-forwards."""
     layers = decoder_layers(model)
+    substitute = substitute or {}
     for index in range(start, stop):
-        out = layers[index](hidden, **trace.layer_kwargs[index])
+        out = substitute.get(index, layers[index])(hidden, **trace.layer_kwargs[index])
         hidden = out[0] if isinstance(out, tuple) else out  # transformers 5.x returns a tensor
     return hidden
 
@@ -127,15 +131,20 @@ def _restart(model: PreTrainedModel, trace: BatchTrace, start: int) -> tuple[tor
     return model.model.embed_tokens(trace.input_ids), 0
 
 
-def logits_from(model: PreTrainedModel, trace: BatchTrace, start: int) -> tuple[torch.Tensor, int]:
-    """Logits of the model as it is now, reusing the traced hidden states entering layer `start`.
+def logits_from(
+    model: PreTrainedModel, trace: BatchTrace, start: int, substitute: Mapping[int, nn.Module] | None = None
+) -> tuple[torch.Tensor, int]:
+    """Logits of the model as it is now (with `substitute[i]` in place of decoder layer i, for i >= start),
+    reusing the traced hidden states entering layer `start`.
 
     Layers below `start` must be unchanged since the trace. When layer `start` was not kept, restarts
     from the nearest kept layer below (or from the embeddings). Returns (logits, layer-forwards spent).
     """
+    if substitute and min(substitute) < start:
+        raise ValueError(f"substitute layers {sorted(substitute)} must be at or above the start layer {start}")
     count = len(decoder_layers(model))
     hidden, restart = _restart(model, trace, start)
-    hidden = run_layers(model, trace, hidden, restart, count)
+    hidden = run_layers(model, trace, hidden, restart, count, substitute)
     return head_logits(model, trace, hidden), count - restart
 
 
@@ -147,10 +156,8 @@ def retrace_from(model: PreTrainedModel, trace: BatchTrace, changed: int) -> int
     if not above:
         return 0
     hidden, restart = _restart(model, trace, changed)
-    layers = decoder_layers(model)
     for index in range(restart, max(above)):
-        out = layers[index](hidden, **trace.layer_kwargs[index])
-        hidden = out[0] if isinstance(out, tuple) else out
+        hidden = run_layers(model, trace, hidden, index, index + 1)
         if index + 1 in trace.hidden:
             trace.hidden[index + 1] = hidden
     return max(above) - restart

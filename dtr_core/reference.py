@@ -1,8 +1,11 @@
 """DtR (Xia et al., arXiv 2601.11667) end to end, as one numbered listing on plain Python loops.
 
-This is the method's documentation and the test oracle (tests/test_reference.py): the optimised path
-(`search.FastEvaluator` + `greedy.greedy_replace`, and the Prefect flow built on them) must choose the same
-swap order on the same inputs. It calls the library where a step *is* the method (capture, distil,
+This is the method's documentation and the test oracle: the optimised path must choose the same swap
+order and the same scores on the same inputs. That path is `greedy.greedy_replace` with its candidates
+scored by the fast scorer `scorer.RoundScorer`, one per round: in the Prefect flow one candidate per task
+(flows/replace.py -> tasks/candidates.py -> `tasks.runtime.round_scorer`; tests/test_flows.py), in the
+library and benchmarks through `search.FastEvaluator` / `search.run_greedy_search` (tests/test_reference.py,
+tests/test_scorer.py). This listing calls the library where a step *is* the method (capture, distil,
 evaluate, swap) and nothing else: no prefix reuse, no early rejection, no resume, no parallelism.
 
     1. capture   run the teacher once over distillation tokens; keep every layer's attention input/output

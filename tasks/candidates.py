@@ -2,7 +2,8 @@
 
 The round's shared work (a copy of the model with the committed layers swapped, and the hidden states
 entering every layer) is built once per process by `runtime.round_scorer`; this task scores one layer
-from it. Every scored candidate is written to `greedy/candidates/rNN_lLLL.json` with a key over everything
+with it (`dtr_core.scorer.RoundScorer.score`: prefix reuse, exact early rejection shared with the
+round's other candidates in the process). Every scored candidate is written to `greedy/candidates/rNN_lLLL.json` with a key over everything
 that decides it, so a run killed in the middle of a round resumes without rescoring finished candidates.
 """
 

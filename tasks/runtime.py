@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 _lock = threading.Lock()
 _key_locks: dict[Any, threading.Lock] = {}
 _cache: dict[Any, Any] = {}
-_round: dict[str, Any] = {}  # {"key": ..., "scorer": RoundScorer}
+_round: dict[str, Any] = {}  # {"key": ..., "scorer": dtr_core.scorer.RoundScorer}
 
 
 def _default_threads() -> int:
@@ -112,18 +112,18 @@ def validation_batches(source: str, task_params: Any, split: str, limit: int | N
 
 def round_scorer(source: str, task_params: Any, students_dir: str, mixer: str, committed: tuple[int, ...],
                  limit: int | None, split: str = "validation"):
-    """The `RoundScorer` of the round that has `committed` layers linear (built once per process)."""
-    from dtr_core.conversion import RoundScorer
+    """The `dtr_core.scorer.RoundScorer` of the round that has `committed` layers linear (built once per
+    process, on a private copy of the teacher with those layers swapped, traced over the batches)."""
+    from dtr_core.scorer import CommittedHybrid, RoundScorer
 
     key = (source, task_params.model_dump_json(), students_dir, mixer, tuple(committed), limit, split)
     with _key_lock("round"):
         if _round.get("key") != key:
             _round.clear()  # free the previous round's model copy and hidden states first
             model, _ = teacher(source)
-            _round["scorer"] = RoundScorer(model, task(task_params),
-                                           validation_batches(source, task_params, split, limit),
-                                           students(students_dir, source, mixer), committed, split=split)
+            hybrid = CommittedHybrid(model, validation_batches(source, task_params, split, limit),
+                                     students(students_dir, source, mixer), committed)
+            _round["scorer"] = RoundScorer(hybrid, task(task_params), split=split)
             _round["key"] = key
-            logger.info("round scorer for committed=%s ready in %.1fs", list(committed),
-                        _round["scorer"].trace_seconds)
+            logger.info("round scorer for committed=%s ready in %.1fs", list(committed), hybrid.trace_seconds)
         return _round["scorer"]

@@ -21,7 +21,7 @@ def _registered_names(client) -> list[str]:
 
 
 def test_failed_runs_register_nothing_and_resume(tmp_path, monkeypatch):
-    import dtr_core.conversion
+    import dtr_core.scorer
     import dtr_core.distill
     from dtr_core.artifacts import read_json
     from dtr_core.conversion import RunLayout
@@ -53,14 +53,14 @@ def test_failed_runs_register_nothing_and_resume(tmp_path, monkeypatch):
     trained_at = {p.parent.name: p.stat().st_mtime_ns for p in layout.students.glob("*/meta.json")}
 
     # 2. the next run dies in greedy round 1 (same process: models stay cached, as in a long-lived worker)
-    real_score = dtr_core.conversion.RoundScorer.score
+    real_score = dtr_core.scorer.RoundScorer.score
 
     def score_dies_in_round_1(self, layer):
         if self.committed:
             raise RuntimeError("simulated crash in round 1")
         return real_score(self, layer)
 
-    monkeypatch.setattr(dtr_core.conversion.RoundScorer, "score", score_dies_in_round_1)
+    monkeypatch.setattr(dtr_core.scorer.RoundScorer, "score", score_dies_in_round_1)
     with pytest.raises(Exception, match="simulated crash in round 1"):
         run_convert(params)
     monkeypatch.undo()

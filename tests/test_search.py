@@ -1,5 +1,6 @@
-"""Fast candidate evaluation (dtr_core/layerwise.py, dtr_core/search.py): bit-identical logits from cached
-hidden states, and the fast search choosing exactly what the plain search chooses."""
+"""Fast candidate evaluation (dtr_core/layerwise.py; the fast scorer dtr_core/scorer.py through
+search.FastEvaluator): bit-identical logits from cached hidden states, and the fast search choosing exactly
+what the plain search chooses."""
 
 from __future__ import annotations
 

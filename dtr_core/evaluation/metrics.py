@@ -6,8 +6,8 @@ Per-example values (`EvalResult.per_example`, `weights`):
   score = exp(-sum NLL / sum tokens) = 1 / perplexity (see `tasks.py` for why not -perplexity).
 
 `aggregate_score` recomputes a score from any subset (paired bootstrap resamples examples);
-`score_upper_bound` is the best score still reachable after part of the examples is seen, for exact
-early rejection: NLL >= 0 and correctness <= 1, so the bound never rejects a candidate that could pass.
+`score_upper_bound` is the best score still reachable after part of the examples is seen: the one bound
+behind the fast greedy scorer's exact early rejection (`dtr_core/scorer.py`).
 """
 
 from __future__ import annotations
@@ -63,8 +63,16 @@ def score_upper_bound(kind: str, seen_values: Sequence[float], seen_weights: Seq
     `seen_values` / `seen_weights`: per-example values of the examples scored so far (any subset, any
     order); `total_weight`: the sum of weights over the whole split (classification: its number of
     examples; language modelling: its number of scored tokens, known from the encoding).
-    Classification: every unseen example could still be correct. Language modelling: every unseen token
-    could still cost 0 nats. Reject a candidate exactly when this bound is below the bar.
+
+    Why it is a bound (proof sketch). Classification: the final accuracy is (c_seen + c_unseen) / N with
+    c_unseen <= N - n_seen, since each unseen example adds at most 1; the bound takes c_unseen = N - n_seen.
+    Language modelling: the final score is exp(-(NLL_seen + NLL_unseen) / W), and NLL_unseen >= 0 (a
+    log-probability is <= 0) while exp(-x / W) falls as x grows; the bound takes NLL_unseen = 0.
+    Why comparisons with it are exact for classification: the bound and an accuracy are both an integer
+    count divided by the same N (values 0/1 and weights 1 sum exactly in floats; `accuracy` divides the
+    integer count by N); one correctly rounded division keeps distinct counts apart (N < 2**52), so
+    comparing the floats is comparing the counts, ties included. For language modelling the float sums run
+    in other orders than `perplexity`'s, so a comparison needs a small relative slack.
     """
     seen_weight = sum(seen_weights)
     if total_weight <= 0 or seen_weight > total_weight + 1e-9:

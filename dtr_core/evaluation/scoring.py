@@ -219,17 +219,22 @@ def encode(task: Task, examples: Sequence[Example], tokenizer, batch_size: int =
     return batches
 
 
+def model_inputs(model, batch: EncodedBatch) -> dict:
+    """The forward arguments `model_logits` calls `model` with (the fast scorer traces this very forward):
+    `logits_to_keep` only when fewer positions are used and the model's forward takes it."""
+    device = next(model.parameters()).device
+    inputs = {"input_ids": batch.input_ids.to(device), "attention_mask": batch.attention_mask.to(device),
+              "use_cache": False}
+    if batch.logit_positions.numel() < batch.input_ids.shape[1] \
+            and "logits_to_keep" in inspect.signature(model.forward).parameters:
+        inputs["logits_to_keep"] = batch.logit_positions.to(device)
+    return inputs
+
+
 def model_logits(model, batch: EncodedBatch) -> torch.Tensor:
     """Logits of a Hugging Face causal LM at `batch.logit_positions`: (R, P, V), or (R, T, V) when the
     model's forward has no `logits_to_keep`. Call under `torch.inference_mode()`."""
-    device = next(model.parameters()).device
-    kwargs = {}
-    width = batch.input_ids.shape[1]
-    if batch.logit_positions.numel() < width and "logits_to_keep" in inspect.signature(model.forward).parameters:
-        kwargs["logits_to_keep"] = batch.logit_positions.to(device)
-    output = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                   use_cache=False, **kwargs)
-    return output.logits
+    return model(**model_inputs(model, batch)).logits
 
 
 def score_logits(batch: EncodedBatch, logits: torch.Tensor) -> BatchScores:
