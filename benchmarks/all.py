@@ -1,23 +1,21 @@
-"""Run every benchmark and assemble `docs/BENCHMARKS.md` from their outputs (issue 5: one command for all tables).
+"""Run every benchmark and assemble `docs/BENCHMARKS.md` from their outputs (one command for all tables).
 
     python -m benchmarks.all [--quick] [--only placements,recall] [--skip inference] [--extra NAME="ARGS"]
-                             [--assemble-only] [--out-root docs/bench] [--doc docs/BENCHMARKS.md]
+                             [--assemble-only] [--out-root DIR] [--doc FILE]
     dtr bench all [same options]
 
-Each benchmark runs in its own process (`python -m benchmarks.<module> ...`; memory is returned between them,
-one failure does not stop the others), in this order: mixers, search, distill, placements, inference, recall.
-Outputs land in `<out-root>/<name>/`: benchmarks that write their own report (`--out`) leave
-`<name>.md`, `<name>.json` and plots there; for those that print (mixers, search) the JSON they print is saved
-as `<name>.json` and rendered with the module's own `markdown` function. Nothing is re-measured or edited here.
+Each benchmark of `harness.REGISTRY` runs in its own process (`python -m <module> ... --out <out-root>/<name>`;
+memory is returned between them, one failure does not stop the others), in the registry's order. A full run
+writes into docs/bench/ and docs/BENCHMARKS.md; `--quick` into runs/bench-quick/ (never into docs/).
 
-Wiring between benchmarks: inference takes the greedy layer order of placements (`--layers-from`), and recall
-compares the teacher with M_opt (point acceptance, first task) built from the same students; without a
-placements result they fall back to their own defaults (uniform layers).
+Wiring: inference takes the greedy layer order of placements (`--layers-from`), and recall compares the teacher
+with M_opt (point acceptance, first task) built from the same students; without a placements result they fall
+back to their own defaults (uniform layers).
 
 `BENCHMARKS.md` gets, per benchmark, its report (title dropped, headings one level down, image links made
-relative to the document). A benchmark that was not run in this invocation keeps the output of its last run
-(marked as such), so `--only NAME` refreshes one section; `--assemble-only` rebuilds the document from what is
-there. Logs: `runs/bench/logs/<name>.log`. Exit status 1 when any benchmark failed.
+relative to the document). A benchmark not run in this invocation keeps the output of its last run (marked as
+such), so `--only NAME` refreshes one section; `--assemble-only` rebuilds the document from what is there.
+Logs: `runs/bench/logs/<name>.log`. Exit status 1 when any benchmark failed.
 """
 
 from __future__ import annotations
@@ -31,49 +29,23 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks import common
+from benchmarks import harness
+from benchmarks.harness import BY_NAME, REGISTRY, Entry, shown
 
-DEFAULT_OUT_ROOT = common.REPO_ROOT / "docs" / "bench"
-DEFAULT_DOC = common.REPO_ROOT / "docs" / "BENCHMARKS.md"
-DEFAULT_LOGS = common.REPO_ROOT / "runs" / "bench" / "logs"
+DEFAULT_DOC = harness.REPO_ROOT / "docs" / "BENCHMARKS.md"
+DEFAULT_LOGS = harness.REPO_ROOT / "runs" / "bench" / "logs"
 OK_STATUSES = ("ok", "ok, targets missed")  # a run that completed (inference exits 1 when a target is missed)
+BENCHES = REGISTRY
 
 
-@dataclass(frozen=True)
-class Bench:
-    name: str  # the `dtr bench` name and the output folder
-    module: str
-    title: str
-    writes_out: bool  # takes --out DIR and writes <name>.md/.json there; else prints JSON with --json
-    render: Callable[[dict], str] | None = None  # markdown from the printed JSON (writes_out=False only)
-
-
-def _render_mixers(result: dict) -> str:
-    from benchmarks import mixers
-
-    return mixers.markdown(result)
-
-
-def _render_search(result: dict) -> str:
-    from benchmarks import search_cost
-
-    return search_cost.markdown(result, result["command"], result["machine"])
-
-
-BENCHES: tuple[Bench, ...] = (
-    Bench("mixers", "benchmarks.mixers", "Linear-attention ops vs softmax attention (CPU)", False, _render_mixers),
-    Bench("search", "benchmarks.search_cost", "Cost of the greedy search: fast vs paper-style evaluator", False,
-          _render_search),
-    Bench("distill", "benchmarks.distill_cost", "Cost of distillation: 1 vs 2 workers", True),
-    Bench("placements", "benchmarks.placements", "Quality: greedy DtR vs placement baselines", True),
-    Bench("inference", "benchmarks.inference", "Inference speed and memory: hybrids vs the teacher", True),
-    Bench("recall", "benchmarks.recall", "Long-context recall: teacher vs M_opt", True),
-)
-BY_NAME = {bench.name: bench for bench in BENCHES}
+def default_paths(quick: bool, out_root: Path | None = None, doc: Path | None = None) -> tuple[Path, Path]:
+    """(out_root, doc): docs/bench and docs/BENCHMARKS.md for full runs; a quick run writes both under
+    runs/bench-quick/, so it never touches docs/."""
+    out_root = Path(out_root) if out_root is not None else harness.QUICK_ROOT if quick else harness.DOCS_BENCH
+    return out_root, Path(doc) if doc is not None else (out_root / "BENCHMARKS.md" if quick else DEFAULT_DOC)
 
 
 # --- wiring --------------------------------------------------------------------------------------
@@ -92,13 +64,13 @@ def wiring_args(name: str, out_root: Path, extra: Sequence[str]) -> tuple[list[s
     task_name, task = next(iter(result["tasks"].items()))
     if name == "inference" and "--layers-from" not in extra:
         order = out_root / "placements" / f"greedy_order_{task_name}.json"
-        common.write_json(order, {"swap_order": [r["layer"] for r in task["greedy_trajectory"]]})
-        return ["--layers-from", _shown(order)], f"greedy order of placements ({task_name})"
+        harness.write_json(order, {"swap_order": [r["layer"] for r in task["greedy_trajectory"]]})
+        return ["--layers-from", shown(order)], f"greedy order of placements ({task_name})"
     if name == "recall" and not {"--hybrid", "--layers", "--k", "--students"} & set(extra):
         if result["model"] != _flag(extra, "--model", "smollm2-135m"):
             return [], None
         opt = task["acceptance"].get("point", {}).get("opt_layers")
-        students = ["--students", _shown(Path(result["students"]["dir"]))]
+        students = ["--students", shown(Path(result["students"]["dir"]))]
         if opt:
             return students + ["--layers", ",".join(map(str, opt))], f"M_opt of placements ({task_name}, point)"
         return students, f"placements students (its M_opt on {task_name} has no linear layer: uniform k)"
@@ -113,44 +85,35 @@ def _flag(args: Sequence[str], flag: str, default: str) -> str:
 # --- running -------------------------------------------------------------------------------------
 
 
-def run_bench(bench: Bench, out_root: Path, logs: Path, quick: bool, extra: Sequence[str],
+def run_bench(bench: Entry, out_root: Path, logs: Path, quick: bool, extra: Sequence[str],
               timeout: float | None) -> dict:
-    """Run one benchmark in a subprocess; returns its status record."""
+    """Run one benchmark in a subprocess, writing into `out_root/<name>`; returns its status record."""
     out_dir = out_root / bench.name
     out_dir.mkdir(parents=True, exist_ok=True)
     wired, wiring = wiring_args(bench.name, out_root, extra)
-    args = (["--quick"] if quick else []) + wired + list(extra)
-    args += ["--out", _shown(out_dir)] if bench.writes_out else ["--json"]  # repo-relative: runs from the root
-    command = [sys.executable, "-m", bench.module, *args]
-    cli = common.command_lines(bench.module, bench.name, args)
+    args = (["--quick"] if quick else []) + wired + list(extra) + ["--out", shown(out_dir)]  # runs from the root
+    cli = harness.command_lines(bench.module, bench.name, args)
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{bench.name}.log"
-    info = common.machine_info()
     started = time.perf_counter()
     record = {"name": bench.name, "module": bench.module, "commands": cli, "wiring": wiring, "log": str(log),
-              "started_utc": info["date_utc"], "quick": quick}
+              "started_utc": time.strftime(harness.DATE_FORMAT, time.gmtime()), "quick": quick}
     try:
         with open(log, "w") as stderr:
-            proc = subprocess.run(command, cwd=common.REPO_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                  timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            proc = subprocess.run([sys.executable, "-m", bench.module, *args], cwd=harness.REPO_ROOT,
+                                  stdout=subprocess.DEVNULL, stderr=stderr, text=True, timeout=timeout,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
     except subprocess.TimeoutExpired:
         return {**record, "status": "timeout", "seconds": time.perf_counter() - started,
                 "reason": f"stopped after {timeout:.0f} s"}
     record["seconds"] = time.perf_counter() - started
-    if proc.returncode != 0 and not (bench.writes_out and (out_dir / f"{bench.name}.md").is_file()
-                                     and _fresh(out_dir / f"{bench.name}.md", started)):
-        tail = log.read_text().strip().splitlines()[-1:] if log.is_file() else []
-        return {**record, "status": "failed", "returncode": proc.returncode,
-                "reason": tail[0] if tail else f"exit status {proc.returncode}"}
-    if not bench.writes_out:
-        result = json.loads(proc.stdout)
-        common.write_json(out_dir / f"{bench.name}.json", result)
-        body = bench.render(result)
-        if "command" not in result:  # the module records no environment: add the one measured just before
-            body += "\n\n" + common.environment_markdown(info, cli)
-        common.write_text(out_dir / f"{bench.name}.md", f"# {bench.title}\n\n{body}\n")
-    status = "ok" if proc.returncode == 0 else "ok, targets missed"  # inference exits 1 when a target is missed
-    return {**record, "status": status, "returncode": proc.returncode}
+    report = out_dir / f"{bench.name}.md"
+    if proc.returncode == 0 or (report.is_file() and _fresh(report, started)):
+        return {**record, "status": "ok" if proc.returncode == 0 else "ok, targets missed",
+                "returncode": proc.returncode}
+    tail = log.read_text().strip().splitlines()[-1:] if log.is_file() else []
+    return {**record, "status": "failed", "returncode": proc.returncode,
+            "reason": tail[0] if tail else f"exit status {proc.returncode}"}
 
 
 def _fresh(path: Path, since_perf: float) -> bool:
@@ -167,7 +130,7 @@ def section(bench: Bench, out_root: Path, doc: Path, record: dict | None) -> str
     lines = [f"## {bench.title}", ""]
     if record is not None and record["status"] not in OK_STATUSES:
         lines += [f"**Not completed in this run** (`{record['commands']['dtr']}`): {record['status']} — "
-                  f"{record.get('reason', '')}. Log: `{_shown(Path(record['log']))}`.", ""]
+                  f"{record.get('reason', '')}. Log: `{shown(Path(record['log']))}`.", ""]
     if not report.is_file():
         lines += [f"Not run yet. Command: `dtr bench {bench.name}`" + (" (add `--quick` for a short run)."
                                                                        if bench.name != "all" else "."), ""]
@@ -188,8 +151,7 @@ def section(bench: Bench, out_root: Path, doc: Path, record: dict | None) -> str
 def assemble(out_root: Path, doc: Path, records: dict[str, dict], argv: Sequence[str],
              previous: dict[str, dict] | None = None) -> str:
     """The document. `records`: runs of this invocation; `previous`: the last recorded run of the others."""
-    info = common.machine_info()
-    commands = common.command_lines("benchmarks.all", "all", argv)
+    env = {"machine": harness.machine_info(), "commands": harness.command_lines("benchmarks.all", "all", argv)}
     previous = previous or {}
     rows = []
     for bench in BENCHES:
@@ -210,12 +172,10 @@ def assemble(out_root: Path, doc: Path, records: dict[str, dict], argv: Sequence
                      f"`{Path(os.path.relpath(out_root / bench.name, doc.parent)).as_posix()}/`"])
     out = [
         "# dtr benchmarks", "",
-        "Every table below is generated by `dtr bench all` (`python -m benchmarks.all`) from the benchmarks' own "
-        "JSON and markdown outputs under `docs/bench/`; no number is edited by hand. Each section records the "
-        "exact command, machine and versions of its run. The issue behind them: speed and memory of the hybrids, "
-        "cost of the search and of distillation, quality against placement baselines, long-context recall.", "",
-        common.markdown_table(["benchmark", "what", "status", "wall time", "outputs"], rows, align="lllrl"), "",
-        common.environment_markdown(info, commands), "",
+        "Generated by `dtr bench all` from the benchmarks' outputs; how to read each section: "
+        "`docs/BENCHMARKS_*.md`.", "",
+        harness.markdown_table(["benchmark", "what", "status", "wall time", "outputs"], rows, align="lllrl"), "",
+        harness.environment(env), "",
     ]
     for bench in BENCHES:
         out.append(section(bench, out_root, doc, records.get(bench.name)))
@@ -231,8 +191,8 @@ def _written_by(record: dict, report: Path) -> bool:
     stated = re.search(r"^- date \(UTC\): (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", text, re.MULTILINE)
     if stated is None or "started_utc" not in record:
         return True
-    started = _dt.datetime.strptime(record["started_utc"], common.DATE_FORMAT)
-    offset = (_dt.datetime.strptime(stated.group(1), common.DATE_FORMAT) - started).total_seconds()
+    started = _dt.datetime.strptime(record["started_utc"], harness.DATE_FORMAT)
+    offset = (_dt.datetime.strptime(stated.group(1), harness.DATE_FORMAT) - started).total_seconds()
     return 0 <= offset <= record.get("seconds", 0) + 60
 
 
@@ -241,18 +201,10 @@ def record_and_assemble(out_root: Path, doc: Path, records: dict[str, dict], arg
     index = out_root / "all.json"
     previous = json.loads(index.read_text()).get("runs", {}) if index.is_file() else {}
     document = assemble(out_root, doc, records, argv, previous)
-    common.write_text(doc, document)
-    common.write_json(index, {"commands": common.command_lines("benchmarks.all", "all", argv),
+    harness.write_text(doc, document)
+    harness.write_json(index, {"commands": harness.command_lines("benchmarks.all", "all", argv),
                               "runs": {**previous, **records}})
     return document
-
-
-def _shown(path: Path) -> str:
-    """A path relative to the repository when inside it (documents carry no per-user absolute paths)."""
-    try:
-        return path.resolve().relative_to(common.REPO_ROOT).as_posix()
-    except ValueError:
-        return str(path)
 
 
 def _anchor(title: str) -> str:
@@ -287,8 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help='extra arguments for one benchmark, e.g. --extra placements="--tasks sentiment"')
     parser.add_argument("--assemble-only", action="store_true", help="run nothing; rebuild the document")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per benchmark (default: none)")
-    parser.add_argument("--out-root", type=Path, default=DEFAULT_OUT_ROOT, help="benchmark output folders")
-    parser.add_argument("--doc", type=Path, default=DEFAULT_DOC, help="the assembled markdown document")
+    parser.add_argument("--out-root", type=Path, default=None,
+                        help="benchmark output folders (default: docs/bench; with --quick runs/bench-quick)")
+    parser.add_argument("--doc", type=Path, default=None, help="the assembled markdown document (default: "
+                        "docs/BENCHMARKS.md; with --quick BENCHMARKS.md in the out root)")
     parser.add_argument("--logs", type=Path, default=DEFAULT_LOGS, help="folder for the benchmarks' logs")
     return parser
 
@@ -296,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    out_root, doc = default_paths(args.quick, args.out_root, args.doc)
     extra: dict[str, list[str]] = {}
     for name, values in args.extra:
         extra.setdefault(name, []).extend(values)
@@ -304,13 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     records: dict[str, dict] = {}
     for bench in selected:
         print(f"[all] {bench.name}: running ...", file=sys.stderr, flush=True)
-        records[bench.name] = run_bench(bench, args.out_root, args.logs, args.quick, extra.get(bench.name, []),
+        records[bench.name] = run_bench(bench, out_root, args.logs, args.quick, extra.get(bench.name, []),
                                         args.timeout)
         record = records[bench.name]
         print(f"[all] {bench.name}: {record['status']} in {record['seconds'] / 60:.1f} min"
               + (f" ({record['reason']})" if record.get("reason") else ""), file=sys.stderr, flush=True)
-    document = record_and_assemble(args.out_root, args.doc, records, argv)
-    print(common.to_json(records) if args.json else document)
+    document = record_and_assemble(out_root, doc, records, argv)
+    print(f"[all] wrote {shown(doc)}", file=sys.stderr)
+    print(harness.to_json(records) if args.json else document)
     failed = [name for name, r in records.items() if r["status"] not in OK_STATUSES]
     return 1 if failed else 0
 

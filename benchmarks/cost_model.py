@@ -35,14 +35,13 @@ products); the rest: 2 (P_rest - P_lm_head) T + 2 P_lm_head.
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from benchmarks.common import timed
+from benchmarks.harness import interleave, timed
 from dtr_core.ops.common import DEFAULT_CHUNK_SIZE
 
 FULL = "full"
@@ -199,8 +198,8 @@ def ideal_prefill_speedup(profile: ModelProfile, kinds: list[str], context: int)
 
 
 def _best_of(fn, repeats: int, device: str = "cpu") -> float:
-    fn()
-    return statistics.median(timed(fn, device).wall_s for _ in range(repeats))
+    """Median wall time of `repeats` calls after one warm-up call."""
+    return interleave({"fn": lambda: timed(fn, device)}, repeats, warmup=1)["fn"].median
 
 
 @torch.inference_mode()

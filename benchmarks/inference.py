@@ -1,41 +1,23 @@
-"""Inference speed and memory of DtR hybrids against their teacher (issue 5, section 1).
+"""Inference speed and memory of DtR hybrids against their teacher; method and reading in
+docs/BENCHMARKS_INFERENCE.md.
 
-The teacher and hybrids with k of its L layers linear (k = 0, L/4, L/2, 3L/4, L by default, rounded down;
-the layers from a greedy-search result with `--layers-from`, else evenly interleaved) run in one process,
-batch 1, on CPU (or `--device cuda`), with freshly initialised students (speed does not depend on their
-training). Per context T:
-- prefill: wall time of `model(ids[:, :T], use_cache=True, logits_to_keep=1)` (fresh cache each time);
-  skipped above `--prefill-max` (quadratic attention makes 16K/32K prefills take minutes on 2 cores);
-- decode: tokens/s of greedy decoding steps from a cache holding T tokens. The cache is synthetic: a short
-  real prefill gives the exact cache structure, then every full layer's K/V is replaced by random tensors
-  of length T and every linear layer's state by random values (decode cost does not depend on the values);
-- cache bytes: the bytes of the tensors the cache holds (after the real prefill, and of the synthetic
-  cache), checked equal to the formula (K/V of the full layers + constant linear states) of
-  `benchmarks.cost_model.cache_bytes` and to `dtr_core.hybrid.cache_bytes`;
-- peak memory: peak RSS above the start of the prefill / of building the T-token cache and decoding
-  (see `benchmarks.common.PeakRSS`); on a GPU, torch's peak CUDA allocation above the start instead.
-On a CUDA GPU (`--device cuda`, bfloat16 by default) every model and tensor lives on the GPU, each timed call
-ends with `torch.cuda.synchronize()`, contexts go up to 64K and are all prefilled, and the linear layers run
-flash-linear-attention's kernels (`dtr_core.ops.dispatch`).
-Contenders are measured round-robin (rotating order) so load drift hits all alike; speed-ups are ratios of
-medians to the teacher measured in the same run, next to the ideal ratio of `benchmarks.cost_model`.
+The teacher and hybrids with k = floor(f L) of its L layers linear (fresh students; the layers in the order of a
+greedy result with `--layers-from`, else evenly interleaved) run in one process at batch 1. Per context T:
+prefill time (up to `--prefill-max`), decode tokens/s from a synthetic T-token cache, the cache's bytes (checked
+equal to `benchmarks.cost_model.cache_bytes` and `dtr_core.hybrid.cache_bytes`) and peak memory. The models are
+timed interleaved (`harness.interleave`); speed-ups are ratios of medians to the teacher in the same run, beside
+the cost model's ideal. `--device cuda`: bfloat16 on the GPU, contexts to 64K, all prefilled, fla kernels.
 
     python -m benchmarks.inference [--quick] [--json] [--out DIR] [--model NAME] [--mixer NAME]
-        [--layers-from GREEDY_JSON] [--contexts 2048,8192,...] [--repeats N] [--doc MARKDOWN]
-        [--device cpu|cuda] [--dtype float32|bfloat16]
-    dtr bench inference [same options]
-    dtr bench inference --from-json docs/bench/inference/inference.json   # re-render only
-
-Results: docs/BENCHMARKS_INFERENCE.md (method, cost model, the generated tables, what they mean).
+        [--layers-from GREEDY_JSON] [--contexts 2048,8192,...] [--repeats N] [--device cpu|cuda] [--dtype ...]
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import gc
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -44,32 +26,76 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import common
 from benchmarks import cost_model as cm
-from benchmarks.inference_report import markdown_report, write_plots
+from benchmarks import harness
+from benchmarks.harness import int_list, option
 from dtr_core.baselines import uniform_layers
 
 logger = logging.getLogger("benchmarks.inference")
 
 DEFAULT_CONTEXTS = (2048, 8192, 16384, 32768)
-QUICK_CONTEXTS = (256, 1024)
 DEFAULT_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
-QUICK_FRACTIONS = (0.0, 0.5, 1.0)
 DEFAULT_PREFILL_MAX = 8192  # teacher prefill at 16K is ~4x the 8K one on 2 cores (minutes per run): opt in
 GPU_CONTEXTS = (2048, 8192, 16384, 32768, 65536)  # on a GPU every one of them is also prefilled
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DEFAULT_OUT = common.REPO_ROOT / "docs" / "bench" / "inference"
 WARMUP_PROMPT = 128  # tokens of the untimed warm-up prefill of every model
 STRUCTURE_PROMPT = 8  # tokens of the real prefill that gives a synthetic cache its exact structure
 STATE_SCALE = 0.02  # random linear states are small, like trained ones; values do not change the cost
 
-# targets (issue 5, section 1)
+# targets
 TARGET_MIN_CONTEXT = 8192  # every measured speed-up at T >= this ...
 TARGET_IDEAL_FRACTION = 0.9  # ... reaches this fraction of its ideal
 HEADLINE_FRACTION, HEADLINE_CONTEXT, HEADLINE_SPEEDUP = 0.5, 32768, 1.6  # half linear, 32K, decode >= 1.6x
 
 
-# --- which layers --------------------------------------------------------------------------------
+def _fractions(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(","))
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = option("smollm2-135m", "teacher: a dtr_core.models.load_model source")
+    mixer: str = option("gated_deltanet", "student type (a dtr_core.mixers.MIXERS name)")
+    layers_from: str | None = option(None, "take the linear layers in the order of a greedy result JSON (else "
+                                     "uniform interleaving)")
+    contexts: tuple[int, ...] | None = option(None, "context lengths, K = 1024 (None: 2K-32K; on cuda 2K-64K)",
+                                              int_list, minimum=1)
+    fractions: tuple[float, ...] = option(DEFAULT_FRACTIONS, "fractions of the layers made linear, k = floor(f L)",
+                                          _fractions, minimum=0.0)
+    repeats: int = option(5, "timed decode repeats", minimum=1)
+    prefill_repeats: int | None = option(None, "timed prefill repeats (None: min(repeats, 2))", int, minimum=1)
+    decode_tokens: int = option(8, "decode steps per repeat", minimum=1)
+    prefill_max: int | None = option(None, f"longest context also prefilled (None: {DEFAULT_PREFILL_MAX}; on cuda "
+                                     "all)", int, minimum=1)
+    warmup: int = option(1, "untimed runs per model and context before timing", minimum=0)
+    seed: int = option(0, "seed of the random prompts and caches")
+    balance_mb: int = option(256, "buffer of the memory-bandwidth measurement (MB)", minimum=1)
+    device: str = option("cpu", "cuda: models on the GPU, contexts to 64K, all prefilled", choices=("cpu", "cuda"))
+    dtype: str | None = option(None, "model dtype (None: float32 on CPU, bfloat16 on CUDA)", choices=sorted(DTYPES))
+
+
+def check(s: Settings, preset: str | None) -> Settings:
+    from dtr_core.mixers import MIXERS
+
+    if s.mixer not in MIXERS:
+        raise ValueError(f"unknown mixer '{s.mixer}'; choose one of: {', '.join(sorted(MIXERS))}")
+    if any(f > 1.0 for f in s.fractions) or not s.fractions:
+        raise ValueError(f"--fractions must be in [0, 1], got {s.fractions}")
+    gpu = s.device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        raise ValueError("--device cuda needs a CUDA GPU, and torch sees none; run on CPU with --device cpu")
+    contexts = tuple(sorted(set(s.contexts or (GPU_CONTEXTS if gpu else DEFAULT_CONTEXTS))))
+    return dataclasses.replace(
+        s, contexts=contexts, prefill_repeats=s.prefill_repeats or min(s.repeats, 2),
+        prefill_max=s.prefill_max or (max(contexts) if gpu else DEFAULT_PREFILL_MAX),
+        dtype=s.dtype or ("bfloat16" if gpu else "float32"))
+
+
+QUICK = dict(contexts=(256, 1024), fractions=(0.0, 0.5, 1.0), repeats=2, decode_tokens=4, prefill_max=1024,
+             balance_mb=64)
+
+
+# --- which layers and models ---------------------------------------------------------------------
 
 
 def read_greedy_order(path: str | Path) -> list[int]:
@@ -233,26 +259,8 @@ def decode(model, cache, token: torch.Tensor, steps: int) -> torch.Tensor:
     return token
 
 
+
 # --- measurement ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Settings:
-    model: str
-    mixer: str
-    contexts: tuple[int, ...]
-    fractions: tuple[float, ...]
-    repeats: int
-    prefill_repeats: int
-    decode_tokens: int
-    prefill_max: int
-    warmup: int
-    seed: int
-    layers_from: str | None
-    threads: int
-    balance_mb: int
-    device: str = "cpu"
-    dtype: str = "float32"
 
 
 def _cache_check(profile: cm.ModelProfile, kinds: list[str], model, context: int, measured: int) -> dict:
@@ -263,7 +271,7 @@ def _cache_check(profile: cm.ModelProfile, kinds: list[str], model, context: int
     return {"measured": measured, "formula": formula, "dtr_cache_bytes": dtr, "exact": measured == formula == dtr}
 
 
-def measure(settings: Settings, models: dict, profile: cm.ModelProfile) -> dict:
+def measure_models(settings: Settings, models: dict, profile: cm.ModelProfile) -> dict:
     """Run every measurement; returns the raw records (no ratios)."""
     generator = torch.Generator().manual_seed(settings.seed)
     kinds = {name: layer_kinds(model) for name, model in models.items()}
@@ -300,7 +308,7 @@ def _measure_prefill(settings, models, kinds, profile, ids) -> list[dict]:
     memory = {}
     for name, model in models.items():
         start = time.perf_counter()
-        with common.peak_memory(settings.device) as peak:
+        with harness.peak_memory(settings.device) as peak:
             out = model(ids, use_cache=True, logits_to_keep=1)
             measured = cache_nbytes(out.cache)
         del out
@@ -309,17 +317,17 @@ def _measure_prefill(settings, models, kinds, profile, ids) -> list[dict]:
             "cache": _cache_check(profile, kinds[name], model, context, measured),
             "first_run_s": time.perf_counter() - start,
         }
-        logger.info("  %s: %.2f s, cache %s", name, memory[name]["first_run_s"], common.format_bytes(measured))
+        logger.info("  %s: %.2f s, cache %s", name, memory[name]["first_run_s"], harness.format_bytes(measured))
 
     def task(model):
-        def run() -> common.Sample:
-            return common.timed(lambda: model(ids, use_cache=True, logits_to_keep=1), settings.device)
+        def run() -> harness.Sample:
+            return harness.timed(lambda: model(ids, use_cache=True, logits_to_keep=1), settings.device)
 
         return run
 
     extra_warmup = max(0, settings.warmup - 1)  # the memory run above was the first warm-up
-    timings = common.run_interleaved({name: task(m) for name, m in models.items()}, settings.prefill_repeats,
-                                     warmup=extra_warmup, on_sample=_log_sample(f"prefill T={context}"))
+    timings = harness.interleave({name: task(m) for name, m in models.items()}, settings.prefill_repeats,
+                                     warmup=extra_warmup, on_sample=harness.log_sample(logger, f"prefill T={context}"))
     return [
         {"contender": name, "context": context, "time_s": timings[name].to_dict(), **memory[name]} for name in models
     ]
@@ -329,7 +337,7 @@ def _measure_decode(settings, models, kinds, profile, context, generator) -> lis
     logger.info("decode T=%d: synthetic caches (peak memory: cache + %d warm-up steps)", context, 2 * settings.warmup)
     caches, memory, tokens = {}, {}, {}
     for name, model in models.items():
-        with common.peak_memory(settings.device) as peak:
+        with harness.peak_memory(settings.device) as peak:
             cache = synthetic_cache(model, context, generator)
             measured = cache_nbytes(cache)
             token = torch.randint(0, model.config.vocab_size, (1, 1), generator=generator).to(settings.device)
@@ -343,16 +351,16 @@ def _measure_decode(settings, models, kinds, profile, context, generator) -> lis
         }
 
     def task(name, model):
-        def run() -> common.Sample:
-            sample = common.timed(lambda: decode(model, caches[name], tokens[name], settings.decode_tokens),
+        def run() -> harness.Sample:
+            sample = harness.timed(lambda: decode(model, caches[name], tokens[name], settings.decode_tokens),
                                   settings.device)
             rewind(caches[name], context)
             return sample
 
         return run
 
-    timings = common.run_interleaved({name: task(name, m) for name, m in models.items()}, settings.repeats,
-                                     warmup=0, on_sample=_log_sample(f"decode T={context}"))
+    timings = harness.interleave({name: task(name, m) for name, m in models.items()}, settings.repeats,
+                                     warmup=0, on_sample=harness.log_sample(logger, f"decode T={context}"))
     caches.clear()
     gc.collect()
     return [
@@ -360,14 +368,6 @@ def _measure_decode(settings, models, kinds, profile, context, generator) -> lis
          "time_per_token_s": timings[name].scaled(1 / settings.decode_tokens).to_dict(), **memory[name]}
         for name in models
     ]
-
-
-def _log_sample(label: str):
-    def on_sample(name: str, round_index: int, sample: common.Sample) -> None:
-        logger.info("  %s %s repeat %d: %.3f s (cpu/wall %.2f)", label, name, round_index + 1, sample.wall_s,
-                    sample.cpu_s / sample.wall_s if sample.wall_s else 0.0)
-
-    return on_sample
 
 
 # --- analysis ------------------------------------------------------------------------------------
@@ -380,20 +380,20 @@ def analyse(settings: Settings, contenders: list[Contender], kinds: dict[str, li
     by_key = {(phase, r["contender"], r["context"]): r for phase in records for r in records[phase]}
     decode_rows, prefill_rows = [], []
     for r in records["decode"]:
-        t = common.Timing(tuple(r["time_per_token_s"]["samples"]))
-        base = common.Timing(tuple(by_key[("decode", teacher, r["context"])]["time_per_token_s"]["samples"]))
+        t = harness.Timing(tuple(r["time_per_token_s"]["samples"]))
+        base = harness.Timing(tuple(by_key[("decode", teacher, r["context"])]["time_per_token_s"]["samples"]))
         ideal = cm.ideal_decode_speedup(profile, kinds[r["contender"]], r["context"])
         concat = cm.ideal_decode_speedup(profile, kinds[r["contender"]], r["context"], kv_append="concat")
-        speedup = common.ratio_of(base, t)
+        speedup = harness.ratio_of(base, t)
         cost = cm.decode_cost(profile, kinds[r["contender"]], r["context"])
         decode_rows.append({**r, "tokens_per_s": 1 / t.median, "speedup": speedup, "ideal_speedup": ideal,
                             "concat_model_speedup": concat, "measured_over_ideal": speedup["median"] / ideal,
                             "bytes_per_token": cost.bytes, "flops_per_token": cost.flops})
     for r in records["prefill"]:
-        t = common.Timing(tuple(r["time_s"]["samples"]))
-        base = common.Timing(tuple(by_key[("prefill", teacher, r["context"])]["time_s"]["samples"]))
+        t = harness.Timing(tuple(r["time_s"]["samples"]))
+        base = harness.Timing(tuple(by_key[("prefill", teacher, r["context"])]["time_s"]["samples"]))
         ideal = cm.ideal_prefill_speedup(profile, kinds[r["contender"]], r["context"])
-        speedup = common.ratio_of(base, t)
+        speedup = harness.ratio_of(base, t)
         prefill_rows.append({**r, "tokens_per_s": r["context"] / t.median, "speedup": speedup, "ideal_speedup": ideal,
                              "measured_over_ideal": speedup["median"] / ideal,
                              "flops": cm.prefill_cost(profile, kinds[r["contender"]], r["context"]).flops})
@@ -464,164 +464,173 @@ def targets(num_layers: int, decode_rows: list[dict], prefill_rows: list[dict]) 
     }
 
 
-# --- command line --------------------------------------------------------------------------------
-
-
-def _contexts(text: str) -> tuple[int, ...]:
-    values = []
-    for part in text.split(","):
-        part = part.strip().upper()
-        value = int(part[:-1]) * 1024 if part.endswith("K") else int(part)
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"contexts must be positive, got {part}")
-        values.append(value)
-    if not values:
-        raise argparse.ArgumentTypeError("no contexts given")
-    return tuple(sorted(set(values)))
-
-
-def _fractions(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(","))
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from error
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dtr bench inference", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help=f"contexts {','.join(map(str, QUICK_CONTEXTS))}, k = 0, L/2, L, 2 repeats "
-                        "(< 2 min on a quiet machine)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the markdown report")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help="folder for inference.md, inference.json and the PNG plots")
-    parser.add_argument("--model", default="smollm2-135m", help="teacher: a dtr_core.models.load_model source")
-    parser.add_argument("--mixer", default="gated_deltanet", help="student type (a dtr_core.mixers.MIXERS name)")
-    parser.add_argument("--layers-from", default=None, metavar="GREEDY_JSON",
-                        help="take the linear layers in the order of a greedy result (else uniform interleaving)")
-    parser.add_argument("--contexts", type=_contexts, default=None,
-                        help="comma-separated context lengths, K = 1024 "
-                        f"(default {','.join(map(str, DEFAULT_CONTEXTS))})")
-    parser.add_argument("--fractions", type=_fractions, default=None,
-                        help="fractions of the layers made linear, k = floor(f L) (default 0,0.25,0.5,0.75,1)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed decode repeats (default 5; quick 2)")
-    parser.add_argument("--prefill-repeats", type=int, default=None,
-                        help="timed prefill repeats (default 2; the untimed memory run before them is the warm-up)")
-    parser.add_argument("--decode-tokens", type=int, default=None, help="decode steps per repeat (default 8; quick 4)")
-    parser.add_argument("--prefill-max", type=int, default=None,
-                        help=f"longest context that is also prefilled (default {DEFAULT_PREFILL_MAX}; quick 1024)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per model and context before timing")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help=f"cuda: models on the GPU, contexts {','.join(map(str, GPU_CONTEXTS))}, all prefilled")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="model dtype (default float32 on CPU, bfloat16 on CUDA)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--doc", type=Path, default=None,
-                        help="also refresh the generated block of this markdown file "
-                        "(docs/BENCHMARKS_INFERENCE.md)")
-    parser.add_argument("--from-json", type=Path, default=None, metavar="INFERENCE_JSON",
-                        help="measure nothing: re-render the report, plots (and --doc) from a saved inference.json")
-    parser.add_argument("--balance-mb", type=int, default=None, help=argparse.SUPPRESS)
-    return parser
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    from dtr_core.mixers import MIXERS
-
-    if args.mixer not in MIXERS:
-        raise ValueError(f"unknown mixer '{args.mixer}'; choose one of: {', '.join(sorted(MIXERS))}")
-    repeats = args.repeats or (2 if args.quick else 5)
-    for name, value in (("--repeats", repeats), ("--prefill-repeats", args.prefill_repeats),
-                        ("--decode-tokens", args.decode_tokens), ("--threads", args.threads)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda needs a CUDA GPU, and torch sees none; run on CPU with --device cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    gpu = args.device == "cuda"
-    default_contexts = GPU_CONTEXTS if gpu else DEFAULT_CONTEXTS
-    default_prefill_max = max(default_contexts) if gpu else DEFAULT_PREFILL_MAX
-    return Settings(
-        model=args.model,
-        mixer=args.mixer,
-        contexts=args.contexts or (QUICK_CONTEXTS if args.quick else default_contexts),
-        fractions=args.fractions or (QUICK_FRACTIONS if args.quick else DEFAULT_FRACTIONS),
-        repeats=repeats,
-        prefill_repeats=args.prefill_repeats or min(repeats, 2),
-        decode_tokens=args.decode_tokens or (4 if args.quick else 8),
-        prefill_max=args.prefill_max if args.prefill_max is not None else (1024 if args.quick else default_prefill_max),
-        warmup=args.warmup,
-        seed=args.seed,
-        layers_from=args.layers_from,
-        threads=torch.get_num_threads(),
-        balance_mb=args.balance_mb or (64 if args.quick else 256),
-        device=args.device,
-        dtype=args.dtype or ("bfloat16" if gpu else "float32"),
-    )
-
-
-def run(settings: Settings, argv: Sequence[str]) -> dict:
-    started = time.perf_counter()
-    machine = {**common.machine_info(), "device": common.device_name(settings.device)}
-    logger.info("measuring the %s's memory bandwidth and matmul throughput", settings.device)
-    balance = cm.measure_machine_balance(size_mb=settings.balance_mb, device=settings.device)
-    greedy_order = read_greedy_order(settings.layers_from) if settings.layers_from else None
+def measure(s: Settings) -> dict:
     from dtr_core.models import load_model
     from dtr_core.surgery import num_layers
 
-    teacher, _ = load_model(settings.model)
-    teacher.to(device=settings.device, dtype=DTYPES[settings.dtype]).eval()
+    logger.info("measuring the %s's memory bandwidth and matmul throughput", s.device)
+    balance = cm.measure_machine_balance(size_mb=s.balance_mb, device=s.device)
+    greedy_order = read_greedy_order(s.layers_from) if s.layers_from else None
+    teacher, _ = load_model(s.model)
+    teacher.to(device=s.device, dtype=DTYPES[s.dtype]).eval()
     L = num_layers(teacher)
-    contenders = plan_contenders(L, settings.fractions, greedy_order)
+    contenders = plan_contenders(L, s.fractions, greedy_order)
     logger.info("building %d models: %s", len(contenders), ", ".join(c.name for c in contenders))
-    models, profile = build_models(teacher, settings.mixer, contenders)
+    models, profile = build_models(teacher, s.mixer, contenders)
     kinds = {name: layer_kinds(model) for name, model in models.items()}
-    records = measure(settings, models, profile)
-    analysis = analyse(settings, contenders, kinds, profile, records)
-    return {
-        "benchmark": "inference",
-        "settings": asdict(settings),
-        "commands": common.command_lines("benchmarks.inference", "inference", argv),
-        "machine": machine,
-        "machine_balance": balance,
-        "num_layers": L,
-        "profile": profile.to_dict(),
-        "contenders": [asdict(c) for c in contenders],
-        **analysis,
-        "load_average_end": [round(x, 2) for x in os.getloadavg()],
-        "wall_time_s": time.perf_counter() - started,
-    }
+    records = measure_models(s, models, profile)
+    return {"machine_balance": balance, "num_layers": L, "profile": profile.to_dict(),
+            "contenders": [asdict(c) for c in contenders], **analyse(s, contenders, kinds, profile, records)}
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def _label(context: int) -> str:
+    return f"{context // 1024}K" if context % 1024 == 0 and context >= 1024 else str(context)
+
+
+def _speedup(speedup: dict) -> str:
+    return f"{speedup['median']:.2f}x [{speedup['low']:.2f}-{speedup['high']:.2f}]"
+
+
+def _verdict(met: bool | None) -> str:
+    return "not measured" if met is None else ("**MET**" if met else "**MISSED**")
+
+
+def _device(result: dict) -> str:
+    device = result["machine"].get("device", "cpu")
+    return "CPU" if device == "cpu" else device
+
+
+def _sections(result: dict) -> list[list[str]]:
+    """Contenders, decode (summary and details), prefill, memory and targets, each a list of lines."""
+    s, L = result["settings"], result["num_layers"]
+    label = {c["name"]: "teacher" if c["k"] is None else f"k={c['k']}/{L}" for c in result["contenders"]}
+    table = harness.markdown_table
+    contenders = [[label[c["name"]], ", ".join(map(str, c["linear_layers"])) or "none", c["placement"]]
+                  for c in result["contenders"]]
+    decode, prefill = result["decode"], result["prefill"]
+    contexts = sorted({r["context"] for r in decode})
+    cell = {(r["contender"], r["context"]): f"{r['speedup']['median']:.2f}x ({r['ideal_speedup']:.2f}x)"
+            for r in decode}
+    cpu = lambda t: harness.format_ratio(t["cpu_per_wall"]).rstrip("x")  # noqa: E731
+    details = [[_label(r["context"]), label[r["contender"]], f"{r['time_per_token_s']['median'] * 1e3:.1f}",
+                f"{r['time_per_token_s']['min'] * 1e3:.1f}-{r['time_per_token_s']['max'] * 1e3:.1f}",
+                f"{r['tokens_per_s']:.2f}", _speedup(r["speedup"]), f"{r['ideal_speedup']:.2f}x",
+                f"{r['measured_over_ideal']:.2f}", f"{r['concat_model_speedup']:.2f}x", cpu(r["time_per_token_s"])]
+               for r in decode]
+    prefills = [[_label(r["context"]), label[r["contender"]], harness.format_seconds(r["time_s"]["median"]),
+                 f"{harness.format_seconds(r['time_s']['min'])}-{harness.format_seconds(r['time_s']['max'])}",
+                 f"{r['tokens_per_s']:.0f}", _speedup(r["speedup"]), f"{r['ideal_speedup']:.2f}x",
+                 f"{r['measured_over_ideal']:.2f}", cpu(r["time_s"])] for r in prefill]
+    prefill_by = {(r["contender"], r["context"]): r for r in prefill}
+    memory = []
+    for r in decode:
+        p = prefill_by.get((r["contender"], r["context"]))
+        cache = (p or r)["cache"]
+        exact = "yes" if cache["exact"] and r["cache"]["exact"] else "NO"
+        memory.append([_label(r["context"]), label[r["contender"]], harness.format_bytes(cache["measured"]),
+                       harness.format_bytes(cache["formula"]), exact,
+                       harness.format_bytes(p["peak_bytes"]) if p else "not run",
+                       harness.format_bytes(r["peak_bytes"])])
+    peak = "peak RSS" if _device(result) == "CPU" else "peak GPU memory"
+    t = result["targets"]
+    c, v, h = t["cache_exact"], t["speedup_vs_ideal"], t["headline"]
+    misses = ", ".join(f"{m['phase']} {label.get(m['contender'], m['contender'])} T={_label(m['context'])} "
+                       f"{m['speedup']:.2f}x of {m['ideal']:.2f}x ({m['measured_over_ideal']:.2f})"
+                       for m in sorted(v["misses"], key=lambda m: m["measured_over_ideal"])) or "-"
+    targets = [
+        ["cache = K/V of the full layers + constant linear states", _verdict(c["met"]),
+         f"{c['checked']} caches checked; mismatches: {len(c['mismatches'])}"],
+        [f"every speed-up at T >= {_label(v['min_context'])} >= {v['fraction']} x its ideal", _verdict(v["met"]),
+         f"{v['checked']['decode']} decode, {v['checked']['prefill']} prefill ratios; below: {misses}"],
+        [f"decode {h['contender']} at T={_label(h['context'])} >= {h['target']}x", _verdict(h["met"]),
+         "-" if h["speedup"] is None else f"{_speedup(h['speedup'])}; ideal {h['ideal']:.2f}x, concat-KV model "
+         f"{h['concat_model']:.2f}x"],
+    ]
+    return [
+        ["## Contenders", "", table(["model", "linear layers", "placement"], contenders, "lll")],
+        ["## Decode speed-up vs the teacher: measured (ideal)", "",
+         f"Median over {s['repeats']} repeats of {s['decode_tokens']} greedy steps from a synthetic cache of T tokens.",
+         "", table(["model"] + [f"T={_label(x)}" for x in contexts],
+                   [[label[n]] + [cell[(n, x)] for x in contexts] for n in label]), "",
+         "## Decode details", "",
+         table(["T", "model", "ms/token", "min-max ms", "tokens/s", "speed-up [range]", "ideal", "measured/ideal",
+                "concat-KV model", "cpu/wall"], details)],
+        ["## Prefill", ""] + ([f"Median over {s['prefill_repeats']} repeats of one forward over T tokens.", "",
+                               table(["T", "model", "time", "min-max", "tokens/s", "speed-up [range]", "ideal",
+                                      "measured/ideal", "cpu/wall"], prefills), ""] if prefill else [])
+        + [f"- skipped: {skip['reason']}." for skip in result["prefill_skipped"]],
+        ["## Memory", "", table(["T", "model", "cache (measured)", "formula", "exact", f"{peak} prefill",
+                                 f"{peak} decode"], memory)],
+        ["## Targets", "", table(["target", "verdict", "numbers"], targets, "lll")],
+    ]
+
+
+def markdown(result: dict) -> str:
+    s, b = result["settings"], result["machine_balance"]
+    balance = (f"{b['read_gbps']:.1f} GB/s read, {b['matvec_gbps']:.1f} GB/s matrix-vector, {b['gemm_gflops']:.0f} "
+               f"GFLOP/s float32 matmul ({b['threads']} CPU threads): {b['balance_flop_per_byte']:.1f} FLOP/byte")
+    out = [f"# Inference: {s['model']} teacher vs {s['mixer']} hybrids ({_device(result)}, batch 1)", "",
+           harness.environment(result, {"dtype": s["dtype"], "machine balance": balance}), ""]
+    for section in _sections(result):
+        out += section + ["", harness.footer(result), ""]
+    out += ["## Plots", ""] + [f"![{name[:-4].replace('_', ' ')}]({name})\n" for name in result.get("files", [])
+                               if name.endswith(".png")]
+    return "\n".join(out)
+
+
+def _speedup_series(result: dict, phase: str, contexts: list[int]) -> list[harness.Series]:
+    series = []
+    for c in result["contenders"]:
+        if c["k"] is None:
+            continue
+        mine = {r["context"]: r for r in result[phase] if r["contender"] == c["name"]}
+        label = f"k={c['k']}/{result['num_layers']}"
+        measured = [mine[t]["speedup"]["median"] if t in mine else None for t in contexts]
+        ideal = [mine[t]["ideal_speedup"] if t in mine else None for t in contexts]
+        series.append(harness.Series(f"{label} measured", contexts, measured, group=label))
+        series.append(harness.Series(f"{label} ideal", contexts, ideal, group=label, dashed=True, marker=None))
+    return series
+
+
+def plots(result: dict, out_dir: Path) -> list[str]:
+    """decode_speedup.png, prefill_speedup.png (with 2+ prefill contexts), cache_memory.png."""
+    model, mixer = result["settings"]["model"], result["settings"]["mixer"]
+    names = []
+    for phase in ("decode", "prefill"):
+        contexts = sorted({r["context"] for r in result[phase]})
+        if len(contexts) < (1 if phase == "decode" else 2):
+            continue
+        harness.plot_lines(out_dir / f"{phase}_speedup.png", _speedup_series(result, phase, contexts),
+                           f"{phase.capitalize()} speed-up vs the teacher ({model}, {mixer})", "context T (tokens)",
+                           "speed-up (teacher time / hybrid time)", logx=True, hline=1.0, xticks=contexts,
+                           xticklabels=[_label(t) for t in contexts])
+        names.append(f"{phase}_speedup.png")
+    contexts = sorted({r["context"] for r in result["decode"]})
+    series = []
+    for c in result["contenders"]:
+        if c["k"] == 0:
+            continue  # the same cache as the teacher's
+        mine = {r["context"]: r["cache"] for r in result["decode"] if r["contender"] == c["name"]}
+        label = "teacher (= k=0)" if c["k"] is None else f"k={c['k']}/{result['num_layers']}"
+        for key, dashed in (("measured", False), ("formula", True)):
+            series.append(harness.Series(f"{label} {key}", contexts, [mine[t][key] / 2**20 for t in contexts],
+                                         group=label, dashed=dashed, marker=None if dashed else "o"))
+    harness.plot_lines(out_dir / "cache_memory.png", series, f"Decoding cache size ({model}, batch 1)",
+                       "context T (tokens)", "cache (MiB)", logx=True, logy=True, xticks=contexts,
+                       xticklabels=[_label(t) for t in contexts])
+    return names + ["cache_memory.png"]
+
+
+BENCH = harness.Benchmark("inference", Settings, measure, markdown, plots, check=check,
+                          description=__doc__.split("\n\n")[0], presets={"quick": QUICK},
+                          ok=lambda result: result["targets"]["cache_exact"]["met"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    common.setup_logging()
-    if args.from_json is not None:  # re-render a saved run: same numbers, current report code
-        result = json.loads(Path(args.from_json).read_text())
-        result["targets"] = targets(result["num_layers"], result["decode"], result["prefill"])
-    else:
-        result = run(settings_from_args(args), argv)
-    out_dir = Path(args.out)
-    report = common.publish(out_dir, "inference", result, write_plots(result, out_dir), markdown_report, args.json)
-    if args.doc is not None:
-        common.replace_between_markers(args.doc, "inference", _doc_block(report, out_dir, args.doc))
-    logger.info("wrote %s (run took %.1f min)", out_dir, result["wall_time_s"] / 60)
-    return 0 if result["targets"]["cache_exact"]["met"] else 1
-
-
-def _doc_block(report: str, out_dir: Path, doc: Path) -> str:
-    """The report without its title, image links made relative to the document."""
-    relative = Path(os.path.relpath(out_dir.resolve(), doc.resolve().parent))
-    body = report.split("\n", 1)[1].replace("\n## ", "\n### ")
-    for name in ("decode_speedup.png", "prefill_speedup.png", "cache_memory.png"):
-        body = body.replace(f"]({name})", f"]({(relative / name).as_posix()})")
-    return body
+    return harness.main(BENCH, argv)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ A hybrid of family `f` (llama, qwen2, qwen3, mistral) is a `Dtr<F>ForCausalLM` w
 `dtr_<f>`: the family's own model class whose config adds
     dtr_layer_mixers: ["full", "gated_deltanet", "full", ...]   # one entry per layer
     dtr_mixer_config: {"use_rope": true, ...}                   # MixerConfig of the students
-`import dtr_core` registers these with `AutoConfig` / `AutoModelForCausalLM`, so
+`import dtr_core.hybrid` registers these with `AutoConfig` / `AutoModelForCausalLM`, so
 `AutoModelForCausalLM.from_pretrained(dir)` loads a saved hybrid without `trust_remote_code`, and
 `save_pretrained` writes safetensors. `forward(use_cache=True)` and `generate()` use `HybridCache`:
 a KV cache for full layers and a fixed-size recurrent state for linear ones.

@@ -8,7 +8,8 @@ import random
 import pytest
 
 from benchmarks import all as bench_all
-from benchmarks import distill_cost, placements, recall
+from benchmarks import harness
+from benchmarks import distill_cost, recall, students
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -32,7 +33,7 @@ def test_distill_cost_tiny_run(tmp_path, capsys):
     assert not list((tmp_path / "work").glob("distill-cost-*"))  # scratch folders removed
     report = (tmp_path / "out" / "distill.md").read_text()
     assert "| configuration | wall per layer | training tokens/s |" in report
-    assert "2 workers x 1 thread" in report and "the fastest way to distil was" in report
+    assert "2 workers x 1 thread" in report and "- fastest: " in report
     assert result["commands"]["dtr"] in report
 
 
@@ -68,8 +69,8 @@ def test_recall_tiny_run(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert "in sequences of 32," in result["hybrid"]["source"]
     assert [p.name for p in (tmp_path / "work").iterdir()] == [f"tiny-llama-gated_deltanet-t"
-                                                               f"{placements.QUICK['distill_tokens']}-s32-n"
-                                                               f"{placements.QUICK['distill_steps']}"]
+                                                               f"{students.QUICK_DISTILL['distill_tokens']}-s32-n"
+                                                               f"{students.QUICK_DISTILL['distill_steps']}"]
     assert (tmp_path / "out" / "recall_accuracy.png").read_bytes()[:8] == PNG
     assert result["hybrid"]["linear_layers"] == [1, 3] and result["hybrid"]["mixers"] == ["gated_deltanet"]
     for name in ("teacher", "hybrid"):
@@ -80,11 +81,20 @@ def test_recall_tiny_run(tmp_path, capsys):
         assert len(result["per_prompt"][name]) == 8
     report = (tmp_path / "out" / "recall.md").read_text()
     assert "| probe | context T | prompts | teacher accuracy | hybrid accuracy |" in report
-    assert "Where dtr falls short" in report and result["commands"]["dtr"] in report
-    with pytest.raises(ValueError, match="not both"):
-        recall.settings_from_args(recall.build_parser().parse_args(["--k", "2", "--layers", "1,2"]))
-    with pytest.raises(ValueError, match="budget of students distilled here"):
-        recall.settings_from_args(recall.build_parser().parse_args(["--students", "x", "--distill-steps", "3"]))
+    assert result["commands"]["dtr"] in report
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--k", "2", "--layers", "1,2"], "give --layers or --k, not both"),
+    (["--students", "x", "--distill-steps", "3"], "--distill-steps set(s) the budget of students distilled here"),
+    (["--samples", "0"], "--samples must be >= 1, got 0"),
+])
+def test_recall_refuses_bad_input_before_any_work(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        recall.main(argv + ["--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")])
+    assert exit_info.value.code == 2
+    assert f"error: {message}" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def _fake_outputs(root):
@@ -101,7 +111,7 @@ def test_assemble_only_builds_the_document_from_existing_outputs(tmp_path, capsy
     assert bench_all.main(["--assemble-only", "--out-root", str(root), "--doc", str(doc)]) == 0
     text = doc.read_text()
     assert text.startswith("# dtr benchmarks") and capsys.readouterr().out.startswith("# dtr benchmarks")
-    for bench in bench_all.BENCHES:
+    for bench in harness.REGISTRY:
         assert f"## {bench.title}" in text
     assert "### sentiment: table" in text and "#### sentiment: gap" in text  # headings one level down
     assert "# Placements: title" not in text  # the section heading replaces the report's title
@@ -126,10 +136,10 @@ def test_runs_selected_benchmarks_and_records_failures(tmp_path):
     assert mixers["rows"] and (root / "mixers" / "mixers.md").read_text().startswith("# Linear-attention ops")
     assert json.loads((root / "search" / "search.json").read_text())["same_answer"] is True
     text = doc.read_text()
-    assert "dtr bench mixers --tiny --threads 1 --json" in text  # the exact command beside the mixers table
+    assert f"dtr bench mixers --tiny --threads 1 --out {root / 'mixers'}" in text  # the exact command of its run
     assert "Greedy search cost: tiny-llama" in text
     assert "**Not completed in this run** (`dtr bench recall --model tiny-llama --samples 0 --out " in text
-    assert "): failed — ValueError: --samples must be >= 1, got 0. Log: `" in text
+    assert "): failed — dtr bench recall: error: --samples must be >= 1, got 0. Log: `" in text
     assert (logs / "recall.log").is_file()
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import common
+from benchmarks import harness
 from benchmarks import cost_model as cm
 from benchmarks import inference
 from dtr_core.hybrid import cache_bytes as dtr_cache_bytes
@@ -170,33 +170,27 @@ def test_contender_plans_uniform_and_greedy(tmp_path):
         inference.read_greedy_order(path)
 
 
-def test_common_helpers(tmp_path):
-    timing = common.Timing.from_samples([common.Sample(3.0, 6.0), common.Sample(1.0, 2.0), common.Sample(2.0, 4.0)])
+def test_harness_timing_helpers():
+    timing = harness.Timing.from_samples([harness.Sample(3.0, 6.0), harness.Sample(1.0, 2.0),
+                                          harness.Sample(2.0, 4.0)])
     assert (timing.median, timing.min, timing.max, timing.cpu_per_wall) == (2.0, 1.0, 3.0, 2.0)
-    assert common.ratio_of(timing, timing.scaled(0.5))["median"] == 2.0
+    assert harness.ratio_of(timing, timing.scaled(0.5))["median"] == 2.0
 
     order = []
-    tasks = {name: (lambda name=name: order.append(name) or common.Sample(1.0, 1.0)) for name in "abc"}
-    timings = common.run_interleaved(tasks, repeats=3, warmup=1)
-    assert order == list("abc") + list("abc") + list("bca") + list("cab")
+    tasks = {name: (lambda name=name: order.append(name) or harness.Sample(1.0, 1.0)) for name in "abc"}
+    timings = harness.interleave(tasks, repeats=3, warmup=1)
+    assert order == list("abc") + list("abc") + list("bca") + list("cab")  # rotated every round
     assert all(t.samples == (1.0, 1.0, 1.0) for t in timings.values())
 
-    assert common.markdown_table(["a", "b"], [[1, 2]]) == "| a | b |\n|---|---:|\n| 1 | 2 |"
+    assert harness.markdown_table(["a", "b"], [[1, 2]]) == "| a | b |\n|---|---:|\n| 1 | 2 |"
     with pytest.raises(ValueError):
-        common.markdown_table(["a", "b"], [[1]])
-
-    doc = tmp_path / "doc.md"
-    doc.write_text("intro\n<!-- BEGIN x -->\nold\n<!-- END x -->\noutro\n")
-    common.replace_between_markers(doc, "x", "new table")
-    assert doc.read_text() == "intro\n<!-- BEGIN x -->\nnew table\n<!-- END x -->\noutro\n"
-    with pytest.raises(ValueError, match="BEGIN y"):
-        common.replace_between_markers(doc, "y", "z")
+        harness.markdown_table(["a", "b"], [[1]])
 
 
 def test_peak_rss_sees_a_large_allocation():
-    if not common.peak_rss_supported():
+    if not harness.peak_rss_supported():
         pytest.skip("needs Linux /proc/self/clear_refs")
-    with common.PeakRSS() as peak:
+    with harness.PeakRSS() as peak:
         buffer = torch.ones(32 * 2**20 // 4)  # 32 MiB, touched
         del buffer
     assert 30 * 2**20 <= peak.peak_bytes <= 64 * 2**20
@@ -218,8 +212,9 @@ def test_registered_as_dtr_bench_inference(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         inference.main(["--help"])
     assert exit_info.value.code == 0
-    with pytest.raises(ValueError, match="unknown mixer"):
-        inference.main(["--mixer", "nope"])
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(["--mixer", "nope", "--out", str(tmp_path / "never")])
+    assert exit_info.value.code == 2 and not (tmp_path / "never").exists()  # refused before any work
 
 
 def test_bfloat16_run_keeps_exact_cache_accounting(tmp_path, capsys):
@@ -232,7 +227,9 @@ def test_bfloat16_run_keeps_exact_cache_accounting(tmp_path, capsys):
     assert "(CPU, batch 1)" in (tmp_path / "inference.md").read_text()
 
 
-def test_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
+def test_cuda_without_a_gpu_is_a_clear_error(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="--device cuda needs a CUDA GPU"):
-        inference.main(TINY_ARGS + ["--device", "cuda"])
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(TINY_ARGS + ["--device", "cuda", "--out", str(tmp_path / "never")])
+    assert exit_info.value.code == 2 and not (tmp_path / "never").exists()
+    assert "error: --device cuda needs a CUDA GPU" in capsys.readouterr().err

@@ -28,7 +28,7 @@ def test_tiny_json_has_one_row_per_op_impl_and_length(capsys):
         assert row["unit"] == ("token" if row["impl"] in ("step", "sdpa_decode") else "sequence")
         assert row["vs_sdpa"] is not None and row["vs_sdpa"] > 0
         assert (row["vs_naive"] is None) == (row["op"] == "attention")
-    assert result["meta"]["threads"] == 1
+    assert result["machine"]["torch_threads"] == 1
     assert set(result["crossover"]) == {"gla", "gated_delta_rule"}
 
 
@@ -76,12 +76,13 @@ def test_cuda_device_without_a_gpu_is_one_clear_error(capsys):
     assert "--device cuda needs a CUDA GPU" in capsys.readouterr().err
 
 
-def test_timed_calls_alternate_after_one_warm_up_each(monkeypatch):
+def test_naive_and_chunk_calls_alternate_after_one_warm_up_each(monkeypatch):
     calls = []
-    ticks = iter(range(1000))
-    monkeypatch.setattr(mixers, "_clock", lambda: next(ticks))  # every call takes one tick = 1000 ms
     monkeypatch.setattr(mixers, "REPEAT_BUDGET_S", 3.5)  # past 3 rounds, stop once each fn took > 3.5 s
-    times = mixers._time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], 10,
-                                     [lambda: calls.append("warm a"), None])
-    assert calls == ["warm a", "b"] + ["a", "b"] * 4
-    assert times == [[1000.0] * 4, [1000.0] * 4]
+    ticks = iter(range(1000))
+    monkeypatch.setattr(mixers.harness, "_wall_clock", lambda: next(ticks))  # every call: one second
+    settings = mixers.Settings(lengths=(8,), repeats=10)
+    times = mixers._time(settings, {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                         {"a": lambda: calls.append("warm a")})
+    assert calls == ["warm a", "b"] + ["a", "b"] * 4  # the same order every round: naive, chunk, naive, ...
+    assert times == {"a": [1000.0] * 4, "b": [1000.0] * 4}

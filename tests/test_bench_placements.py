@@ -74,7 +74,8 @@ def test_tiny_run_writes_report_json_and_plots(tiny_run):
     assert "## sentiment: test accuracy vs number of linear layers" in report
     assert "| linear layers k | greedy | uniform | random | local importance | distill loss |" in report
     assert "### sentiment: validation-to-test gap at 5% relative tolerance" in report
-    assert "The teacher scores" in report and "Point acceptance" in report
+    assert "| strategy | largest k within 5% of the teacher (test) |" in report
+    assert "- greedy best or tied-best at " in report
     assert report.count(result["commands"]["dtr"]) >= 3  # top block + beside each of the two tables
 
 
@@ -90,16 +91,18 @@ def test_students_are_reused_and_report_rerenders(tiny_run, tmp_path, capsys):
     assert again["dir"] == first["dir"] == str(tmp_path / "tiny-llama-gated_deltanet-t512-s32-n2" / "students")
 
     before = (out / "placements.md").read_text()
-    assert placements.main(["--out", str(out), "--render-only"]) == 0
+    assert placements.main(["--from-json", str(out / "placements.json")]) == 0
     assert (out / "placements.md").read_text() == before
     assert capsys.readouterr().out.startswith("# Placements")
 
 
-def test_bad_arguments_fail_before_any_work():
-    with pytest.raises(ValueError, match="--val-limit must be >= 1"):
-        placements.settings_from_args(placements.build_parser().parse_args(["--val-limit", "0"]))
-    with pytest.raises(SystemExit):
-        placements.build_parser().parse_args(["--ks", "one"])
+@pytest.mark.parametrize(("argv", "message"), [(["--val-limit", "0"], "--val-limit must be >= 1, got 0"),
+                                               (["--ks", "one"], "argument --ks: expected integers")])
+def test_bad_arguments_fail_before_any_work(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        placements.main(argv + ["--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")])
+    assert exit_info.value.code == 2 and f"error: {message}" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_rerun_reuses_finished_work_and_extends_k(tiny_run, tmp_path):
