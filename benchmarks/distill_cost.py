@@ -79,7 +79,7 @@ def _worker_init(model_name: str, threads: int) -> None:
 
 
 def _worker_distill(layer: int, activations: str, mixer: str, config: dict, out_dir: str) -> dict:
-    from dtr_core.distill import DistillConfig, distill_layer
+    from dtr_core.distill.training import DistillConfig, distill_layer
 
     return distill_layer(_WORKER["model"], layer, activations, mixer, DistillConfig.from_dict(config),
                          out_dir).to_dict()
@@ -102,7 +102,7 @@ class Runner:
             self.pool.shutdown()
 
     def __call__(self, layers: Sequence[int], steps: int) -> tuple[harness.Sample, list[dict]]:
-        from dtr_core.distill import distill_layer
+        from dtr_core.distill.training import distill_layer
 
         config, s = distill_config(steps), self.settings
         out = Path(tempfile.mkdtemp(prefix="distill-cost-", dir=s.work_dir))
@@ -141,12 +141,12 @@ def _spread(values: Sequence[float]) -> dict:
 
 
 def measure(s: Settings) -> dict:
-    from dtr_core.baselines import uniform_layers
-    from dtr_core.capture import capture_activations
-    from dtr_core.conversion import slug
-    from dtr_core.corpus import load_corpus, token_chunks
+    from dtr_core.search.baselines import uniform_layers
+    from dtr_core.distill.capture import capture_activations
+    from dtr_core.run_layout import slug
+    from dtr_core.distill.corpus import load_corpus, token_chunks
     from dtr_core.models import load_model
-    from dtr_core.surgery import num_layers
+    from dtr_core.hybrid.surgery import num_layers
 
     configs = list(CONFIGS) + ([PROCESS_CONFIG] if s.processes else [])
     Path(s.work_dir).mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ docs/BENCHMARKS_INFERENCE.md.
 The teacher and hybrids with k = floor(f L) of its L layers linear (fresh students; the layers in the order of a
 greedy result with `--layers-from`, else evenly interleaved) run in one process at batch 1. Per context T:
 prefill time (up to `--prefill-max`), decode tokens/s from a synthetic T-token cache, the cache's bytes (checked
-equal to `benchmarks.cost_model.cache_bytes` and `dtr_core.hybrid.cache_bytes`) and peak memory. The models are
+equal to `benchmarks.cost_model.cache_bytes` and `dtr_core.hybrid.model.cache_bytes`) and peak memory. The models are
 timed interleaved (`harness.interleave`); speed-ups are ratios of medians to the teacher in the same run, beside
 the cost model's ideal. `--device cuda`: bfloat16 on the GPU, contexts to 64K, all prefilled, fla kernels.
 
@@ -29,7 +29,7 @@ import torch
 from benchmarks import cost_model as cm
 from benchmarks import harness
 from benchmarks.harness import int_list, option
-from dtr_core.baselines import uniform_layers
+from dtr_core.search.baselines import uniform_layers
 
 logger = logging.getLogger("benchmarks.inference")
 
@@ -99,7 +99,7 @@ QUICK = dict(contexts=(256, 1024), fractions=(0.0, 0.5, 1.0), repeats=2, decode_
 
 
 def read_greedy_order(path: str | Path) -> list[int]:
-    """Layer order of a greedy result: the layer chosen in each round (`dtr_core.greedy.GreedyResult` JSON),
+    """Layer order of a greedy result: the layer chosen in each round (`dtr_core.search.decisions.GreedyResult` JSON),
     else its `swap_order` / `opt_layers`, or a plain JSON list of layer indices."""
     data = json.loads(Path(path).read_text())
     if isinstance(data, dict):
@@ -161,7 +161,7 @@ def plan_contenders(
 
 def build_models(teacher, mixer: str, contenders: Sequence[Contender]):
     """({contender name: model}, cost profile). Hybrids get fresh students (the teacher's q/k/v/o copied)."""
-    from dtr_core.hybrid import make_hybrid
+    from dtr_core.hybrid.model import make_hybrid
     from dtr_core.mixers import build_student
 
     models = {}
@@ -179,7 +179,7 @@ def build_models(teacher, mixer: str, contenders: Sequence[Contender]):
 
 
 def layer_kinds(model) -> list[str]:
-    from dtr_core.hybrid import layer_map
+    from dtr_core.hybrid.model import layer_map
 
     return list(layer_map(model))
 
@@ -264,7 +264,7 @@ def decode(model, cache, token: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def _cache_check(profile: cm.ModelProfile, kinds: list[str], model, context: int, measured: int) -> dict:
-    from dtr_core.hybrid import cache_bytes as dtr_cache_bytes
+    from dtr_core.hybrid.model import cache_bytes as dtr_cache_bytes
 
     formula = cm.cache_bytes(profile, kinds, context)
     dtr = dtr_cache_bytes(model, context)
@@ -466,7 +466,7 @@ def targets(num_layers: int, decode_rows: list[dict], prefill_rows: list[dict]) 
 
 def measure(s: Settings) -> dict:
     from dtr_core.models import load_model
-    from dtr_core.surgery import num_layers
+    from dtr_core.hybrid.surgery import num_layers
 
     logger.info("measuring the %s's memory bandwidth and matmul throughput", s.device)
     balance = cm.measure_machine_balance(size_mb=s.balance_mb, device=s.device)

@@ -66,7 +66,7 @@ QUICK = dict(tasks=("sentiment",), ks=(1, 2, 3), val_limit=24, test_limit=24, of
 
 
 def offered_layers(num_layers: int, offered: int | None) -> list[int]:
-    from dtr_core.baselines import uniform_layers
+    from dtr_core.search.baselines import uniform_layers
 
     if offered is None or offered >= num_layers:
         return list(range(num_layers))
@@ -132,7 +132,7 @@ class ResultCache:
         write_json(self.dir / name, value)
 
     def rounds(self) -> list:
-        from dtr_core.greedy import RoundRecord
+        from dtr_core.search.decisions import RoundRecord
 
         records = []
         while (data := self.load(f"round_{len(records):02d}.json")) is not None:
@@ -180,12 +180,12 @@ class _Scores:
 def run_task(model, tokenizer, task_name: str, students: Mapping[int, torch.nn.Module],
              losses: Mapping[int, float], settings: Settings, students_dir: str, student_keys: Mapping) -> dict:
     """Search, baselines and test scores for one task (see the module docstring)."""
-    from dtr_core.acceptance import Acceptance, Tolerance
-    from dtr_core.baselines import distill_loss_layers, local_importance_layers, random_layers, uniform_layers
+    from dtr_core.search.acceptance import Acceptance, Tolerance
+    from dtr_core.search.baselines import distill_loss_layers, local_importance_layers, random_layers, uniform_layers
     from dtr_core.evaluation import get_task
-    from dtr_core.greedy import CandidateScore, greedy_replace
-    from dtr_core.search import FastEvaluator, PlainEvaluator, encode_split
-    from dtr_core.surgery import num_layers
+    from dtr_core.search.decisions import CandidateScore, greedy_replace
+    from dtr_core.search.greedy_search import FastEvaluator, PlainEvaluator, encode_split
+    from dtr_core.hybrid.surgery import num_layers
 
     started = time.perf_counter()
     task = get_task(task_name)
@@ -244,7 +244,7 @@ def run_task(model, tokenizer, task_name: str, students: Mapping[int, torch.nn.M
     acceptance = {}
     for mode in ("point", "bootstrap"):
         try:
-            with _quiet("dtr_core.greedy"):  # a replay re-logs every round and warns about the unused ones
+            with _quiet("dtr_core.search.decisions"):  # a replay re-logs every round and warns about the unused ones
                 replay = greedy_replace(_no_more_rounds, L, available, teacher_val.score, tolerance, Acceptance(mode),
                                         teacher_per_example=teacher_val.per_example,
                                         max_layers=len(forced.rounds), completed_rounds=forced.rounds)
@@ -330,9 +330,9 @@ def _summary(k: int, values: Sequence[float]) -> dict:
 
 
 def measure(s: Settings) -> dict:
-    from dtr_core.distill import load_students, read_layer_results
+    from dtr_core.distill.training import load_students, read_layer_results
     from dtr_core.models import load_model
-    from dtr_core.surgery import num_layers
+    from dtr_core.hybrid.surgery import num_layers
 
     model, tokenizer = load_model(s.model)
     model.eval()

@@ -215,11 +215,11 @@ def summarise(rows: Sequence[dict]) -> list[dict]:
 
 def build_contender(teacher, tokenizer, s: Settings) -> tuple[object, dict]:
     """The hybrid to compare and a description of it."""
-    from dtr_core.baselines import uniform_layers
-    from dtr_core.distill import load_students
-    from dtr_core.hybrid import layer_map, make_hybrid
+    from dtr_core.search.baselines import uniform_layers
+    from dtr_core.distill.training import load_students
+    from dtr_core.hybrid.model import layer_map, make_hybrid
     from dtr_core.models import load_model
-    from dtr_core.surgery import num_layers
+    from dtr_core.hybrid.surgery import num_layers
 
     if s.hybrid is not None:
         hybrid, _ = load_model(s.hybrid)
@@ -252,7 +252,7 @@ def build_contender(teacher, tokenizer, s: Settings) -> tuple[object, dict]:
 
 def measure(s: Settings) -> dict:
     from dtr_core.models import load_model
-    from dtr_core.surgery import num_layers
+    from dtr_core.hybrid.surgery import num_layers
 
     teacher, tokenizer = load_model(s.model)
     teacher.eval()

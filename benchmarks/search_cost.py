@@ -15,8 +15,8 @@ import sys
 
 from benchmarks import harness
 from benchmarks.harness import option
-from dtr_core.acceptance import Tolerance
-from dtr_core.search import FastEvaluator, PlainEvaluator, encode_split, run_greedy_search
+from dtr_core.search.acceptance import Tolerance
+from dtr_core.search.greedy_search import FastEvaluator, PlainEvaluator, encode_split, run_greedy_search
 
 FORCED = Tolerance("absolute", 0.0)  # every score is >= 0: each round commits its best candidate
 
@@ -35,9 +35,9 @@ class Settings:
 
 def _students(model, mixer: str, students_dir: str | None) -> tuple[dict, dict | None]:
     """Students by layer, and an ordering hint for round 0 (negated normalised distillation loss) if known."""
-    from dtr_core.distill import load_students, read_layer_results
+    from dtr_core.distill.training import load_students, read_layer_results
     from dtr_core.mixers import build_student
-    from dtr_core.surgery import attention_module, num_layers
+    from dtr_core.hybrid.surgery import attention_module, num_layers
 
     if students_dir is None:
         return {layer: build_student(mixer, model.config, layer, teacher_attention=attention_module(model, layer))

@@ -26,7 +26,7 @@ WORK_DIR = str(REPO_ROOT / "runs" / "bench")  # students and activations distill
 
 def distill_config(steps: int, seed: int = 0):
     """The DistillConfig of the pipeline's `DistillBudget` with these steps."""
-    from dtr_core.distill import DistillConfig
+    from dtr_core.distill.training import DistillConfig
 
     return DistillConfig(steps=steps, batch_size=DISTILL_BATCH, lr=1e-3, seed=seed,
                          warmup_steps=max(1, round(0.1 * steps)), log_every=max(1, min(10, steps // 10)))
@@ -35,10 +35,10 @@ def distill_config(steps: int, seed: int = 0):
 def ensure_students(model, tokenizer, model_name: str, mixer: str, work_dir: str | os.PathLike,
                     layers: Sequence[int], tokens: int, seq_len: int, steps: int) -> dict:
     """Capture + distil `layers`, reusing finished work; {"dir", "seconds", "distilled", "reused", "failed", ...}."""
-    from dtr_core.capture import capture_activations
-    from dtr_core.conversion import slug
-    from dtr_core.corpus import load_corpus, token_chunks
-    from dtr_core.distill import distill_layer
+    from dtr_core.distill.capture import capture_activations
+    from dtr_core.run_layout import slug
+    from dtr_core.distill.corpus import load_corpus, token_chunks
+    from dtr_core.distill.training import distill_layer
 
     root = Path(work_dir) / f"{slug(model_name)}-{mixer}-t{tokens}-s{seq_len}-n{steps}"
     started = time.perf_counter()

@@ -290,7 +290,16 @@ def _register_commands() -> None:
     _guard_commands(app)
 
 
+# Library chatter that is not the user's business: progress bars per loaded shard, transformers' load reports
+# (their content reaches the user through the error they explain). Set before the libraries are imported;
+# the user's own environment wins.
+QUIET_LIBRARIES = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+                   "TOKENIZERS_PARALLELISM": "false"}
+
+
 def main() -> None:
+    for name, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(name, value)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         _register_commands()

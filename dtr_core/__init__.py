@@ -1,9 +1,16 @@
 """dtr_core: the DtR library (Distill-then-Replace, arXiv 2601.11667) without Prefect or MLflow.
 
-Linear-attention students (`mixers`, ops in `ops`, layout (B, T, H, D)), model surgery (`surgery`,
-`families`), hybrid models that save, load and generate (`hybrid`, `cache`), model sources (`models`),
-phase 1 (`capture`, `distill`), task evaluation (`evaluation`) and phase 2 (`greedy`, `scorer`, `search`,
-`baselines`), with the whole method as one listing in `reference`.
+One folder per phase of the method, next to the pieces they share:
+
+- `distill/`: phase 1, blockwise local distillation (corpus, capture of the teacher, training of students);
+- `search/`: phase 2, greedy replacement (decisions, scorer, evaluators, acceptance, baselines, and the
+  whole method as one listing in `search/reference.py`);
+- `hybrid/`: hybrid models (surgery, model classes, decode cache, build, export);
+- `mixers/` (the linear-attention students) on `ops/` (their recurrences, layout (B, T, H, D));
+- `evaluation/`: tasks and their scoring; `speed.py`: prefill/decode speed and cache size;
+- `models.py` (model sources), `families.py` (the supported decoder families), `preflight.py` (input checks
+  before any work), `artifacts.py` (atomic writes, hashes, the dtr artifact marker), `run_layout.py` (one
+  run folder's paths), `run_lock.py`, `redaction.py`.
 
 `import dtr_core.hybrid` registers the hybrid model classes with transformers' Auto classes
 (`dtr_core.models.load_model` does it itself). The package itself imports nothing heavy, so checks that

@@ -57,7 +57,7 @@ class ModelFacts:
 
 # --- disk -----------------------------------------------------------------------------------------
 
-ACTIVATION_BYTES = 4  # captured inputs and outputs are stored as float32 (dtr_core.capture's default)
+ACTIVATION_BYTES = 4  # captured inputs and outputs are stored as float32 (dtr_core.distill.capture's default)
 SAVED_BYTES = 4  # students and exported hybrids are saved in float32 (load_model's default dtype)
 REPORTS_BYTES = 16 * 2**20  # json, plots, the per-candidate records: a few MB; 16 MB of slack
 

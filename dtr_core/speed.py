@@ -5,7 +5,7 @@ What is measured (batch 1 by default, `torch.inference_mode`, the model's own de
   (a real prompt's cost: the cache is built, only the last position's logits are computed);
 - decode: `decode_tokens` single-token forwards, each feeding back the argmax of the previous step and
   extending the cache left by the prefill; reported as tokens per second and milliseconds per token;
-- cache size: `dtr_core.hybrid.cache_bytes(model, context_len)`, K and V of every full layer plus the
+- cache size: `dtr_core.hybrid.model.cache_bytes(model, context_len)`, K and V of every full layer plus the
   fixed state of every linear layer (computed, not measured: it is exact).
 
 A short warm-up forward runs first (allocator and kernel selection), and the median of `repeats`
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import PreTrainedModel
 
-from dtr_core.hybrid import cache_bytes
+from dtr_core.hybrid.model import cache_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Flow `convert`: the whole DtR conversion of a pretrained transformer for one task, as Prefect tasks.
 
-It follows the numbered listing of `dtr_core/reference.py` (and chooses the same layers; tested):
+It follows the numbered listing of `dtr_core/search/reference.py` (and chooses the same layers; tested):
 
     0. parameters validated before any work; one MLflow parent run with the full config
     1. P_base: the teacher on the task's validation split (search) and test split (report)
@@ -34,7 +34,7 @@ from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from dtr_core.artifacts import write_json, write_marker
-from dtr_core.conversion import RunLayout
+from dtr_core.run_layout import RunLayout
 from dtr_core.redaction import redact
 from dtr_core.run_lock import run_folder_lock
 from flows.benchmark import benchmark as benchmark_flow

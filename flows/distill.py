@@ -15,7 +15,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dtr_core.conversion import RunLayout, slug
+from dtr_core.run_layout import RunLayout, slug
 from flows.params import DistillBudget, MixerName, RunnerParams
 from flows.runners import parallel_threads
 from tasks.capture import capture_task

@@ -117,7 +117,7 @@ class DistillBudget(_Params):
         return self
 
     def distill_config(self, seed: int):
-        from dtr_core.distill import DistillConfig
+        from dtr_core.distill.training import DistillConfig
 
         return DistillConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, seed=seed,
                              warmup_steps=max(1, round(0.1 * self.steps)),  # the module's 10% warm-up
@@ -133,7 +133,7 @@ class ToleranceParams(_Params):
     value: float = Field(0.05, description="The tolerance (relative: a fraction in [0, 1)) or the absolute P_min")
 
     def build(self):
-        from dtr_core.acceptance import Tolerance
+        from dtr_core.search.acceptance import Tolerance
 
         return Tolerance(mode=self.mode, value=self.value)
 
@@ -147,7 +147,7 @@ class AcceptanceParams(_Params):
     resamples: int = Field(2000, ge=1, description="bootstrap: number of resamples")
 
     def build(self, seed: int):
-        from dtr_core.acceptance import Acceptance
+        from dtr_core.search.acceptance import Acceptance
 
         return Acceptance(mode=self.mode, n_resamples=self.resamples, confidence=self.confidence, seed=seed)
 
@@ -229,14 +229,14 @@ class ConvertParams(_Params):
 
     def resolved_run_id(self) -> str:
         from dtr_core.artifacts import hash_json
-        from dtr_core.conversion import slug
+        from dtr_core.run_layout import slug
 
         if self.run_id:
             return self.run_id
         return f"{slug(self.model, 24)}-{slug(self.task.label, 24)}-{hash_json(self.result_dict())[:10]}"
 
     def registered_name(self) -> str:
-        from dtr_core.conversion import slug
+        from dtr_core.run_layout import slug
 
         return self.tracking.model_name or f"dtr-{slug(self.model, 40)}-{slug(self.task.label, 40)}"
 
@@ -304,7 +304,7 @@ def check_params(params: ConvertParams) -> None:
     task data and its splits, the corpus, tolerance and acceptance, then the free disk for the run's estimate.
     """
     from dtr_core import preflight
-    from dtr_core.conversion import RunLayout
+    from dtr_core.run_layout import RunLayout
     from tasks.checks import check_dask_address, check_tracking_uri
     from tasks.tracking import resolve_tracking_uri
 
@@ -340,7 +340,7 @@ def _check_task(task: TaskParams) -> None:
 
 
 def _check_corpus(corpus: str) -> None:
-    from dtr_core.corpus import load_corpus
+    from dtr_core.distill.corpus import load_corpus
 
     if corpus == "bbc":
         return

@@ -2,7 +2,7 @@
 of a round is its own task.
 
 The decisions (argmax with ties to the lowest layer, best/opt bookkeeping, point or bootstrap acceptance,
-caps) are `dtr_core.greedy.greedy_replace`'s; this flow only supplies `score_candidates`, which submits one
+caps) are `dtr_core.search.decisions.greedy_replace`'s; this flow only supplies `score_candidates`, which submits one
 `score_candidate_task` per candidate layer, ordered by last round's scores (round 0: by distillation loss)
 so strong candidates run first and raise the bar for exact early rejection. Each finished round is written
 to `greedy/round_NN.json`, logged to MLflow (parent metric `round_best_score`, step = round) and shown in a
@@ -21,9 +21,9 @@ from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from dtr_core.artifacts import hash_json, read_json, write_json
-from dtr_core.conversion import RunLayout, slug
-from dtr_core.distill import read_layer_results
-from dtr_core.greedy import CandidateScore, RoundRecord, greedy_replace
+from dtr_core.run_layout import RunLayout, slug
+from dtr_core.distill.training import read_layer_results
+from dtr_core.search.decisions import CandidateScore, RoundRecord, greedy_replace
 from flows.distill import eta_text
 from flows.params import AcceptanceParams, MixerName, RunnerParams, TaskParams, ToleranceParams
 from flows.runners import parallel_threads

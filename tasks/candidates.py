@@ -2,7 +2,7 @@
 
 The round's shared work (a copy of the model with the committed layers swapped, and the hidden states
 entering every layer) is built once per process by `runtime.round_scorer`; this task scores one layer
-with it (`dtr_core.scorer.RoundScorer.score`: prefix reuse, exact early rejection shared with the
+with it (`dtr_core.search.scorer.RoundScorer.score`: prefix reuse, exact early rejection shared with the
 round's other candidates in the process). Every scored candidate is written to `greedy/candidates/rNN_lLLL.json` with a key over everything
 that decides it, so a run killed in the middle of a round resumes without rescoring finished candidates.
 """
@@ -21,7 +21,7 @@ from tasks.tracking import Tracking
 
 def candidate_key(run_key: str, students_dir: str, committed: tuple[int, ...], layer: int) -> str:
     from dtr_core.artifacts import hash_json, read_json
-    from dtr_core.distill import META, layer_dir
+    from dtr_core.distill.training import META, layer_dir
 
     students = {str(i): read_json(layer_dir(students_dir, i) / META)["key"] for i in (*committed, layer)}
     return hash_json({"run": run_key, "committed": list(committed), "layer": layer, "students": students})

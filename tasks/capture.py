@@ -1,4 +1,4 @@
-"""Task: capture the teacher's attention inputs/outputs for distillation (one `dtr_core.capture` call)."""
+"""Task: capture the teacher's attention inputs/outputs for distillation (one `dtr_core.distill.capture` call)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ def capture_task(model: str, corpus: str, tokens: int, seq_len: int, out_dir: st
 
     Returns a small summary of the manifest (layers, sequences, seconds, reused).
     """
-    from dtr_core.capture import capture_activations
-    from dtr_core.corpus import load_corpus, token_chunks
+    from dtr_core.distill.capture import capture_activations
+    from dtr_core.distill.corpus import load_corpus, token_chunks
 
     with runtime.torch_threads(threads):
         teacher, tokenizer = runtime.teacher(model)

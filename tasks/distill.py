@@ -1,4 +1,4 @@
-"""Task: distil one layer's student (one `dtr_core.distill.distill_layer` call) and log its MLflow child run."""
+"""Task: distil one layer's student (one `dtr_core.distill.training.distill_layer` call) and log its MLflow child run."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def distill_layer_task(model: str, layer: int, activations_dir: str, students_di
     never offers it. A reused student whose weights changed on disk is trained again (`distill_layer`).
     """
     from dtr_core.artifacts import read_json
-    from dtr_core.distill import META, DistillConfig, distill_layer, layer_dir
+    from dtr_core.distill.training import META, DistillConfig, distill_layer, layer_dir
 
     with runtime.torch_threads(threads):
         teacher, _ = runtime.teacher(model)

@@ -18,7 +18,7 @@ from tasks import runtime
 def _model_key(model: str) -> str:
     """What identifies the model's weights: the export key of a hybrid folder, else the source string
     (built-in names are fixed), plus a content fingerprint for other folders and hub ids."""
-    from dtr_core.export import read_export_info
+    from dtr_core.hybrid.export import read_export_info
     from dtr_core.models import BUILTIN_MODELS, model_fingerprint
 
     info = read_export_info(model) if Path(model).is_dir() else None

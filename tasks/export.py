@@ -1,4 +1,4 @@
-"""Task: export M_best / M_opt as a save_pretrained hybrid folder (one `dtr_core.export` call)."""
+"""Task: export M_best / M_opt as a save_pretrained hybrid folder (one `dtr_core.hybrid.export` call)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tasks import runtime
 def export_task(model: str, students_dir: str, layers: list[int], mixer: str, out_dir: str, role: str,
                 metadata: dict[str, Any], threads: int) -> dict[str, Any]:
     """Build and save the hybrid with `layers` linear; returns its `dtr_export.json` contents (+ path)."""
-    from dtr_core.export import export_hybrid
+    from dtr_core.hybrid.export import export_hybrid
 
     with runtime.torch_threads(threads):
         teacher, tokenizer = runtime.teacher(model)

@@ -105,7 +105,7 @@ def publish_summary_task(summary: dict[str, Any], summary_file: str, tracking: T
     from prefect.artifacts import create_markdown_artifact
 
     from dtr_core.artifacts import write_json
-    from dtr_core.conversion import slug
+    from dtr_core.run_layout import slug
 
     if tracking is not None:
         metrics: dict[str, float] = {"seconds": summary["seconds"]}

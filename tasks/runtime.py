@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 _lock = threading.Lock()
 _key_locks: dict[Any, threading.Lock] = {}
 _cache: dict[Any, Any] = {}
-_round: dict[str, Any] = {}  # {"key": ..., "scorer": dtr_core.scorer.RoundScorer}
+_round: dict[str, Any] = {}  # {"key": ..., "scorer": dtr_core.search.scorer.RoundScorer}
 
 
 def _default_threads() -> int:
@@ -96,14 +96,14 @@ def task(task_params: Any):
 
 def students(students_dir: str, source: str, mixer: str) -> dict[int, torch.nn.Module]:
     """The distilled students of a run, loaded once per process (eval mode, shared read-only)."""
-    from dtr_core.distill import load_students
+    from dtr_core.distill.training import load_students
 
     model, _ = teacher(source)
     return cached(("students", students_dir, source, mixer), lambda: load_students(students_dir, model, mixer))
 
 
 def validation_batches(source: str, task_params: Any, split: str, limit: int | None):
-    from dtr_core.search import encode_split
+    from dtr_core.search.greedy_search import encode_split
 
     _, tokenizer = teacher(source)
     return cached(("batches", source, task_params.model_dump_json(), split, limit),
@@ -112,9 +112,9 @@ def validation_batches(source: str, task_params: Any, split: str, limit: int | N
 
 def round_scorer(source: str, task_params: Any, students_dir: str, mixer: str, committed: tuple[int, ...],
                  limit: int | None, split: str = "validation"):
-    """The `dtr_core.scorer.RoundScorer` of the round that has `committed` layers linear (built once per
+    """The `dtr_core.search.scorer.RoundScorer` of the round that has `committed` layers linear (built once per
     process, on a private copy of the teacher with those layers swapped, traced over the batches)."""
-    from dtr_core.scorer import CommittedHybrid, RoundScorer
+    from dtr_core.search.scorer import CommittedHybrid, RoundScorer
 
     key = (source, task_params.model_dump_json(), students_dir, mixer, tuple(committed), limit, split)
     with _key_lock("round"):

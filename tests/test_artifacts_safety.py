@@ -112,7 +112,7 @@ def test_an_alias_link_is_replaced_without_touching_its_target(tmp_path):
 def test_a_saved_hybrid_with_the_marker_loads_and_refuses_a_user_folder(tmp_path, tiny_llama):
     from transformers import AutoModelForCausalLM
 
-    from dtr_core.build_hybrid import build_hybrid, save_hybrid
+    from dtr_core.hybrid.build import build_hybrid, save_hybrid
 
     teacher, tokenizer = tiny_llama
     hybrid = build_hybrid(teacher, [1], "gla")

@@ -1,10 +1,10 @@
-"""Placement baselines (dtr_core/baselines.py): valid, sized, deterministic layer sets."""
+"""Placement baselines (dtr_core/search/baselines.py): valid, sized, deterministic layer sets."""
 
 from __future__ import annotations
 
 import pytest
 
-from dtr_core.baselines import distill_loss_layers, local_importance_layers, random_layers, uniform_layers
+from dtr_core.search.baselines import distill_loss_layers, local_importance_layers, random_layers, uniform_layers
 
 
 def _valid(layers, k, num_layers, pool=None):

@@ -10,8 +10,8 @@ import torch
 from benchmarks import harness
 from benchmarks import cost_model as cm
 from benchmarks import inference
-from dtr_core.hybrid import cache_bytes as dtr_cache_bytes
-from dtr_core.hybrid import make_hybrid
+from dtr_core.hybrid.model import cache_bytes as dtr_cache_bytes
+from dtr_core.hybrid.model import make_hybrid
 from dtr_core.mixers import build_student
 from dtr_core.models import load_model
 

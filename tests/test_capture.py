@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 
 from dtr_core.artifacts import atomic_dir, atomic_path, hash_json, read_json, sha256_file, write_json
-from dtr_core.capture import capture_activations, open_layer_activations, read_manifest, verify_capture
-from dtr_core.surgery import attention_module, decoder_layers, num_layers
+from dtr_core.distill.capture import capture_activations, open_layer_activations, read_manifest, verify_capture
+from dtr_core.hybrid.surgery import attention_module, decoder_layers, num_layers
 
 N, T = 5, 24  # odd sizes: the last batch of 2 is partial
 
@@ -193,7 +193,7 @@ def test_damaged_capture_is_captured_again(teacher, token_ids, tmp_path, caplog,
     calls = []
     handle = attention_module(teacher, 0).register_forward_hook(lambda *args: calls.append(1))
     try:
-        with caplog.at_level("WARNING", logger="dtr_core.capture"):
+        with caplog.at_level("WARNING", logger="dtr_core.distill.capture"):
             again = capture_activations(teacher, token_ids, tmp_path, layers=[0, 1])
     finally:
         handle.remove()

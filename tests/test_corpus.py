@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dtr_core.corpus import bbc_held_out_uids, load_corpus, token_chunks
+from dtr_core.distill.corpus import bbc_held_out_uids, load_corpus, token_chunks
 from dtr_core.evaluation import datasets_builtin, get_task
 from dtr_core.models import byte_tokenizer
 

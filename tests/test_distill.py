@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dtr_core.capture import capture_activations, open_layer_activations
-from dtr_core.distill import DistillConfig, LayerResult, distill_layer, load_students, read_layer_results
+from dtr_core.distill.capture import capture_activations, open_layer_activations
+from dtr_core.distill.training import DistillConfig, LayerResult, distill_layer, load_students, read_layer_results
 from dtr_core.mixers import MIXERS, MixerConfig
-from dtr_core.surgery import attention_module, restore_layers, swap_layers
+from dtr_core.hybrid.surgery import attention_module, restore_layers, swap_layers
 
 N, T = 20, 32
 FAST = DistillConfig(steps=40, batch_size=4, log_every=5, max_eval_sequences=4)
@@ -92,7 +92,7 @@ def test_distillation_beats_the_copied_student(teacher, activations, tmp_path, m
 
 @pytest.mark.parametrize("mixer", sorted(MIXERS))
 def test_output_calibration_is_the_least_squares_scale(teacher, activations, mixer):
-    from dtr_core.distill import _calibrate_output_scale
+    from dtr_core.distill.training import _calibrate_output_scale
     from dtr_core.mixers import build_student
 
     student = build_student(mixer, teacher.config, 1, teacher_attention=attention_module(teacher, 1))

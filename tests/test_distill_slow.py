@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from dtr_core.capture import capture_activations
-from dtr_core.distill import DistillConfig, distill_layer, load_students
+from dtr_core.distill.capture import capture_activations
+from dtr_core.distill.training import DistillConfig, distill_layer, load_students
 
 logger = logging.getLogger(__name__)
 
@@ -22,10 +22,10 @@ CONFIG = DistillConfig(steps=60)
 
 @pytest.mark.slow
 def test_smollm2_distil_two_layers_then_evaluate(tmp_path, record_property):
-    from dtr_core.corpus import load_corpus, token_chunks
+    from dtr_core.distill.corpus import load_corpus, token_chunks
     from dtr_core.evaluation import evaluate
     from dtr_core.models import load_model
-    from dtr_core.surgery import restore_layers, swap_layers
+    from dtr_core.hybrid.surgery import restore_layers, swap_layers
 
     model, tokenizer = load_model("smollm2-135m")
     token_ids = token_chunks(load_corpus("bbc"), tokenizer, SEQ_LEN, TOKEN_BUDGET)

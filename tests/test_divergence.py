@@ -15,13 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dtr_core.acceptance import Tolerance
+from dtr_core.search.acceptance import Tolerance
 from dtr_core.artifacts import read_json
-from dtr_core.capture import capture_activations
-from dtr_core.distill import DistillConfig, distill_layer, load_students, read_layer_results
+from dtr_core.distill.capture import capture_activations
+from dtr_core.distill.training import DistillConfig, distill_layer, load_students, read_layer_results
 from dtr_core.evaluation.tasks import ClassificationTask, Example
 from dtr_core.mixers import MIXERS
-from dtr_core.search import encode_split, run_greedy_search
+from dtr_core.search.greedy_search import encode_split, run_greedy_search
 
 N, T = 20, 32
 FAST = DistillConfig(steps=40, batch_size=4, log_every=5, max_eval_sequences=4)
@@ -152,7 +152,7 @@ def test_corrupted_student_is_distilled_again_bit_for_bit(teacher, activations, 
     with pytest.raises(ValueError, match="run the same conversion again") as refused:
         load_students(tmp_path, teacher)
     assert str(path) in str(refused.value)
-    with caplog.at_level(logging.WARNING, logger="dtr_core.distill"):
+    with caplog.at_level(logging.WARNING, logger="dtr_core.distill.training"):
         healed = distill_layer(teacher, 2, activations, "gated_deltanet", FAST, tmp_path)
     assert str(path) in caplog.text
     if damage != "garbage-meta":

@@ -29,7 +29,7 @@ def conversion(prefect_harness, tmp_path_factory):
 
 def test_run_folder_is_complete(conversion):
     from dtr_core.artifacts import read_json
-    from dtr_core.conversion import RunLayout
+    from dtr_core.run_layout import RunLayout
 
     params, summary = conversion
     layout = RunLayout(summary["run_dir"])
@@ -145,14 +145,14 @@ def test_summary_json_round_trips(conversion):
 
 
 def test_flow_chooses_the_same_layers_as_the_reference_listing(conversion, tmp_path):
-    """dtr_core/reference.py (plain loops, one full evaluation per candidate) on the same inputs."""
+    """dtr_core/search/reference.py (plain loops, one full evaluation per candidate) on the same inputs."""
     from transformers import AutoTokenizer
 
     from dtr_core.artifacts import read_json
-    from dtr_core.corpus import load_corpus, token_chunks
+    from dtr_core.distill.corpus import load_corpus, token_chunks
     from dtr_core.evaluation import get_task
     from dtr_core.models import load_model
-    from dtr_core.reference import run_reference
+    from dtr_core.search.reference import run_reference
 
     params, summary = conversion
     trajectory = read_json(summary["run_dir"] + "/greedy/trajectory.json")
@@ -199,7 +199,7 @@ def test_pyfunc_generates_for_language_modelling_tasks(conversion, tmp_path):
 def test_m_opt_equal_to_m_best_is_one_folder_and_one_registered_version(conversion, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from dtr_core.conversion import RunLayout
+    from dtr_core.run_layout import RunLayout
     from tasks.pyfunc_model import task_card
     from tasks.registry import register_task
     from tasks.runtime import task as build_task

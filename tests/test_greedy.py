@@ -1,4 +1,4 @@
-"""Greedy search decisions (dtr_core/greedy.py) and acceptance rules (dtr_core/acceptance.py) on hand-built
+"""Greedy search decisions (dtr_core/search/decisions.py) and acceptance rules (dtr_core/search/acceptance.py) on hand-built
 score tables: no model involved."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from dtr_core.acceptance import Acceptance, Tolerance, accept_point, bootstrap_lcb, decide
-from dtr_core.greedy import CandidateScore, GreedyResult, RoundRecord, greedy_replace, layer_cap, select_next_layer
+from dtr_core.search.acceptance import Acceptance, Tolerance, accept_point, bootstrap_lcb, decide
+from dtr_core.search.decisions import CandidateScore, GreedyResult, RoundRecord, greedy_replace, layer_cap, select_next_layer
 
 # Teacher 0.80, relative 5% -> P_min = 0.76. Keys: the committed set before the round.
 TABLE = {

@@ -7,10 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import dtr_core.hybrid  # noqa: F401  registers the hybrid classes
-from dtr_core.hybrid import cache_bytes, layer_map, make_hybrid
+from dtr_core.hybrid.model import cache_bytes, layer_map, make_hybrid
 from dtr_core.mixers import MIXERS, build_student
 from dtr_core.models import random_model
-from dtr_core.surgery import attention_module, restore_layers, swap_layers
+from dtr_core.hybrid.surgery import attention_module, restore_layers, swap_layers
 
 FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"]
 

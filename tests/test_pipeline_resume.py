@@ -21,10 +21,10 @@ def _registered_names(client) -> list[str]:
 
 
 def test_failed_runs_register_nothing_and_resume(tmp_path, monkeypatch):
-    import dtr_core.scorer
-    import dtr_core.distill
+    import dtr_core.search.scorer
+    import dtr_core.distill.training
     from dtr_core.artifacts import read_json
-    from dtr_core.conversion import RunLayout
+    from dtr_core.run_layout import RunLayout
     from flows.convert import run_convert
 
     params = tiny_params(tmp_path)
@@ -32,14 +32,14 @@ def test_failed_runs_register_nothing_and_resume(tmp_path, monkeypatch):
     client = mlflow_client(params)
 
     # 1. the run dies while distilling layer 2
-    real_distill = dtr_core.distill.distill_layer
+    real_distill = dtr_core.distill.training.distill_layer
 
     def distill_dies_on_layer_2(model, layer_idx, *args, **kwargs):
         if layer_idx == 2:
             raise RuntimeError("simulated crash in layer 2")
         return real_distill(model, layer_idx, *args, **kwargs)
 
-    monkeypatch.setattr(dtr_core.distill, "distill_layer", distill_dies_on_layer_2)
+    monkeypatch.setattr(dtr_core.distill.training, "distill_layer", distill_dies_on_layer_2)
     with pytest.raises(Exception, match="simulated crash"):
         run_convert(params)
     monkeypatch.undo()
@@ -53,14 +53,14 @@ def test_failed_runs_register_nothing_and_resume(tmp_path, monkeypatch):
     trained_at = {p.parent.name: p.stat().st_mtime_ns for p in layout.students.glob("*/meta.json")}
 
     # 2. the next run dies in greedy round 1 (same process: models stay cached, as in a long-lived worker)
-    real_score = dtr_core.scorer.RoundScorer.score
+    real_score = dtr_core.search.scorer.RoundScorer.score
 
     def score_dies_in_round_1(self, layer):
         if self.committed:
             raise RuntimeError("simulated crash in round 1")
         return real_score(self, layer)
 
-    monkeypatch.setattr(dtr_core.scorer.RoundScorer, "score", score_dies_in_round_1)
+    monkeypatch.setattr(dtr_core.search.scorer.RoundScorer, "score", score_dies_in_round_1)
     with pytest.raises(Exception, match="simulated crash in round 1"):
         run_convert(params)
     monkeypatch.undo()

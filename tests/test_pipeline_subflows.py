@@ -10,7 +10,7 @@ pytestmark = pytest.mark.usefixtures("prefect_harness", "fresh_runtime_cache")
 
 def test_distill_replace_evaluate_benchmark_alone(tmp_path):
     from dtr_core.artifacts import read_json
-    from dtr_core.conversion import RunLayout
+    from dtr_core.run_layout import RunLayout
     from flows.benchmark import benchmark
     from flows.distill import distill
     from flows.evaluate import evaluate

@@ -1,4 +1,4 @@
-"""The reference listing (dtr_core/reference.py) is the oracle: the library's optimised path
+"""The reference listing (dtr_core/search/reference.py) is the oracle: the library's optimised path
 (`run_greedy_search`: the fast scorer through `FastEvaluator` + greedy_replace, on the same distilled
 students) must choose the same swap order, M_best and M_opt, with the same scores."""
 
@@ -9,12 +9,12 @@ import random
 import pytest
 import torch
 
-from dtr_core.acceptance import Tolerance
-from dtr_core.distill import DistillConfig, load_students, read_layer_results
+from dtr_core.search.acceptance import Tolerance
+from dtr_core.distill.training import DistillConfig, load_students, read_layer_results
 from dtr_core.evaluation.tasks import ClassificationTask, Example, LanguageModelingTask
 from dtr_core.models import load_model
-from dtr_core.reference import run_reference
-from dtr_core.search import encode_split, run_greedy_search
+from dtr_core.search.reference import run_reference
+from dtr_core.search.greedy_search import encode_split, run_greedy_search
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,4 +1,4 @@
-"""The fast greedy scorer (dtr_core/scorer.py) against the plain forms: `PlainEvaluator`'s full scores and the
+"""The fast greedy scorer (dtr_core/search/scorer.py) against the plain forms: `PlainEvaluator`'s full scores and the
 reference listing's swap order and scores, with early rejection on and off, on one thread and several."""
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ import torch
 from test_reference import distilled, toy_tasks  # noqa: F401  (a fixture: tiny-llama with students distilled)
 from test_search import _one_thread, six_layer_llama, students_for, toy_classification, toy_lm  # noqa: F401
 
-from dtr_core import layerwise
-from dtr_core.acceptance import Tolerance
-from dtr_core.distill import load_students
+from dtr_core.search import layerwise
+from dtr_core.search.acceptance import Tolerance
+from dtr_core.distill.training import load_students
 from dtr_core.evaluation.metrics import accuracy, score_upper_bound
-from dtr_core.greedy import greedy_replace, select_next_layer
+from dtr_core.search.decisions import greedy_replace, select_next_layer
 from dtr_core.models import byte_tokenizer
-from dtr_core.reference import run_reference
-from dtr_core.scorer import CommittedHybrid, RoundScorer, rejected
-from dtr_core.search import PlainEvaluator, encode_split
-from dtr_core.surgery import attention_module, decoder_layers
+from dtr_core.search.reference import run_reference
+from dtr_core.search.scorer import CommittedHybrid, RoundScorer, rejected
+from dtr_core.search.greedy_search import PlainEvaluator, encode_split
+from dtr_core.hybrid.surgery import attention_module, decoder_layers
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Fast candidate evaluation (dtr_core/layerwise.py; the fast scorer dtr_core/scorer.py through
+"""Fast candidate evaluation (dtr_core/search/layerwise.py; the fast scorer dtr_core/search/scorer.py through
 search.FastEvaluator): bit-identical logits from cached hidden states, and the fast search choosing exactly
 what the plain search chooses."""
 
@@ -11,14 +11,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dtr_core import layerwise
-from dtr_core.acceptance import Acceptance, Tolerance
+from dtr_core.search import layerwise
+from dtr_core.search.acceptance import Acceptance, Tolerance
 from dtr_core.evaluation.tasks import ClassificationTask, Example, LanguageModelingTask
-from dtr_core.greedy import select_next_layer
+from dtr_core.search.decisions import select_next_layer
 from dtr_core.mixers import build_student
 from dtr_core.models import TINY_CONFIGS, byte_tokenizer, load_model
-from dtr_core.search import FastEvaluator, PlainEvaluator, encode_split, run_greedy_search
-from dtr_core.surgery import attention_module, restore_layers, swap_layers
+from dtr_core.search.greedy_search import FastEvaluator, PlainEvaluator, encode_split, run_greedy_search
+from dtr_core.hybrid.surgery import attention_module, restore_layers, swap_layers
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dtr_core.build_hybrid import build_hybrid, save_hybrid
-from dtr_core.hybrid import cache_bytes, layer_map, make_hybrid
+from dtr_core.hybrid.build import build_hybrid, save_hybrid
+from dtr_core.hybrid.model import cache_bytes, layer_map, make_hybrid
 from dtr_core.models import load_model
 
 pytestmark = pytest.mark.slow

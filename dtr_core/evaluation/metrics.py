@@ -7,7 +7,7 @@ Per-example values (`EvalResult.per_example`, `weights`):
 
 `aggregate_score` recomputes a score from any subset (paired bootstrap resamples examples);
 `score_upper_bound` is the best score still reachable after part of the examples is seen: the one bound
-behind the fast greedy scorer's exact early rejection (`dtr_core/scorer.py`).
+behind the fast greedy scorer's exact early rejection (`dtr_core/search/scorer.py`).
 """
 
 from __future__ import annotations

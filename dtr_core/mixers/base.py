@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from dtr_core.cache import recurrent_layer
+from dtr_core.hybrid.state_cache import recurrent_layer
 from dtr_core.families import get_family
 from dtr_core.ops.common import DEFAULT_CHUNK_SIZE
 

@@ -140,7 +140,7 @@ def capture_activations(
     `"reused": True` added when an existing complete capture was returned.
     """
     from dtr_core.models import model_fingerprint
-    from dtr_core.surgery import attention_module, num_layers
+    from dtr_core.hybrid.surgery import attention_module, num_layers
 
     if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 2 or token_ids.dtype != torch.long:
         raise ValueError("token_ids must be a LongTensor of shape [N, seq_len]")

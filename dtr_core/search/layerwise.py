@@ -9,7 +9,7 @@ reproduced too). `logits_from` then calls layers `start..L-1` with those argumen
 LM head, as `LlamaModel.forward` / `LlamaForCausalLM.forward` do in transformers 5.24. Nothing is
 re-derived, so the logits equal the model's own bit for bit (tested in tests/test_search.py). A
 `substitute` module runs in place of a decoder layer without touching the model (the fast scorer,
-`dtr_core/scorer.py`, runs a candidate's student this way while other threads use the same model).
+`dtr_core/search/scorer.py`, runs a candidate's student this way while other threads use the same model).
 
 Memory: one kept layer costs B x T x hidden floats per batch; all layers of a split cost
 N x T x hidden x L floats (`hidden_bytes`). `checkpoint_layers` picks an evenly spaced subset under a
@@ -28,7 +28,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_utils import slice_logits_to_keep
 
-from dtr_core.surgery import decoder_layers
+from dtr_core.hybrid.surgery import decoder_layers
 
 __all__ = [
     "BatchTrace",

@@ -22,8 +22,8 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dtr_core.artifacts import atomic_dir, hash_json, read_json, write_json
-from dtr_core.build_hybrid import build_hybrid
-from dtr_core.hybrid import layer_map
+from dtr_core.hybrid.build import build_hybrid
+from dtr_core.hybrid.model import layer_map
 
 logger = logging.getLogger(__name__)
 

@@ -3,16 +3,16 @@
 Artifact layout of one conversion (docs/DESIGN.md), every file written atomically:
 ```
 runs/<run_id>/config.json                     the validated parameters (JSON)
-runs/<run_id>/activations/                    dtr_core.capture (manifest.json written last)
-runs/<run_id>/students/layer_007/             dtr_core.distill (meta.json written last)
+runs/<run_id>/activations/                    dtr_core.distill.capture (manifest.json written last)
+runs/<run_id>/students/layer_007/             dtr_core.distill.training (meta.json written last)
 runs/<run_id>/greedy/candidates/r03_l007.json one scored candidate of round 3 (resume inside a round)
-runs/<run_id>/greedy/round_03.json            a finished round (dtr_core.greedy.RoundRecord)
+runs/<run_id>/greedy/round_03.json            a finished round (dtr_core.search.decisions.RoundRecord)
 runs/<run_id>/greedy/trajectory.json          the search's answer (GreedyResult)
-runs/<run_id>/hybrids/{best,opt}/             dtr_core.export (dtr_export.json inside, written last)
+runs/<run_id>/hybrids/{best,opt}/             dtr_core.hybrid.export (dtr_export.json inside, written last)
 runs/<run_id>/reports/                        evaluations, speed, plots
 runs/<run_id>/summary.json                    written last of all: the run completed
 ```
-The greedy round's scorer, which the pipeline runs one candidate per task, is `dtr_core/scorer.py`.
+The greedy round's scorer, which the pipeline runs one candidate per task, is `dtr_core/search/scorer.py`.
 """
 
 from __future__ import annotations

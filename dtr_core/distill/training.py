@@ -2,7 +2,7 @@
 
 For layer l the student starts from the teacher attention's q/k/v/o (see `dtr_core/mixers/base.py`)
 and is trained, alone, to reproduce the teacher attention's output from the teacher's own input
-hidden states (teacher forcing, read from a capture made by `dtr_core.capture`). Layers never
+hidden states (teacher forcing, read from a capture made by `dtr_core.distill.capture`). Layers never
 depend on each other, so they can run in any order, in parallel, or be retried one at a time.
 
 Decisions the paper leaves open, taken here:
@@ -54,7 +54,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from dtr_core.artifacts import atomic_dir, hash_json, read_json, sha256_file, write_json
-from dtr_core.capture import open_layer_activations, read_manifest
+from dtr_core.distill.capture import open_layer_activations, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def distill_layer(
     """
     from dtr_core.mixers import MixerConfig, build_student, get_mixer_class
     from dtr_core.models import model_fingerprint
-    from dtr_core.surgery import attention_module, check_layer_index
+    from dtr_core.hybrid.surgery import attention_module, check_layer_index
 
     if not isinstance(config, DistillConfig):
         raise ValueError(f"config must be a DistillConfig, got {type(config).__name__}")

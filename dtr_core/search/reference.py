@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from dtr_core.capture import capture_activations
-from dtr_core.distill import DistillConfig, distill_layer, load_students
+from dtr_core.distill.capture import capture_activations
+from dtr_core.distill.training import DistillConfig, distill_layer, load_students
 from dtr_core.evaluation import Task, evaluate
-from dtr_core.surgery import num_layers, restore_layers, swap_layers
+from dtr_core.hybrid.surgery import num_layers, restore_layers, swap_layers
 
 
 def run_reference(

@@ -12,7 +12,7 @@ repeat:
 The search also stops when every offered layer is linear, or at a cap (`max_layers`, `target_fraction`).
 How P_l is computed is not this module's business: the caller passes `score_candidates`, either the plain
 evaluator (`search.PlainEvaluator`: one full forward per candidate, the paper's cost) or the fast scorer
-(`dtr_core/scorer.py`, through `search.FastEvaluator` or the flow's one task per candidate); both give the
+(`dtr_core/search/scorer.py`, through `search.FastEvaluator` or the flow's one task per candidate); both give the
 same answer. Candidates rejected early by an exact bound come back with `score=None`;
 they can never be the argmax.
 
@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from dtr_core.acceptance import Acceptance, Tolerance, decide
+from dtr_core.search.acceptance import Acceptance, Tolerance, decide
 
 __all__ = [
     "Acceptance",

@@ -1,4 +1,4 @@
-"""The fast greedy scorer: the candidates of one round of DtR's greedy search (dtr_core/greedy.py), scored one
+"""The fast greedy scorer: the candidates of one round of DtR's greedy search (dtr_core/search/decisions.py), scored one
 at a time, with exactly the scores a full forward of every candidate gives.
 
 A round has the committed hybrid M (the teacher with the committed layers' students swapped in) and scores
@@ -47,13 +47,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from dtr_core import layerwise
+from dtr_core.search import layerwise
 from dtr_core.evaluation.metrics import score_upper_bound
 from dtr_core.evaluation.results import summarize
 from dtr_core.evaluation.scoring import BatchScores, EncodedBatch, model_inputs, score_logits
 from dtr_core.evaluation.tasks import Task
-from dtr_core.greedy import CandidateScore
-from dtr_core.surgery import decoder_layers, num_layers, swap_layers
+from dtr_core.search.decisions import CandidateScore
+from dtr_core.hybrid.surgery import decoder_layers, num_layers, swap_layers
 
 __all__ = [
     "DEFAULT_CACHE_LIMIT_BYTES",

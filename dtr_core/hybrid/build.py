@@ -15,9 +15,9 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dtr_core.artifacts import atomic_dir
-from dtr_core.hybrid import make_hybrid
+from dtr_core.hybrid.model import make_hybrid
 from dtr_core.mixers import MixerConfig, build_student, get_mixer_class
-from dtr_core.surgery import attention_module, check_layer_index
+from dtr_core.hybrid.surgery import attention_module, check_layer_index
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def build_hybrid(
     for layer_idx in layers:
         check_layer_index(model, layer_idx)
     if students_dir is not None:
-        from dtr_core.distill import load_students
+        from dtr_core.distill.training import load_students
 
         if not Path(students_dir).is_dir():
             raise FileNotFoundError(f"students folder {students_dir} does not exist; pass the `students` folder of a run")

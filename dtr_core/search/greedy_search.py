@@ -1,5 +1,5 @@
-"""Candidate evaluators for the greedy search (dtr_core/greedy.py): the paper's plain cost, and the fast
-scorer (dtr_core/scorer.py) driving the same search to the same answer.
+"""Candidate evaluators for the greedy search (dtr_core/search/decisions.py): the paper's plain cost, and the fast
+scorer (dtr_core/search/scorer.py) driving the same search to the same answer.
 
 `PlainEvaluator` scores each candidate `committed + (l,)` with one full forward per validation batch:
 the paper's cost, L layer-forwards per batch per candidate, L(L+1)/2 candidate evaluations per search.
@@ -24,13 +24,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from dtr_core.acceptance import Acceptance, Tolerance
+from dtr_core.search.acceptance import Acceptance, Tolerance
 from dtr_core.evaluation.results import EvalResult, summarize
 from dtr_core.evaluation.scoring import EncodedBatch, encode, model_logits, score_logits
 from dtr_core.evaluation.tasks import Task
-from dtr_core.greedy import CandidateScore, GreedyResult, RoundRecord, greedy_replace
-from dtr_core.scorer import DEFAULT_CACHE_LIMIT_BYTES, CommittedHybrid, RoundScorer, SearchCost, kept_layers
-from dtr_core.surgery import num_layers, restore_layers, swap_layers
+from dtr_core.search.decisions import CandidateScore, GreedyResult, RoundRecord, greedy_replace
+from dtr_core.search.scorer import DEFAULT_CACHE_LIMIT_BYTES, CommittedHybrid, RoundScorer, SearchCost, kept_layers
+from dtr_core.hybrid.surgery import num_layers, restore_layers, swap_layers
 
 __all__ = [
     "FastEvaluator",
