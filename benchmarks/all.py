@@ -1,21 +1,9 @@
 """Run every benchmark and assemble `docs/BENCHMARKS.md` from their outputs (one command for all tables).
 
-    python -m benchmarks.all [--quick] [--only placements,recall] [--skip inference] [--extra NAME="ARGS"]
-                             [--assemble-only] [--out-root DIR] [--doc FILE]
-    dtr bench all [same options]
-
-Each benchmark of `harness.REGISTRY` runs in its own process (`python -m <module> ... --out <out-root>/<name>`;
-memory is returned between them, one failure does not stop the others), in the registry's order. A full run
-writes into docs/bench/ and docs/BENCHMARKS.md; `--quick` into runs/bench-quick/ (never into docs/).
-
-Wiring: inference takes the greedy layer order of placements (`--layers-from`), and recall compares the teacher
-with M_opt (point acceptance, first task) built from the same students; without a placements result they fall
-back to their own defaults (uniform layers).
-
-`BENCHMARKS.md` gets, per benchmark, its report (title dropped, headings one level down, image links made
-relative to the document). A benchmark not run in this invocation keeps the output of its last run (marked as
-such), so `--only NAME` refreshes one section; `--assemble-only` rebuilds the document from what is there.
-Logs: `runs/bench/logs/<name>.log`. Exit status 1 when any benchmark failed.
+Each benchmark of `harness.REGISTRY` runs in its own process, in the registry's order, into
+`<out-root>/<name>` (docs/bench/ for a full run, runs/bench-quick/ for `--quick`); inference and recall are wired
+to the placements result. Wiring, the document and its sections: docs/BENCHMARKS_HARNESS.md. Exit status 1 when
+any benchmark failed.
 """
 
 from __future__ import annotations
@@ -38,7 +26,6 @@ from benchmarks.harness import BY_NAME, REGISTRY, Entry, shown
 DEFAULT_DOC = harness.REPO_ROOT / "docs" / "BENCHMARKS.md"
 DEFAULT_LOGS = harness.REPO_ROOT / "runs" / "bench" / "logs"
 OK_STATUSES = ("ok", "ok, targets missed")  # a run that completed (inference exits 1 when a target is missed)
-BENCHES = REGISTRY
 
 
 def default_paths(quick: bool, out_root: Path | None = None, doc: Path | None = None) -> tuple[Path, Path]:
@@ -79,7 +66,7 @@ def wiring_args(name: str, out_root: Path, extra: Sequence[str]) -> tuple[list[s
 
 def _flag(args: Sequence[str], flag: str, default: str) -> str:
     args = list(args)
-    return args[args.index(flag) + 1] if flag in args and args.index(flag) + 1 < len(args) else default
+    return args[args.index(flag) + 1] if flag in args[:-1] else default
 
 
 # --- running -------------------------------------------------------------------------------------
@@ -88,15 +75,15 @@ def _flag(args: Sequence[str], flag: str, default: str) -> str:
 def run_bench(bench: Entry, out_root: Path, logs: Path, quick: bool, extra: Sequence[str],
               timeout: float | None) -> dict:
     """Run one benchmark in a subprocess, writing into `out_root/<name>`; returns its status record."""
-    out_dir = out_root / bench.name
+    out_dir, log = out_root / bench.name, logs / f"{bench.name}.log"
     out_dir.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
     wired, wiring = wiring_args(bench.name, out_root, extra)
     args = (["--quick"] if quick else []) + wired + list(extra) + ["--out", shown(out_dir)]  # runs from the root
-    cli = harness.command_lines(bench.module, bench.name, args)
-    logs.mkdir(parents=True, exist_ok=True)
-    log = logs / f"{bench.name}.log"
     started = time.perf_counter()
-    record = {"name": bench.name, "module": bench.module, "commands": cli, "wiring": wiring, "log": str(log),
+    record = {"name": bench.name, "module": bench.module, "commands": harness.command_lines(bench.module, bench.name,
+                                                                                            args),
+              "wiring": wiring, "log": str(log),
               "started_utc": time.strftime(harness.DATE_FORMAT, time.gmtime()), "quick": quick}
     try:
         with open(log, "w") as stderr:
@@ -123,7 +110,7 @@ def _fresh(path: Path, since_perf: float) -> bool:
 # --- assembling ----------------------------------------------------------------------------------
 
 
-def section(bench: Bench, out_root: Path, doc: Path, record: dict | None) -> str:
+def section(bench: Entry, out_root: Path, doc: Path, record: dict | None) -> str:
     """The benchmark's report as a section of the document."""
     out_dir = out_root / bench.name
     report = out_dir / f"{bench.name}.md"
@@ -132,9 +119,8 @@ def section(bench: Bench, out_root: Path, doc: Path, record: dict | None) -> str
         lines += [f"**Not completed in this run** (`{record['commands']['dtr']}`): {record['status']} — "
                   f"{record.get('reason', '')}. Log: `{shown(Path(record['log']))}`.", ""]
     if not report.is_file():
-        lines += [f"Not run yet. Command: `dtr bench {bench.name}`" + (" (add `--quick` for a short run)."
-                                                                       if bench.name != "all" else "."), ""]
-        return "\n".join(lines)
+        return "\n".join(lines + [f"Not run yet. Command: `dtr bench {bench.name}` (add `--quick` for a short run).",
+                                  ""])
     if record is None or record["status"] not in OK_STATUSES:
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(report.stat().st_mtime))
         lines += [f"_From an earlier run (report written {stamp}); not rerun in this invocation._", ""]
@@ -143,9 +129,7 @@ def section(bench: Bench, out_root: Path, doc: Path, record: dict | None) -> str
     body = re.sub(r"^(#{1,5}) ", lambda m: "#" + m.group(1) + " ", body, flags=re.MULTILINE)
     relative = Path(os.path.relpath(out_dir.resolve(), doc.resolve().parent)).as_posix()
     body = re.sub(r"\]\(([^)/:]+\.png)\)", lambda m: f"]({relative}/{m.group(1)})", body)
-    lines.append(body.strip())
-    lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + [body.strip(), ""])
 
 
 def assemble(out_root: Path, doc: Path, records: dict[str, dict], argv: Sequence[str],
@@ -154,7 +138,7 @@ def assemble(out_root: Path, doc: Path, records: dict[str, dict], argv: Sequence
     env = {"machine": harness.machine_info(), "commands": harness.command_lines("benchmarks.all", "all", argv)}
     previous = previous or {}
     rows = []
-    for bench in BENCHES:
+    for bench in REGISTRY:
         record = records.get(bench.name)
         report = out_root / bench.name / f"{bench.name}.md"
         earlier = previous.get(bench.name)
@@ -176,9 +160,7 @@ def assemble(out_root: Path, doc: Path, records: dict[str, dict], argv: Sequence
         "`docs/BENCHMARKS_*.md`.", "",
         harness.markdown_table(["benchmark", "what", "status", "wall time", "outputs"], rows, align="lllrl"), "",
         harness.environment(env), "",
-    ]
-    for bench in BENCHES:
-        out.append(section(bench, out_root, doc, records.get(bench.name)))
+    ] + [section(bench, out_root, doc, records.get(bench.name)) for bench in REGISTRY]
     return "\n".join(out)
 
 
@@ -215,7 +197,7 @@ def _anchor(title: str) -> str:
 
 
 def _names(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
+    names = list(harness.name_list(text))
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown benchmark(s) {unknown}; choose from: {', '.join(BY_NAME)}")
@@ -254,21 +236,19 @@ def main(argv: list[str] | None = None) -> int:
     extra: dict[str, list[str]] = {}
     for name, values in args.extra:
         extra.setdefault(name, []).extend(values)
-    selected = [] if args.assemble_only else [b for b in BENCHES if (args.only is None or b.name in args.only)
+    selected = [] if args.assemble_only else [b for b in REGISTRY if (args.only is None or b.name in args.only)
                                               and b.name not in args.skip]
     records: dict[str, dict] = {}
     for bench in selected:
         print(f"[all] {bench.name}: running ...", file=sys.stderr, flush=True)
-        records[bench.name] = run_bench(bench, out_root, args.logs, args.quick, extra.get(bench.name, []),
-                                        args.timeout)
-        record = records[bench.name]
+        record = records[bench.name] = run_bench(bench, out_root, args.logs, args.quick, extra.get(bench.name, []),
+                                                 args.timeout)
         print(f"[all] {bench.name}: {record['status']} in {record['seconds'] / 60:.1f} min"
               + (f" ({record['reason']})" if record.get("reason") else ""), file=sys.stderr, flush=True)
     document = record_and_assemble(out_root, doc, records, argv)
     print(f"[all] wrote {shown(doc)}", file=sys.stderr)
     print(harness.to_json(records) if args.json else document)
-    failed = [name for name, r in records.items() if r["status"] not in OK_STATUSES]
-    return 1 if failed else 0
+    return 1 if any(r["status"] not in OK_STATUSES for r in records.values()) else 0
 
 
 if __name__ == "__main__":

@@ -1,36 +1,8 @@
 """The cost model behind the "ideal" speed-ups of `benchmarks.inference`: FLOPs and bytes moved per token.
 
-Counted for one sequence (batch 1) of a decoder with L layers, H query heads, K key/value heads, head dim
-D, weights and KV cache of e bytes per element; T is the context length (tokens already in the cache).
-Parameter counts are read from the real modules (teacher attention, a freshly built student, the rest of
-the model), not from formulas, so they include biases, norms and the students' extra projections.
-
-Decode, per generated token:
-- full-attention layer: bytes = P_attn * e (its weights) + 2 T K D e (read the cached K and V)
-  + 2 K D e (write the new K, V); FLOPs = 2 P_attn + 4 T H D (q.K^T and attn.V, 2 FLOPs per MAC).
-- linear layer (student): bytes = P_lin * e + 2 S (read and write its fixed state of S bytes, incl.
-  JetBlock's conv window); FLOPs = 2 P_lin + 7 H D^2 (gated delta rule step: decay, S^T k, rank-1 update,
-  S^T q) (+ 2 H D W for JetBlock's width-W value convolution).
-- the rest (MLPs, norms, final norm, LM head; one embedding row): bytes = P_rest * e, FLOPs ~ 2 P_rest.
-
-Why the ideal decode ratio is the bytes ratio: at batch 1 every weight is used once per token (2 FLOPs per
-e = 4 bytes: 0.5 FLOP/byte) and attention does 4 T H D FLOPs on 2 T K D e bytes of cached K/V
-(2 H / (K e) = 1.5 FLOP/byte for SmolLM2 in float32, H=9, K=3). A CPU core sustains many more FLOPs per
-byte of memory traffic than that (its "balance", measured by `measure_machine_balance` and printed in the
-report), so decode time ~ bytes moved / memory bandwidth, and
-ideal speed-up = bytes(teacher) / bytes(hybrid). Overheads the model ignores (Python and kernel launch per
-op, thread wake-ups) are what the measured/ideal ratio shows.
-
-"Ideal" assumes a cache that appends in place (a static or paged KV cache). transformers' `DynamicCache`
-(used by the teacher and by `HybridCache`'s full layers) appends with `torch.cat`, which reads the whole
-K/V and writes it again on every token: `decode_cost(..., kv_append="concat")` counts that too (3x the
-KV traffic). It is reported beside the ideal, as an explanation, never as the target.
-
-Prefill of T tokens (the logits of the last token only): compute-bound (each weight is reused T times), so
-the ideal ratio is the FLOPs ratio. Full layer: 2 P_attn T + 2 H D T (T + 1) (causal); linear layer in the
-chunked form (chunk C, `dtr_core.ops.gated_delta_rule.chunk_gated_delta_rule`): 2 P_lin T + H T (10 C D + C^2
-+ 6 D^2) (per chunk five C x C x D products, one C x C unit-triangular inverse, three C x D x D state
-products); the rest: 2 (P_rest - P_lm_head) T + 2 P_lm_head.
+One sequence (batch 1); parameter counts are read from the real modules (teacher attention, a fresh student,
+the rest of the model). Decode at batch 1 is memory-bound, so its ideal speed-up is the bytes ratio; prefill is
+compute-bound, so its ideal is the FLOPs ratio. The formulas and why: docs/BENCHMARKS_INFERENCE.md, "Cost model".
 """
 
 from __future__ import annotations
@@ -90,23 +62,13 @@ def profile_model(teacher: PreTrainedModel, student: nn.Module) -> ModelProfile:
     unique = _params(teacher)  # parameters() yields tied tensors once
     rest = unique - attention - embedding.numel() + (lm_head_params if tied else 0) + config.hidden_size
     mixer_config = getattr(student, "mixer_config", None)
-    conv_size = mixer_config.conv_size if (mixer_config is not None and hasattr(student, "kernel_up")) else 0
     return ModelProfile(
-        num_layers=len(layers),
-        heads=heads,
-        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=head_dim,
-        element_bytes=element,
-        rest_params=rest,
-        lm_head_params=lm_head_params,
-        embedding_row=config.hidden_size,
-        full_attention_params=_params(layers[0].self_attn),
-        linear_params=_params(student),
-        linear_state_bytes=student.state_bytes(1, next(teacher.parameters()).dtype),
-        mixer=student.name,
-        chunk_size=mixer_config.chunk_size if mixer_config is not None else DEFAULT_CHUNK_SIZE,
-        conv_size=conv_size,
-    )
+        num_layers=len(layers), heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim, element_bytes=element, rest_params=rest, lm_head_params=lm_head_params,
+        embedding_row=config.hidden_size, full_attention_params=_params(layers[0].self_attn),
+        linear_params=_params(student), linear_state_bytes=student.state_bytes(1, next(teacher.parameters()).dtype),
+        mixer=student.name, chunk_size=mixer_config.chunk_size if mixer_config is not None else DEFAULT_CHUNK_SIZE,
+        conv_size=mixer_config.conv_size if (mixer_config is not None and hasattr(student, "kernel_up")) else 0)
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,9 @@
 """Cost of blockwise local distillation (DtR phase 1): wall time per layer and training tokens/s, 1 vs 2 workers.
 
-The same layers are distilled from the same captured teacher activations, into a fresh folder each time, by
-`1 worker x 1 thread` (the baseline), `1 worker x 2 threads`, `2 workers x 1 thread` (two Python threads, as the
-flow's thread runner does) and, with `--processes`, `2 processes x 1 thread` (a spawned pool, the teacher loaded
-once per process during the warm-up). An untimed warm-up per configuration, then the repeats interleaved.
+The same layers distilled from the same captured activations, into a fresh folder each time, by 1 worker x 1
+thread (the baseline), 1 worker x 2 threads, 2 workers x 1 thread (Python threads, as the flow's thread runner)
+and, with `--processes`, 2 spawned processes x 1 thread; a warm-up each, then the repeats interleaved.
 Method and reading: docs/BENCHMARKS_DISTILL.md.
-
-    python -m benchmarks.distill_cost [--quick] [--json] [--out DIR] [--layers 4] [--steps 30] [--processes]
 """
 
 from __future__ import annotations
@@ -47,9 +44,7 @@ class Settings:
 
 
 def check(s: Settings, preset: str | None) -> Settings:
-    from dtr_core.mixers import get_mixer_class
-
-    get_mixer_class(s.mixer)
+    harness.check_mixer(s.mixer)
     if s.tokens // s.seq_len < 2:
         raise ValueError(f"--tokens ({s.tokens}) must hold at least 2 sequences of --seq-len {s.seq_len}")
     return s
@@ -195,22 +190,17 @@ def measure(s: Settings) -> dict:
             "capture": capture, "rows": rows}
 
 
-def _range(d: dict, fmt: str) -> str:
-    return f"{d['median']:{fmt}} [{d['min']:{fmt}}-{d['max']:{fmt}}]"
-
-
 def markdown(result: dict) -> str:
     s, c, L = result["settings"], result["capture"], result["num_layers"]
     base = next(r for r in result["rows"] if r["name"] == BASELINE)
-    rows = [[r["name"], _range(r["wall_per_layer_s"], ".2f") + " s", _range(r["tokens_per_s"], ".0f"),
-             _range(r["layer_latency_s"], ".2f") + " s",
+    rows = [[r["name"], harness.spread(r["wall_per_layer_s"]) + " s", harness.spread(r["tokens_per_s"], ".0f"),
+             harness.spread(r["layer_latency_s"]) + " s",
              f"{r['layer_latency_s']['median'] / base['layer_latency_s']['median']:.2f}x",
              f"{r['speedup']['median']:.2f}x [{r['speedup']['low']:.2f}-{r['speedup']['high']:.2f}]",
-             f"{r['workers'] * r['threads']}x", harness.format_ratio(r["cpu_per_wall"]).rstrip("x")]
+             f"{r['workers'] * r['threads']}x", harness.cpu_per_wall(r)]
             for r in result["rows"]]
     best = max(result["rows"], key=lambda r: r["speedup"]["median"])
-    return "\n".join([
-        f"# Distillation cost: {s['model']}, {s['mixer']} students", "", harness.environment(result), "",
+    return harness.report(f"Distillation cost: {s['model']}, {s['mixer']} students", result, "\n".join([
         f"Layers {result['layers']} of {L}, each {s['steps']} AdamW steps of {result['batch_size']} sequences x "
         f"{s['seq_len']} tokens ({result['tokens_per_layer']} training tokens per layer); median [min-max] over "
         f"{s['repeats']} repeats after a warm-up; speed-up vs {BASELINE} in the same run.", "",
@@ -219,18 +209,16 @@ def markdown(result: dict) -> str:
         f"- fastest: {best['name']}, {best['speedup']['median']:.2f}x; all {L} layers at this budget: about "
         f"{best['wall_per_layer_s']['median'] * L / 60:.1f} min (time per layer x {L}, an estimate)",
         f"- teacher capture (once, shared by all layers): {c['tokens']} tokens x {c['layers']} layers in "
-        f"{c['seconds']:.1f} s" + (" (reused from an earlier run)" if c["reused"] else ""), "",
-        harness.footer(result), "",
-    ])
+        f"{c['seconds']:.1f} s" + (" (reused from an earlier run)" if c["reused"] else "")]))
 
 
 def plots(result: dict, out_dir: Path) -> list[str]:
     names = [r["name"] for r in result["rows"]]
     x = list(range(1, len(names) + 1))
     label = "training tokens/s (median)"
-    series = [harness.Series(label, x, [r["tokens_per_s"]["median"] for r in result["rows"]])]
-    series += [harness.Series(bound, x, [r["tokens_per_s"][bound] for r in result["rows"]], group=label, dashed=True,
-                              marker=None) for bound in ("min", "max")]
+    series = [harness.Series(label if key == "median" else key, x, [r["tokens_per_s"][key] for r in result["rows"]],
+                             group=label, dashed=key != "median", marker="o" if key == "median" else None)
+              for key in ("median", "min", "max")]
     harness.plot_lines(out_dir / "distill_throughput.png", series,
                        f"Distillation throughput ({result['settings']['model']})", "configuration",
                        "training tokens/s", xticks=x, xticklabels=names)
@@ -238,13 +226,8 @@ def plots(result: dict, out_dir: Path) -> list[str]:
 
 
 BENCH = harness.Benchmark("distill", Settings, measure, markdown, plots, check=check,
-                          description=__doc__.split("\n\n")[0],
                           presets={"quick": dict(layers=2, steps=5, tokens=2048, seq_len=128, repeats=2)})
-
-
-def main(argv: list[str] | None = None) -> int:
-    return harness.main(BENCH, argv)
-
+main = BENCH.main
 
 if __name__ == "__main__":
     sys.exit(main())

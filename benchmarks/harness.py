@@ -1,23 +1,10 @@
-"""The one harness of dtr's benchmarks: registry, settings, command line, timing, memory, publishing, plots.
+"""The one harness of dtr's benchmarks: registry, settings-built command line, timing, memory, publishing, plots.
 
 A benchmark module holds only what it measures: a frozen `Settings` dataclass whose fields carry their help
-(`option`), a `measure(settings) -> dict`, a `markdown(result) -> str` of its tables and, if it draws any,
-`plots(result, out_dir) -> [file names]`, bundled as a `Benchmark` whose `main` this module runs:
-- command line: the flags of `Settings` (`--field-name`, default = the full run), the presets (`--quick`, which
-  sets the values of the benchmark's `presets["quick"]`), and the common flags `--json` (print the JSON, not the
-  report), `--out DIR`, `--threads N`, `--from-json FILE` (re-render a saved result, measure nothing). Bad input
-  is one `error: ...` line and exit code 2 before any work (argparse's `parser.error`).
-- where results go (`output_dir`): `--out` when given; else a full run publishes into `docs/bench/<name>/`, and
-  a preset run (`--quick`) writes into `runs/bench-quick/<name>/` and says so: a quick run never touches docs/.
-  The fast benchmarks (mixers, search) only print unless given `--out`.
-- the result JSON: `measure`'s keys plus benchmark, settings, preset, commands (the exact `dtr bench` and
-  `python -m` calls), machine (CPU, cores, threads, load, versions, commit; `machine_info`), load at the end
-  and wall time. The markdown holds tables and numbers only; their reading is in `docs/BENCHMARKS_*.md`.
-- timing: `timed` gives one `Sample` (wall and process-CPU seconds, CUDA synchronised); `interleave` measures
-  several contenders round by round (rotating the order each round unless told not to), so a drift in the
-  machine's speed lands on all of them alike and their ratios hold: every benchmark times through it.
-- peak memory: `PeakRSS` (resident set above the block's start, Linux VmHWM reset through clear_refs, glibc
-  free lists trimmed first; torch has no CPU allocator statistics) or `PeakCudaMemory` on a GPU.
+(`option`), `measure(settings) -> dict`, `markdown(result) -> str` and optionally `plots(result, out_dir)`,
+bundled as a `Benchmark`; `main` parses (bad input: one `error: ...` line, exit 2, before any work), measures,
+and publishes (docs/bench/<name>/ for a full run, runs/bench-quick/<name>/ for `--quick`, `--out` anywhere).
+Conventions, result JSON and the timing and memory methods: docs/BENCHMARKS_HARNESS.md.
 """
 
 from __future__ import annotations
@@ -121,16 +108,40 @@ class Benchmark:
     presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)  # "quick", hidden others
     check: Callable[[Any, str | None], Any] | None = None  # (settings, preset) -> Settings; raises ValueError
     ok: Callable[[dict], bool] | None = None  # exit status 1 when this says no (a completed run)
-    description: str = ""
+    description: str = ""  # --help's text (default: the registry's one-line help)
     publishes: bool = True  # False: without --out, print the report and write nothing
 
     @property
     def entry(self) -> Entry:
         return BY_NAME[self.name]
 
+    def main(self, argv: Sequence[str] | None = None) -> int:
+        return main(self, argv)
+
+
+def check_device(device: str) -> None:
+    """ValueError unless `device` is usable: cuda needs a GPU torch can see."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda needs a CUDA GPU, and torch sees none; run on CPU with --device cpu")
+
+
+def check_students(path: str | None) -> None:
+    if path is not None and not Path(path).is_dir():
+        raise ValueError(f"--students {path} is not a folder; pass the students folder of a run (runs/<id>/students)")
+
+
+def check_mixer(name: str) -> None:
+    from dtr_core.mixers import MIXERS
+
+    if name not in MIXERS:
+        raise ValueError(f"unknown mixer '{name}'; choose one of: {', '.join(sorted(MIXERS))}")
+
 
 def build_parser(bench: Benchmark) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"dtr bench {bench.name}", description=bench.description)
+    parser = argparse.ArgumentParser(prog=f"dtr bench {bench.name}",
+                                     description=bench.description or bench.entry.help)
     for preset, values in bench.presets.items():
         shown = ", ".join(f"{k}={v}" for k, v in values.items())
         parser.add_argument(f"--{preset}", action="store_true",
@@ -387,13 +398,8 @@ _STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
 
 def _status_kib(key: str) -> int | None:
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    value = _first(str(_STATUS), key + ":")
+    return None if value is None else int(value.split()[0])
 
 
 def peak_rss_supported() -> bool:
@@ -540,6 +546,14 @@ def environment(result: Mapping[str, Any], extra: Mapping[str, Any] = ()) -> str
     return "\n".join(lines + [f"- {key}: {value}" for key, value in dict(extra).items()])
 
 
+def report(title: str, result: Mapping[str, Any], *blocks: str, extra: Mapping[str, Any] = ()) -> str:
+    """A report: the title, the environment block, then each block followed by the footer line."""
+    lines = [f"# {title}", "", environment(result, extra), ""]
+    for block in blocks:
+        lines += [block, "", footer(result), ""]
+    return "\n".join(lines)
+
+
 def footer(result: Mapping[str, Any]) -> str:
     """One line beside each table: the command, the machine and the load."""
     m = result["machine"]
@@ -567,6 +581,15 @@ def format_seconds(value: float | None) -> str:
 
 def format_ratio(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}x"
+
+
+def spread(d: Mapping[str, float], fmt: str = ".2f", unit: str = "", low: str = "min", high: str = "max") -> str:
+    """`median [low-high]` of a summary dict, e.g. `1.20x [1.10-1.30]`."""
+    return f"{d['median']:{fmt}}{unit} [{d[low]:{fmt}}-{d[high]:{fmt}}]"
+
+
+def cpu_per_wall(timing: Mapping[str, Any]) -> str:
+    return format_ratio(timing["cpu_per_wall"]).rstrip("x")
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> str:
@@ -617,6 +640,32 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, to_json(obj))
+
+
+class ResultStore:
+    """Finished results as JSON files under `dir`, so a killed or extended run resumes where it stopped.
+
+    `get(name, compute, kind)` loads `name` if a run already wrote it (counted in `reused[kind]`), else computes,
+    writes (atomically) and returns it. The caller puts everything that decides the numbers into `dir`'s key.
+    """
+
+    def __init__(self, dir: str | os.PathLike, kinds: Iterable[str] = ()):
+        self.dir, self.reused = Path(dir), dict.fromkeys(kinds, 0)
+
+    def load(self, name: str) -> Any:
+        path = self.dir / name
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def save(self, name: str, value: Any) -> None:
+        write_json(self.dir / name, value)
+
+    def get(self, name: str, compute: Callable[[], Any], kind: str) -> Any:
+        value = self.load(name)
+        if value is None:
+            self.save(name, value := compute())
+        else:
+            self.reused[kind] = self.reused.get(kind, 0) + 1
+        return value
 
 
 # --- plots ---------------------------------------------------------------------------------------

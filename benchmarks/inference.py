@@ -1,15 +1,10 @@
-"""Inference speed and memory of DtR hybrids against their teacher; method and reading in
+"""Inference speed and memory of DtR hybrids against their teacher, at batch 1, in one process.
+
+The teacher and hybrids with k = floor(f L) layers linear (fresh students; greedy order with `--layers-from`, else
+evenly interleaved): per context T, prefill time, decode tokens/s from a synthetic T-token cache, the cache's bytes
+(checked equal to the cost model and `dtr_core.hybrid.model.cache_bytes`) and peak memory, timed interleaved;
+speed-ups are ratios of medians to the teacher beside the cost model's ideal. Method and reading:
 docs/BENCHMARKS_INFERENCE.md.
-
-The teacher and hybrids with k = floor(f L) of its L layers linear (fresh students; the layers in the order of a
-greedy result with `--layers-from`, else evenly interleaved) run in one process at batch 1. Per context T:
-prefill time (up to `--prefill-max`), decode tokens/s from a synthetic T-token cache, the cache's bytes (checked
-equal to `benchmarks.cost_model.cache_bytes` and `dtr_core.hybrid.model.cache_bytes`) and peak memory. The models are
-timed interleaved (`harness.interleave`); speed-ups are ratios of medians to the teacher in the same run, beside
-the cost model's ideal. `--device cuda`: bfloat16 on the GPU, contexts to 64K, all prefilled, fla kernels.
-
-    python -m benchmarks.inference [--quick] [--json] [--out DIR] [--model NAME] [--mixer NAME]
-        [--layers-from GREEDY_JSON] [--contexts 2048,8192,...] [--repeats N] [--device cpu|cuda] [--dtype ...]
 """
 
 from __future__ import annotations
@@ -75,15 +70,15 @@ class Settings:
 
 
 def check(s: Settings, preset: str | None) -> Settings:
-    from dtr_core.mixers import MIXERS
-
-    if s.mixer not in MIXERS:
-        raise ValueError(f"unknown mixer '{s.mixer}'; choose one of: {', '.join(sorted(MIXERS))}")
+    harness.check_mixer(s.mixer)
+    harness.check_device(s.device)
+    if s.layers_from is not None:
+        if not Path(s.layers_from).is_file():
+            raise ValueError(f"--layers-from {s.layers_from} is not a file; pass a greedy result JSON")
+        read_greedy_order(s.layers_from)  # a ValueError names what the file lacks
     if any(f > 1.0 for f in s.fractions) or not s.fractions:
         raise ValueError(f"--fractions must be in [0, 1], got {s.fractions}")
     gpu = s.device == "cuda"
-    if gpu and not torch.cuda.is_available():
-        raise ValueError("--device cuda needs a CUDA GPU, and torch sees none; run on CPU with --device cpu")
     contexts = tuple(sorted(set(s.contexts or (GPU_CONTEXTS if gpu else DEFAULT_CONTEXTS))))
     return dataclasses.replace(
         s, contexts=contexts, prefill_repeats=s.prefill_repeats or min(s.repeats, 2),
@@ -123,36 +118,22 @@ class Contender:
     linear_layers: tuple[int, ...]
     placement: str  # "teacher" | "uniform" | "greedy" | "greedy+uniform"
 
-    @property
-    def is_teacher(self) -> bool:
-        return self.k is None
 
-
-def plan_contenders(
-    num_layers: int, fractions: Sequence[float], greedy_order: Sequence[int] | None = None
-) -> list[Contender]:
+def plan_contenders(num_layers: int, fractions: Sequence[float],
+                    greedy_order: Sequence[int] | None = None) -> list[Contender]:
     """The teacher, then one hybrid per fraction f with k = floor(f L) linear layers."""
+    if bad := [f for f in fractions if not 0.0 <= f <= 1.0]:
+        raise ValueError(f"fractions must be in [0, 1], got {bad[0]}")
     contenders = [Contender("teacher", None, (), "teacher")]
-    seen = set()
-    for fraction in fractions:
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"fractions must be in [0, 1], got {fraction}")
-        k = int(fraction * num_layers + 1e-9)
-        if k in seen:
-            continue
-        seen.add(k)
+    for k in dict.fromkeys(int(f * num_layers + 1e-9) for f in fractions):
         if greedy_order is None:
-            layers, placement = uniform_layers(num_layers, k), "uniform"
-        else:
-            order = [layer for layer in greedy_order if 0 <= layer < num_layers]
-            chosen = order[:k]
-            placement = "greedy"
-            if len(chosen) < k:
-                rest = [layer for layer in range(num_layers) if layer not in chosen]
-                chosen += list(uniform_layers(num_layers, k - len(chosen), available=rest))
-                placement = "greedy+uniform"
-            layers = tuple(sorted(chosen))
-        contenders.append(Contender(f"k={k}", k, layers, placement))
+            contenders.append(Contender(f"k={k}", k, uniform_layers(num_layers, k), "uniform"))
+            continue
+        chosen = [layer for layer in greedy_order if 0 <= layer < num_layers][:k]
+        placement = "greedy" if len(chosen) == k else "greedy+uniform"
+        rest = [layer for layer in range(num_layers) if layer not in chosen]
+        chosen += list(uniform_layers(num_layers, k - len(chosen), available=rest)) if len(chosen) < k else []
+        contenders.append(Contender(f"k={k}", k, tuple(sorted(chosen)), placement))
     return contenders
 
 
@@ -164,18 +145,12 @@ def build_models(teacher, mixer: str, contenders: Sequence[Contender]):
     from dtr_core.hybrid.model import make_hybrid
     from dtr_core.mixers import build_student
 
-    models = {}
-    for contender in contenders:
-        if contender.is_teacher:
-            models[contender.name] = teacher
-            continue
-        students = {
-            layer: build_student(mixer, teacher.config, layer, teacher_attention=teacher.model.layers[layer].self_attn)
-            for layer in contender.linear_layers
-        }
-        models[contender.name] = make_hybrid(teacher, students).eval()
-    probe = build_student(mixer, teacher.config, 0)
-    return models, cm.profile_model(teacher, probe)
+    def student(layer: int):
+        return build_student(mixer, teacher.config, layer, teacher_attention=teacher.model.layers[layer].self_attn)
+
+    models = {c.name: teacher if c.k is None else make_hybrid(teacher, {i: student(i) for i in c.linear_layers}).eval()
+              for c in contenders}
+    return models, cm.profile_model(teacher, build_student(mixer, teacher.config, 0))
 
 
 def layer_kinds(model) -> list[str]:
@@ -186,20 +161,11 @@ def layer_kinds(model) -> list[str]:
 
 def cache_nbytes(cache) -> int:
     """Bytes of the storages the cache's tensors hold (K/V, conv and recurrent states), each storage once."""
-    storages: dict[int, int] = {}
-
-    def add(tensor) -> None:
-        if isinstance(tensor, torch.Tensor):
-            storage = tensor.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-
-    for layer in cache.layers:
-        add(getattr(layer, "keys", None))
-        add(getattr(layer, "values", None))
-        for states in (getattr(layer, "conv_states", None) or {}, getattr(layer, "recurrent_states", None) or {}):
-            for tensor in states.values():
-                add(tensor)
-    return sum(storages.values())
+    tensors = [getattr(layer, name, None) for layer in cache.layers for name in ("keys", "values")]
+    tensors += [t for layer in cache.layers for name in ("conv_states", "recurrent_states")
+                for t in (getattr(layer, name, None) or {}).values()]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in tensors if isinstance(t, torch.Tensor)}.values())
 
 
 def _is_kv_layer(layer) -> bool:
@@ -207,13 +173,8 @@ def _is_kv_layer(layer) -> bool:
 
 
 def synthetic_cache(model, context: int, generator: torch.Generator):
-    """A cache exactly as a `context`-token prefill leaves it, filled with random values.
-
-    A real prefill of a few tokens makes the cache (right classes, dtypes, state shapes); then each full
-    layer's K/V becomes random `(1, kv_heads, context, head_dim)` tensors (one random pair, cloned per
-    layer: cloning is fast and decode cost does not depend on the values) and each linear layer's
-    recurrent/conv state random.
-    """
+    """A cache exactly as a `context`-token prefill leaves it (a real short prefill gives its classes, dtypes and
+    shapes), with random K/V (one pair, cloned per layer) and random linear states: decode cost ignores values."""
     device = model.device
     prompt = torch.randint(0, model.config.vocab_size, (1, STRUCTURE_PROMPT), generator=generator).to(device)
     cache = model(prompt, use_cache=True, logits_to_keep=1).cache
@@ -266,13 +227,12 @@ def decode(model, cache, token: torch.Tensor, steps: int) -> torch.Tensor:
 def _cache_check(profile: cm.ModelProfile, kinds: list[str], model, context: int, measured: int) -> dict:
     from dtr_core.hybrid.model import cache_bytes as dtr_cache_bytes
 
-    formula = cm.cache_bytes(profile, kinds, context)
-    dtr = dtr_cache_bytes(model, context)
+    formula, dtr = cm.cache_bytes(profile, kinds, context), dtr_cache_bytes(model, context)
     return {"measured": measured, "formula": formula, "dtr_cache_bytes": dtr, "exact": measured == formula == dtr}
 
 
 def measure_models(settings: Settings, models: dict, profile: cm.ModelProfile) -> dict:
-    """Run every measurement; returns the raw records (no ratios)."""
+    """Warm every model up, then per context: prefill (if T <= prefill_max) and decode; the raw records."""
     generator = torch.Generator().manual_seed(settings.seed)
     kinds = {name: layer_kinds(model) for name, model in models.items()}
     records: dict[str, list[dict]] = {"prefill": [], "decode": []}
@@ -281,56 +241,38 @@ def measure_models(settings: Settings, models: dict, profile: cm.ModelProfile) -
     gc.freeze()  # the models and imports are long-lived: later collections (in PeakRSS) skip them
     try:
         with torch.inference_mode():
-            _measure_all(settings, models, kinds, profile, generator, vocab, records)
+            logger.info("warm-up: %d-token prefill and 2 decode steps per model", WARMUP_PROMPT)
+            warm_ids = torch.randint(0, vocab, (1, WARMUP_PROMPT), generator=generator).to(settings.device)
+            for model in models.values():
+                decode(model, model(warm_ids, use_cache=True, logits_to_keep=1).cache, warm_ids[:, -1:], 2)
+            for context in settings.contexts:
+                ids = torch.randint(0, vocab, (1, context), generator=generator).to(settings.device)
+                if context <= settings.prefill_max:
+                    records["prefill"] += _measure_prefill(settings, models, kinds, profile, ids)
+                records["decode"] += _measure_decode(settings, models, kinds, profile, context, generator)
     finally:
         gc.unfreeze()
     return records
 
 
-def _measure_all(settings, models, kinds, profile, generator, vocab, records) -> None:
-    """Warm every model up, then per context: prefill (if T <= prefill_max) and decode, appended to records."""
-    logger.info("warm-up: %d-token prefill and 2 decode steps per model", WARMUP_PROMPT)
-    warm_ids = torch.randint(0, vocab, (1, WARMUP_PROMPT), generator=generator).to(settings.device)
-    for model in models.values():
-        out = model(warm_ids, use_cache=True, logits_to_keep=1)
-        decode(model, out.cache, warm_ids[:, -1:], 2)
-        del out
-    for context in settings.contexts:
-        ids = torch.randint(0, vocab, (1, context), generator=generator).to(settings.device)
-        if context <= settings.prefill_max:
-            records["prefill"] += _measure_prefill(settings, models, kinds, profile, ids)
-        records["decode"] += _measure_decode(settings, models, kinds, profile, context, generator)
-
-
 def _measure_prefill(settings, models, kinds, profile, ids) -> list[dict]:
-    context = ids.shape[1]
+    context, memory = ids.shape[1], {}
     logger.info("prefill T=%d: one run per model for cache bytes and peak memory (also the warm-up at this T)", context)
-    memory = {}
     for name, model in models.items():
         start = time.perf_counter()
         with harness.peak_memory(settings.device) as peak:
             out = model(ids, use_cache=True, logits_to_keep=1)
             measured = cache_nbytes(out.cache)
         del out
-        memory[name] = {
-            "peak_bytes": peak.peak_bytes,
-            "cache": _cache_check(profile, kinds[name], model, context, measured),
-            "first_run_s": time.perf_counter() - start,
-        }
+        memory[name] = {"peak_bytes": peak.peak_bytes, "first_run_s": time.perf_counter() - start,
+                        "cache": _cache_check(profile, kinds[name], model, context, measured)}
         logger.info("  %s: %.2f s, cache %s", name, memory[name]["first_run_s"], harness.format_bytes(measured))
-
-    def task(model):
-        def run() -> harness.Sample:
-            return harness.timed(lambda: model(ids, use_cache=True, logits_to_keep=1), settings.device)
-
-        return run
-
-    extra_warmup = max(0, settings.warmup - 1)  # the memory run above was the first warm-up
-    timings = harness.interleave({name: task(m) for name, m in models.items()}, settings.prefill_repeats,
-                                     warmup=extra_warmup, on_sample=harness.log_sample(logger, f"prefill T={context}"))
-    return [
-        {"contender": name, "context": context, "time_s": timings[name].to_dict(), **memory[name]} for name in models
-    ]
+    tasks = {name: (lambda m=m: harness.timed(lambda: m(ids, use_cache=True, logits_to_keep=1), settings.device))
+             for name, m in models.items()}
+    timings = harness.interleave(tasks, settings.prefill_repeats, warmup=max(0, settings.warmup - 1),  # 1: above
+                                 on_sample=harness.log_sample(logger, f"prefill T={context}"))
+    return [{"contender": name, "context": context, "time_s": timings[name].to_dict(), **memory[name]}
+            for name in models]
 
 
 def _measure_decode(settings, models, kinds, profile, context, generator) -> list[dict]:
@@ -338,36 +280,31 @@ def _measure_decode(settings, models, kinds, profile, context, generator) -> lis
     caches, memory, tokens = {}, {}, {}
     for name, model in models.items():
         with harness.peak_memory(settings.device) as peak:
-            cache = synthetic_cache(model, context, generator)
+            cache = caches[name] = synthetic_cache(model, context, generator)
             measured = cache_nbytes(cache)
-            token = torch.randint(0, model.config.vocab_size, (1, 1), generator=generator).to(settings.device)
+            tokens[name] = torch.randint(0, model.config.vocab_size, (1, 1), generator=generator).to(settings.device)
             if settings.warmup:
-                decode(model, cache, token, 2 * settings.warmup)
+                decode(model, cache, tokens[name], 2 * settings.warmup)
         rewind(cache, context)
-        caches[name], tokens[name] = cache, token
-        memory[name] = {
-            "peak_bytes": peak.peak_bytes,
-            "cache": _cache_check(profile, kinds[name], model, context, measured),
-        }
+        memory[name] = {"peak_bytes": peak.peak_bytes, "cache": _cache_check(profile, kinds[name], model, context,
+                                                                             measured)}
 
     def task(name, model):
         def run() -> harness.Sample:
             sample = harness.timed(lambda: decode(model, caches[name], tokens[name], settings.decode_tokens),
-                                  settings.device)
+                                   settings.device)
             rewind(caches[name], context)
             return sample
 
         return run
 
     timings = harness.interleave({name: task(name, m) for name, m in models.items()}, settings.repeats,
-                                     warmup=0, on_sample=harness.log_sample(logger, f"decode T={context}"))
+                                 warmup=0, on_sample=harness.log_sample(logger, f"decode T={context}"))
     caches.clear()
     gc.collect()
-    return [
-        {"contender": name, "context": context, "steps": settings.decode_tokens,
-         "time_per_token_s": timings[name].scaled(1 / settings.decode_tokens).to_dict(), **memory[name]}
-        for name in models
-    ]
+    return [{"contender": name, "context": context, "steps": settings.decode_tokens,
+             "time_per_token_s": timings[name].scaled(1 / settings.decode_tokens).to_dict(), **memory[name]}
+            for name in models]
 
 
 # --- analysis ------------------------------------------------------------------------------------
@@ -376,48 +313,39 @@ def _measure_decode(settings, models, kinds, profile, context, generator) -> lis
 def analyse(settings: Settings, contenders: list[Contender], kinds: dict[str, list[str]], profile: cm.ModelProfile,
             records: dict) -> dict:
     """Ratios to the teacher, ideal ratios, target verdicts, skipped prefills."""
-    teacher = "teacher"
-    by_key = {(phase, r["contender"], r["context"]): r for phase in records for r in records[phase]}
-    decode_rows, prefill_rows = [], []
-    for r in records["decode"]:
-        t = harness.Timing(tuple(r["time_per_token_s"]["samples"]))
-        base = harness.Timing(tuple(by_key[("decode", teacher, r["context"])]["time_per_token_s"]["samples"]))
-        ideal = cm.ideal_decode_speedup(profile, kinds[r["contender"]], r["context"])
-        concat = cm.ideal_decode_speedup(profile, kinds[r["contender"]], r["context"], kv_append="concat")
-        speedup = harness.ratio_of(base, t)
-        cost = cm.decode_cost(profile, kinds[r["contender"]], r["context"])
-        decode_rows.append({**r, "tokens_per_s": 1 / t.median, "speedup": speedup, "ideal_speedup": ideal,
-                            "concat_model_speedup": concat, "measured_over_ideal": speedup["median"] / ideal,
-                            "bytes_per_token": cost.bytes, "flops_per_token": cost.flops})
-    for r in records["prefill"]:
-        t = harness.Timing(tuple(r["time_s"]["samples"]))
-        base = harness.Timing(tuple(by_key[("prefill", teacher, r["context"])]["time_s"]["samples"]))
-        ideal = cm.ideal_prefill_speedup(profile, kinds[r["contender"]], r["context"])
-        speedup = harness.ratio_of(base, t)
-        prefill_rows.append({**r, "tokens_per_s": r["context"] / t.median, "speedup": speedup, "ideal_speedup": ideal,
-                             "measured_over_ideal": speedup["median"] / ideal,
-                             "flops": cm.prefill_cost(profile, kinds[r["contender"]], r["context"]).flops})
-    return {
-        "decode": decode_rows,
-        "prefill": prefill_rows,
-        "prefill_skipped": _skipped_prefills(settings, profile, prefill_rows, len(contenders)),
-        "targets": targets(profile.num_layers, decode_rows, prefill_rows),
-    }
+    timing_key = {"decode": "time_per_token_s", "prefill": "time_s"}
+    teacher = {(phase, r["context"]): harness.Timing(tuple(r[timing_key[phase]]["samples"]))
+               for phase in records for r in records[phase] if r["contender"] == "teacher"}
+    rows: dict[str, list[dict]] = {"decode": [], "prefill": []}
+    for phase, phase_rows in rows.items():
+        for r in records[phase]:
+            t = harness.Timing(tuple(r[timing_key[phase]]["samples"]))
+            layers, context = kinds[r["contender"]], r["context"]
+            speedup = harness.ratio_of(teacher[(phase, context)], t)
+            if phase == "decode":
+                ideal = cm.ideal_decode_speedup(profile, layers, context)
+                cost = cm.decode_cost(profile, layers, context)
+                extra = {"tokens_per_s": 1 / t.median, "bytes_per_token": cost.bytes, "flops_per_token": cost.flops,
+                         "concat_model_speedup": cm.ideal_decode_speedup(profile, layers, context, kv_append="concat")}
+            else:
+                ideal = cm.ideal_prefill_speedup(profile, layers, context)
+                extra = {"tokens_per_s": context / t.median, "flops": cm.prefill_cost(profile, layers, context).flops}
+            phase_rows.append({**r, "speedup": speedup, "ideal_speedup": ideal,
+                               "measured_over_ideal": speedup["median"] / ideal, **extra})
+    return {**rows, "prefill_skipped": _skipped_prefills(settings, profile, rows["prefill"], len(contenders)),
+            "targets": targets(profile.num_layers, rows["decode"], rows["prefill"])}
 
 
 def _skipped_prefills(settings, profile, prefill_rows, n_models) -> list[dict]:
-    skipped = [t for t in settings.contexts if t > settings.prefill_max]
     teacher_rows = sorted((r for r in prefill_rows if r["contender"] == "teacher"), key=lambda r: r["context"])
-    full = [cm.FULL] * profile.num_layers
-    out = []
-    for context in skipped:
+    full, out = [cm.FULL] * profile.num_layers, []
+    for context in (t for t in settings.contexts if t > settings.prefill_max):
+        reason = f"prefill at T={context} not run (--prefill-max {settings.prefill_max}): attention cost grows as T^2"
         estimate = None
         if teacher_rows:
             ref = teacher_rows[-1]
             scale = cm.prefill_cost(profile, full, context).flops / cm.prefill_cost(profile, full, ref["context"]).flops
             estimate = ref["time_s"]["median"] * scale
-        reason = (f"prefill at T={context} not run (--prefill-max {settings.prefill_max}): attention cost grows as T^2")
-        if estimate is not None:
             total = estimate * n_models * (settings.prefill_repeats + 1)
             reason += (f"; the teacher would take ~{estimate:.0f} s per prefill here (the T={ref['context']}"
                        f" time scaled by the FLOPs model), ~{total / 60:.0f} min for {n_models} models x "
@@ -442,25 +370,15 @@ def targets(num_layers: int, decode_rows: list[dict], prefill_rows: list[dict]) 
                                "speedup": r["speedup"]["median"], "ideal": r["ideal_speedup"],
                                "measured_over_ideal": r["measured_over_ideal"]})
     k_half = int(HEADLINE_FRACTION * num_layers + 1e-9)
-    headline_row = next(
-        (r for r in decode_rows if r["contender"] == f"k={k_half}" and r["context"] == HEADLINE_CONTEXT), None
-    )
+    h = next((r for r in decode_rows if r["contender"] == f"k={k_half}" and r["context"] == HEADLINE_CONTEXT), None)
     return {
         "cache_exact": {"met": not mismatches, "checked": len(cache_rows), "mismatches": mismatches},
-        "speedup_vs_ideal": {
-            "met": None if not sum(checked.values()) else not misses,
-            "checked": checked,
-            "min_context": TARGET_MIN_CONTEXT,
-            "fraction": TARGET_IDEAL_FRACTION,
-            "misses": misses,
-        },
-        "headline": {
-            "met": None if headline_row is None else headline_row["speedup"]["median"] >= HEADLINE_SPEEDUP,
-            "contender": f"k={k_half}", "context": HEADLINE_CONTEXT, "target": HEADLINE_SPEEDUP,
-            "speedup": None if headline_row is None else headline_row["speedup"],
-            "ideal": None if headline_row is None else headline_row["ideal_speedup"],
-            "concat_model": None if headline_row is None else headline_row["concat_model_speedup"],
-        },
+        "speedup_vs_ideal": {"met": None if not sum(checked.values()) else not misses, "checked": checked,
+                             "min_context": TARGET_MIN_CONTEXT, "fraction": TARGET_IDEAL_FRACTION, "misses": misses},
+        "headline": {"met": None if h is None else h["speedup"]["median"] >= HEADLINE_SPEEDUP,
+                     "contender": f"k={k_half}", "context": HEADLINE_CONTEXT, "target": HEADLINE_SPEEDUP,
+                     **{key: None if h is None else h[field] for key, field in (("speedup", "speedup"),
+                        ("ideal", "ideal_speedup"), ("concat_model", "concat_model_speedup"))}},
     }
 
 
@@ -470,11 +388,10 @@ def measure(s: Settings) -> dict:
 
     logger.info("measuring the %s's memory bandwidth and matmul throughput", s.device)
     balance = cm.measure_machine_balance(size_mb=s.balance_mb, device=s.device)
-    greedy_order = read_greedy_order(s.layers_from) if s.layers_from else None
     teacher, _ = load_model(s.model)
     teacher.to(device=s.device, dtype=DTYPES[s.dtype]).eval()
     L = num_layers(teacher)
-    contenders = plan_contenders(L, s.fractions, greedy_order)
+    contenders = plan_contenders(L, s.fractions, read_greedy_order(s.layers_from) if s.layers_from else None)
     logger.info("building %d models: %s", len(contenders), ", ".join(c.name for c in contenders))
     models, profile = build_models(teacher, s.mixer, contenders)
     kinds = {name: layer_kinds(model) for name, model in models.items()}
@@ -491,7 +408,7 @@ def _label(context: int) -> str:
 
 
 def _speedup(speedup: dict) -> str:
-    return f"{speedup['median']:.2f}x [{speedup['low']:.2f}-{speedup['high']:.2f}]"
+    return harness.spread(speedup, ".2f", "x", "low", "high")
 
 
 def _verdict(met: bool | None) -> str:
@@ -503,135 +420,114 @@ def _device(result: dict) -> str:
     return "CPU" if device == "cpu" else device
 
 
-def _sections(result: dict) -> list[list[str]]:
-    """Contenders, decode (summary and details), prefill, memory and targets, each a list of lines."""
-    s, L = result["settings"], result["num_layers"]
+def _targets(t: dict, label: dict) -> list[list[str]]:
+    c, v, h = t["cache_exact"], t["speedup_vs_ideal"], t["headline"]
+    misses = ", ".join(f"{m['phase']} {label.get(m['contender'], m['contender'])} T={_label(m['context'])} "
+                       f"{m['speedup']:.2f}x of {m['ideal']:.2f}x ({m['measured_over_ideal']:.2f})"
+                       for m in sorted(v["misses"], key=lambda m: m["measured_over_ideal"])) or "-"
+    return [["cache = K/V of the full layers + constant linear states", _verdict(c["met"]),
+             f"{c['checked']} caches checked; mismatches: {len(c['mismatches'])}"],
+            [f"every speed-up at T >= {_label(v['min_context'])} >= {v['fraction']} x its ideal", _verdict(v["met"]),
+             f"{v['checked']['decode']} decode, {v['checked']['prefill']} prefill ratios; below: {misses}"],
+            [f"decode {h['contender']} at T={_label(h['context'])} >= {h['target']}x", _verdict(h["met"]),
+             "-" if h["speedup"] is None else f"{_speedup(h['speedup'])}; ideal {h['ideal']:.2f}x, concat-KV model "
+             f"{h['concat_model']:.2f}x"]]
+
+
+def _sections(result: dict) -> list[str]:
+    """Contenders, decode (summary and details), prefill, memory and targets."""
+    s, L, table = result["settings"], result["num_layers"], harness.markdown_table
     label = {c["name"]: "teacher" if c["k"] is None else f"k={c['k']}/{L}" for c in result["contenders"]}
-    table = harness.markdown_table
-    contenders = [[label[c["name"]], ", ".join(map(str, c["linear_layers"])) or "none", c["placement"]]
-                  for c in result["contenders"]]
     decode, prefill = result["decode"], result["prefill"]
     contexts = sorted({r["context"] for r in decode})
     cell = {(r["contender"], r["context"]): f"{r['speedup']['median']:.2f}x ({r['ideal_speedup']:.2f}x)"
             for r in decode}
-    cpu = lambda t: harness.format_ratio(t["cpu_per_wall"]).rstrip("x")  # noqa: E731
     details = [[_label(r["context"]), label[r["contender"]], f"{r['time_per_token_s']['median'] * 1e3:.1f}",
                 f"{r['time_per_token_s']['min'] * 1e3:.1f}-{r['time_per_token_s']['max'] * 1e3:.1f}",
                 f"{r['tokens_per_s']:.2f}", _speedup(r["speedup"]), f"{r['ideal_speedup']:.2f}x",
-                f"{r['measured_over_ideal']:.2f}", f"{r['concat_model_speedup']:.2f}x", cpu(r["time_per_token_s"])]
-               for r in decode]
+                f"{r['measured_over_ideal']:.2f}", f"{r['concat_model_speedup']:.2f}x",
+                harness.cpu_per_wall(r["time_per_token_s"])] for r in decode]
     prefills = [[_label(r["context"]), label[r["contender"]], harness.format_seconds(r["time_s"]["median"]),
                  f"{harness.format_seconds(r['time_s']['min'])}-{harness.format_seconds(r['time_s']['max'])}",
                  f"{r['tokens_per_s']:.0f}", _speedup(r["speedup"]), f"{r['ideal_speedup']:.2f}x",
-                 f"{r['measured_over_ideal']:.2f}", cpu(r["time_s"])] for r in prefill]
+                 f"{r['measured_over_ideal']:.2f}", harness.cpu_per_wall(r["time_s"])] for r in prefill]
     prefill_by = {(r["contender"], r["context"]): r for r in prefill}
     memory = []
     for r in decode:
         p = prefill_by.get((r["contender"], r["context"]))
         cache = (p or r)["cache"]
-        exact = "yes" if cache["exact"] and r["cache"]["exact"] else "NO"
         memory.append([_label(r["context"]), label[r["contender"]], harness.format_bytes(cache["measured"]),
-                       harness.format_bytes(cache["formula"]), exact,
+                       harness.format_bytes(cache["formula"]),
+                       "yes" if cache["exact"] and r["cache"]["exact"] else "NO",
                        harness.format_bytes(p["peak_bytes"]) if p else "not run",
                        harness.format_bytes(r["peak_bytes"])])
     peak = "peak RSS" if _device(result) == "CPU" else "peak GPU memory"
-    t = result["targets"]
-    c, v, h = t["cache_exact"], t["speedup_vs_ideal"], t["headline"]
-    misses = ", ".join(f"{m['phase']} {label.get(m['contender'], m['contender'])} T={_label(m['context'])} "
-                       f"{m['speedup']:.2f}x of {m['ideal']:.2f}x ({m['measured_over_ideal']:.2f})"
-                       for m in sorted(v["misses"], key=lambda m: m["measured_over_ideal"])) or "-"
-    targets = [
-        ["cache = K/V of the full layers + constant linear states", _verdict(c["met"]),
-         f"{c['checked']} caches checked; mismatches: {len(c['mismatches'])}"],
-        [f"every speed-up at T >= {_label(v['min_context'])} >= {v['fraction']} x its ideal", _verdict(v["met"]),
-         f"{v['checked']['decode']} decode, {v['checked']['prefill']} prefill ratios; below: {misses}"],
-        [f"decode {h['contender']} at T={_label(h['context'])} >= {h['target']}x", _verdict(h["met"]),
-         "-" if h["speedup"] is None else f"{_speedup(h['speedup'])}; ideal {h['ideal']:.2f}x, concat-KV model "
-         f"{h['concat_model']:.2f}x"],
-    ]
-    return [
-        ["## Contenders", "", table(["model", "linear layers", "placement"], contenders, "lll")],
+    prefill_lines = [f"Median over {s['prefill_repeats']} repeats of one forward over T tokens.", "",
+                     table(["T", "model", "time", "min-max", "tokens/s", "speed-up [range]", "ideal", "measured/ideal",
+                            "cpu/wall"], prefills), ""] if prefill else []
+    return ["\n".join(lines) for lines in (
+        ["## Contenders", "", table(["model", "linear layers", "placement"], [
+            [label[c["name"]], ", ".join(map(str, c["linear_layers"])) or "none", c["placement"]]
+            for c in result["contenders"]], "lll")],
         ["## Decode speed-up vs the teacher: measured (ideal)", "",
          f"Median over {s['repeats']} repeats of {s['decode_tokens']} greedy steps from a synthetic cache of T tokens.",
          "", table(["model"] + [f"T={_label(x)}" for x in contexts],
-                   [[label[n]] + [cell[(n, x)] for x in contexts] for n in label]), "",
-         "## Decode details", "",
+                   [[label[n]] + [cell[(n, x)] for x in contexts] for n in label]), "", "## Decode details", "",
          table(["T", "model", "ms/token", "min-max ms", "tokens/s", "speed-up [range]", "ideal", "measured/ideal",
                 "concat-KV model", "cpu/wall"], details)],
-        ["## Prefill", ""] + ([f"Median over {s['prefill_repeats']} repeats of one forward over T tokens.", "",
-                               table(["T", "model", "time", "min-max", "tokens/s", "speed-up [range]", "ideal",
-                                      "measured/ideal", "cpu/wall"], prefills), ""] if prefill else [])
-        + [f"- skipped: {skip['reason']}." for skip in result["prefill_skipped"]],
+        ["## Prefill", "", *prefill_lines] + [f"- skipped: {skip['reason']}." for skip in result["prefill_skipped"]],
         ["## Memory", "", table(["T", "model", "cache (measured)", "formula", "exact", f"{peak} prefill",
                                  f"{peak} decode"], memory)],
-        ["## Targets", "", table(["target", "verdict", "numbers"], targets, "lll")],
-    ]
+        ["## Targets", "", table(["target", "verdict", "numbers"], _targets(result["targets"], label), "lll")])]
 
 
 def markdown(result: dict) -> str:
     s, b = result["settings"], result["machine_balance"]
     balance = (f"{b['read_gbps']:.1f} GB/s read, {b['matvec_gbps']:.1f} GB/s matrix-vector, {b['gemm_gflops']:.0f} "
                f"GFLOP/s float32 matmul ({b['threads']} CPU threads): {b['balance_flop_per_byte']:.1f} FLOP/byte")
-    out = [f"# Inference: {s['model']} teacher vs {s['mixer']} hybrids ({_device(result)}, batch 1)", "",
-           harness.environment(result, {"dtype": s["dtype"], "machine balance": balance}), ""]
-    for section in _sections(result):
-        out += section + ["", harness.footer(result), ""]
-    out += ["## Plots", ""] + [f"![{name[:-4].replace('_', ' ')}]({name})\n" for name in result.get("files", [])
-                               if name.endswith(".png")]
-    return "\n".join(out)
-
-
-def _speedup_series(result: dict, phase: str, contexts: list[int]) -> list[harness.Series]:
-    series = []
-    for c in result["contenders"]:
-        if c["k"] is None:
-            continue
-        mine = {r["context"]: r for r in result[phase] if r["contender"] == c["name"]}
-        label = f"k={c['k']}/{result['num_layers']}"
-        measured = [mine[t]["speedup"]["median"] if t in mine else None for t in contexts]
-        ideal = [mine[t]["ideal_speedup"] if t in mine else None for t in contexts]
-        series.append(harness.Series(f"{label} measured", contexts, measured, group=label))
-        series.append(harness.Series(f"{label} ideal", contexts, ideal, group=label, dashed=True, marker=None))
-    return series
+    plots_ = "\n".join(["", "## Plots", ""] + [f"![{name[:-4].replace('_', ' ')}]({name})\n"
+                                               for name in result.get("files", []) if name.endswith(".png")])
+    return harness.report(f"Inference: {s['model']} teacher vs {s['mixer']} hybrids ({_device(result)}, batch 1)",
+                          result, *_sections(result), extra={"dtype": s["dtype"], "machine balance": balance}) + plots_
 
 
 def plots(result: dict, out_dir: Path) -> list[str]:
     """decode_speedup.png, prefill_speedup.png (with 2+ prefill contexts), cache_memory.png."""
-    model, mixer = result["settings"]["model"], result["settings"]["mixer"]
+    model, mixer, L = result["settings"]["model"], result["settings"]["mixer"], result["num_layers"]
     names = []
     for phase in ("decode", "prefill"):
         contexts = sorted({r["context"] for r in result[phase]})
         if len(contexts) < (1 if phase == "decode" else 2):
             continue
-        harness.plot_lines(out_dir / f"{phase}_speedup.png", _speedup_series(result, phase, contexts),
+        series = []
+        for c in (c for c in result["contenders"] if c["k"] is not None):
+            mine, label = {r["context"]: r for r in result[phase] if r["contender"] == c["name"]}, f"k={c['k']}/{L}"
+            series += [harness.Series(f"{label} measured", contexts, [mine[t]["speedup"]["median"] if t in mine
+                                                                      else None for t in contexts], group=label),
+                       harness.Series(f"{label} ideal", contexts, [mine[t]["ideal_speedup"] if t in mine else None
+                                                                   for t in contexts], group=label, dashed=True,
+                                      marker=None)]
+        harness.plot_lines(out_dir / f"{phase}_speedup.png", series,
                            f"{phase.capitalize()} speed-up vs the teacher ({model}, {mixer})", "context T (tokens)",
                            "speed-up (teacher time / hybrid time)", logx=True, hline=1.0, xticks=contexts,
                            xticklabels=[_label(t) for t in contexts])
         names.append(f"{phase}_speedup.png")
-    contexts = sorted({r["context"] for r in result["decode"]})
-    series = []
-    for c in result["contenders"]:
-        if c["k"] == 0:
-            continue  # the same cache as the teacher's
+    contexts, series = sorted({r["context"] for r in result["decode"]}), []
+    for c in (c for c in result["contenders"] if c["k"] != 0):  # k=0 has the teacher's cache
         mine = {r["context"]: r["cache"] for r in result["decode"] if r["contender"] == c["name"]}
-        label = "teacher (= k=0)" if c["k"] is None else f"k={c['k']}/{result['num_layers']}"
-        for key, dashed in (("measured", False), ("formula", True)):
-            series.append(harness.Series(f"{label} {key}", contexts, [mine[t][key] / 2**20 for t in contexts],
-                                         group=label, dashed=dashed, marker=None if dashed else "o"))
+        label = "teacher (= k=0)" if c["k"] is None else f"k={c['k']}/{L}"
+        series += [harness.Series(f"{label} {key}", contexts, [mine[t][key] / 2**20 for t in contexts], group=label,
+                                  dashed=key == "formula", marker=None if key == "formula" else "o")
+                   for key in ("measured", "formula")]
     harness.plot_lines(out_dir / "cache_memory.png", series, f"Decoding cache size ({model}, batch 1)",
                        "context T (tokens)", "cache (MiB)", logx=True, logy=True, xticks=contexts,
                        xticklabels=[_label(t) for t in contexts])
     return names + ["cache_memory.png"]
 
 
-BENCH = harness.Benchmark("inference", Settings, measure, markdown, plots, check=check,
-                          description=__doc__.split("\n\n")[0], presets={"quick": QUICK},
+BENCH = harness.Benchmark("inference", Settings, measure, markdown, plots, check=check, presets={"quick": QUICK},
                           ok=lambda result: result["targets"]["cache_exact"]["met"])
-
-
-def main(argv: list[str] | None = None) -> int:
-    return harness.main(BENCH, argv)
-
+main = BENCH.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,11 +1,8 @@
 """Time of the linear-attention ops (GLA, gated delta rule) against causal SDPA; method in docs/BENCHMARKS_MIXERS.md.
 
-Per op and sequence length T (no grad, batch 1, H = 9, D = 64 like SmolLM2-135M): `naive` (the per-token loop)
-and `chunk` (the chunked form) over the whole sequence, interleaved call by call after one warm-up each (on a
-prefix for long T), plus `fla` (flash-linear-attention's kernels) on a GPU; `step`, one decoding step from the
-state, per token; and SDPA's causal prefill (`sdpa`) and one-query decode against T cached keys (`sdpa_decode`).
-
-    python -m benchmarks.mixers [--quick] [--json] [--out DIR] [--threads N] [--clock wall|cpu] [--device cpu|cuda]
+Per op and length T (no grad, batch 1, H = 9, D = 64 like SmolLM2-135M): the naive per-token loop and the chunked
+form over the sequence (plus flash-linear-attention's kernels on a GPU), one decoding `step` per token, and SDPA's
+causal prefill and one-query decode against T cached keys; interleaved call by call after a warm-up.
 """
 
 from __future__ import annotations
@@ -55,8 +52,7 @@ class Settings:
 
 
 def check(settings: Settings, preset: str | None) -> Settings:
-    if settings.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda needs a CUDA GPU; none is visible to torch")
+    harness.check_device(settings.device)
     if settings.device == "cuda" and settings.clock != "wall":
         raise ValueError("--clock cpu measures CPU time, not GPU work: use --clock wall with --device cuda")
     if settings.lengths is not None:
@@ -81,14 +77,12 @@ class Row:
 
 def _time(s: Settings, fns: dict, warmups: dict | None = None) -> dict[str, list[float]]:
     """ms per call of each fn, interleaved call by call (same order every round) after one warm-up each."""
-    def task(fn):
-        def run() -> harness.Sample:
-            sample = harness.timed(fn, s.device)
-            return sample if s.clock == "wall" else harness.Sample(sample.cpu_s, sample.cpu_s)
+    def run(fn) -> harness.Sample:
+        sample = harness.timed(fn, s.device)
+        return sample if s.clock == "wall" else harness.Sample(sample.cpu_s, sample.cpu_s)
 
-        return run
-
-    timings = harness.interleave({name: task(fn) for name, fn in fns.items()}, s.repeats, warmup=warmups or {},
+    timings = harness.interleave({name: (lambda fn=fn: run(fn)) for name, fn in fns.items()}, s.repeats,
+                                 warmup=warmups or {},
                                  rotate=False, budget_s=REPEAT_BUDGET_S, min_repeats=MIN_REPEATS)
     return {name: [t * 1e3 for t in timing.samples] for name, timing in timings.items()}
 
@@ -202,9 +196,7 @@ def markdown(result: dict) -> str:
     rows = [[r["op"], r["impl"], r["length"], r["unit"], f"{r['median_ms']:.3f}",
              f"{r['min_ms']:.3f}-{r['max_ms']:.3f}", _ratio(r["vs_naive"]), _ratio(r["vs_sdpa"])]
             for r in result["rows"]]
-    device = "CPU" if meta["device"] == "cpu" else meta["device"]
-    lines = [f"# Linear-attention ops vs softmax attention ({device})", "", harness.environment(result), "",
-             f"batch {meta['batch']}, H={meta['heads']}, D={meta['head_dim']}, {meta['dtype']}, {meta['clock']} "
+    lines = [f"batch {meta['batch']}, H={meta['heads']}, D={meta['head_dim']}, {meta['dtype']}, {meta['clock']} "
              f"clock, median of up to {meta['repeats']} repeats", "",
              harness.markdown_table(["op", "impl", "T", "unit", "median ms", "min-max ms", "vs naive", "vs SDPA"],
                                     rows, "llrlrrrr"), ""]
@@ -213,17 +205,14 @@ def markdown(result: dict) -> str:
         lines.append(f"- {op}: chunked beats SDPA prefill from T = {cross['from_length']}"
                      + ("" if after is None else f" (crossover between T = {after} and T = {cross['from_length']})")
                      if cross["from_length"] is not None else f"- {op}: chunked never beats SDPA prefill")
-    return "\n".join(lines + ["", harness.footer(result), ""])
+    device = "CPU" if meta["device"] == "cpu" else meta["device"]
+    return harness.report(f"Linear-attention ops vs softmax attention ({device})", result, "\n".join(lines))
 
 
 BENCH = harness.Benchmark(
-    "mixers", Settings, measure, markdown, check=check, description=__doc__.split("\n\n")[0], publishes=False,
+    "mixers", Settings, measure, markdown, check=check, publishes=False,
     presets={"quick": {"repeats": 3}, "tiny": {"lengths": TINY_LENGTHS, "heads": 2, "head_dim": 16, "repeats": 2}})
-
-
-def main(argv: list[str] | None = None) -> int:
-    return harness.main(BENCH, argv)
-
+main = BENCH.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,21 +1,14 @@
 """Quality of layer placements: greedy DtR against the paper's placement baselines, on test.
 
-For each task, one set of distilled students is shared by every strategy; the test score of the hybrid with k
-linear layers (k = 1..12 by default, per strategy until it collapses to the majority-class rate) for `greedy`
-(DtR's search on validation, forced on past its threshold), `uniform`, `random` (3 seeds), `local importance`
-(best single swaps) and `distill loss` (lowest normalised distillation loss). The same greedy rounds replayed
-under the paper's 5% rule with `point` and `bootstrap` acceptance give M_opt's validation-to-test gap. Students:
-`--students DIR`, else distilled here with a small budget (`benchmarks.students`, reused). Finished work of a
-task is cached beside the students, so a killed or extended run resumes. Method and reading:
-docs/BENCHMARKS_PLACEMENTS.md.
-
-    python -m benchmarks.placements [--quick] [--json] [--out DIR] [--tasks sentiment,trec] [--students DIR]
-        [--ks 1-12] [--val-limit N] [--test-limit N] [--seeds 0,1,2] [--threads N]
+Per task, with one set of distilled students: the test score of the hybrid with k linear layers for `greedy`
+(DtR's search on validation, forced on past its threshold), `uniform`, `random`, `local importance` and
+`distill loss`, until each collapses to the majority-class rate; and M_opt's validation-to-test gap under the
+paper's 5% rule with `point` and `bootstrap` acceptance. Finished work is cached beside the students (a killed
+or extended run resumes). Method and reading: docs/BENCHMARKS_PLACEMENTS.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -59,6 +52,7 @@ class Settings:
 def check(s: Settings, preset: str | None) -> Settings:
     if not s.tasks:
         raise ValueError("--tasks names no task")
+    harness.check_students(s.students)
     return dataclasses.replace(s, ks=tuple(sorted(set(s.ks))))
 
 
@@ -84,128 +78,67 @@ def majority_rate(task, split: str, limit: int | None) -> float | None:
     return max(labels.count(label) for label in set(labels)) / len(labels)
 
 
-@contextlib.contextmanager
-def _quiet(name: str):
-    log = logging.getLogger(name)
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
 def _no_more_rounds(committed, candidates, hint):
     raise RuntimeError("replay needed a round the forced search did not run")  # max_layers prevents it
 
 
-class ResultCache:
-    """Finished work of one task's run on disk, so a killed or extended run resumes (files written atomically).
+def result_store(students_dir: str | os.PathLike, task: str, student_keys: Mapping,
+                 batches: Sequence) -> harness.ResultStore:
+    """Finished work of one task, keyed by everything that decides the numbers: the encoded prompts (task,
+    tokenizer, limits, batching) and the students' content keys (teacher weights, distillation budget)."""
+    from dtr_core.artifacts import hash_json, hash_tensor
 
-    Keyed by everything that decides the numbers: the task's encoded validation and test batches (prompts,
-    tokenizer, limits, batching) and the students' content keys (which include the teacher's weights and the
-    distillation budget). Holds the teacher's
-    validation result, the exact single-swap scores, each finished greedy round and each test score.
-    """
-
-    FORMAT = 1
-
-    def __init__(self, students_dir: str | os.PathLike, task: str, student_keys: Mapping, batches: Sequence):
-        from dtr_core.artifacts import hash_json, hash_tensor
-
-        # the encoded prompts stand for the task definition, the tokenizer and the limits
-        key = hash_json({"format": self.FORMAT, "task": task,
-                         "inputs": [hash_tensor(batch.input_ids) for batch in batches],
-                         "students": {str(layer): student_keys[layer] for layer in sorted(student_keys)}})
-        self.dir = Path(students_dir).parent / "placements" / f"{task}-{key[:16]}"
-        self.reused: dict[str, int] = {"validation": 0, "rounds": 0, "test": 0}
-
-    def load(self, name: str):
-        from dtr_core.artifacts import read_json
-
-        path = self.dir / name
-        return read_json(path) if path.is_file() else None
-
-    def save(self, name: str, value) -> None:
-        from dtr_core.artifacts import write_json
-
-        write_json(self.dir / name, value)
-
-    def rounds(self) -> list:
-        from dtr_core.search.decisions import RoundRecord
-
-        records = []
-        while (data := self.load(f"round_{len(records):02d}.json")) is not None:
-            records.append(RoundRecord.from_dict(data))
-        self.reused["rounds"] = len(records)
-        return records
+    key = hash_json({"format": 1, "task": task, "inputs": [hash_tensor(batch.input_ids) for batch in batches],
+                     "students": {str(layer): student_keys[layer] for layer in sorted(student_keys)}})
+    return harness.ResultStore(Path(students_dir).parent / "placements" / f"{task}-{key[:16]}",
+                               kinds=("validation", "rounds", "test"))
 
 
-@dataclasses.dataclass(frozen=True)
-class Score:
-    """What the report needs of an evaluation."""
-
-    score: float
-    n: int
-    per_example: tuple[float, ...] = ()
-
-
-class _Scores:
+class TestScores:
     """Test scores of layer sets, each evaluated once (several strategies often pick the same set)."""
 
-    def __init__(self, evaluator, cache: ResultCache):
-        self.evaluator = evaluator
-        self.cache: dict[tuple[int, ...], Score] = {}
-        self.disk = cache
-        self.seconds = 0.0
+    def __init__(self, evaluator, store: harness.ResultStore):
+        self.evaluator, self.store, self.memo, self.seconds = evaluator, store, {}, 0.0
 
-    def __call__(self, layers: Sequence[int]) -> Score:
+    def __call__(self, layers: Sequence[int]) -> dict:
         key = tuple(sorted(layers))
-        if key not in self.cache:
+        if key not in self.memo:
             name = "test/" + ("teacher" if not key else "-".join(map(str, key))) + ".json"
-            stored = self.disk.load(name)
-            if stored is not None:
-                self.disk.reused["test"] += 1
-                self.cache[key] = Score(stored["score"], stored["n"])
-            else:
-                started = time.perf_counter()
-                result = self.evaluator.evaluate_layers(key)
-                self.seconds += time.perf_counter() - started
-                self.cache[key] = Score(result.score, result.n)
-                self.disk.save(name, {"layers": list(key), "score": result.score, "n": result.n})
-            logger.info("  test %s: %.4f", list(key), self.cache[key].score)
-        return self.cache[key]
+            self.memo[key] = self.store.get(name, lambda: self._evaluate(key), "test")
+            logger.info("  test %s: %.4f", list(key), self.memo[key]["score"])
+        return self.memo[key]
+
+    def _evaluate(self, key: tuple[int, ...]) -> dict:
+        started = time.perf_counter()
+        result = self.evaluator.evaluate_layers(key)
+        self.seconds += time.perf_counter() - started
+        return {"layers": list(key), "score": result.score, "n": result.n}
 
 
 def run_task(model, tokenizer, task_name: str, students: Mapping[int, torch.nn.Module],
              losses: Mapping[int, float], settings: Settings, students_dir: str, student_keys: Mapping) -> dict:
     """Search, baselines and test scores for one task (see the module docstring)."""
+    from dtr_core.evaluation import get_task
+    from dtr_core.hybrid.surgery import num_layers
     from dtr_core.search.acceptance import Acceptance, Tolerance
     from dtr_core.search.baselines import distill_loss_layers, local_importance_layers, random_layers, uniform_layers
-    from dtr_core.evaluation import get_task
-    from dtr_core.search.decisions import CandidateScore, greedy_replace
+    from dtr_core.search.decisions import CandidateScore, RoundRecord, greedy_replace
     from dtr_core.search.greedy_search import FastEvaluator, PlainEvaluator, encode_split
-    from dtr_core.hybrid.surgery import num_layers
 
     started = time.perf_counter()
-    task = get_task(task_name)
-    L = num_layers(model)
-    available = sorted(students)
+    task, L, available = get_task(task_name), num_layers(model), sorted(students)
     ks = [k for k in settings.ks if k <= len(available)]
-    k_max = max(ks)
     val_batches = encode_split(task, tokenizer, "validation", settings.val_limit, settings.batch_size)
     test_batches = encode_split(task, tokenizer, "test", settings.test_limit, settings.batch_size)
-    cache = ResultCache(students_dir, task_name, student_keys, val_batches + test_batches)
-    test_scores = _Scores(PlainEvaluator(model, task, test_batches, students, split="test"), cache)
-    logger.info("%s: teacher on validation and test (finished work reused from %s)", task_name, cache.dir)
-    stored = cache.load("teacher_validation.json")
-    if stored is None:
+    store = result_store(students_dir, task_name, student_keys, val_batches + test_batches)
+    test_scores = TestScores(PlainEvaluator(model, task, test_batches, students, split="test"), store)
+    logger.info("%s: teacher on validation and test (finished work reused from %s)", task_name, store.dir)
+
+    def teacher_validation() -> dict:
         result = PlainEvaluator(model, task, val_batches, students).evaluate_layers(())
-        stored = {"score": result.score, "n": result.n, "per_example": list(result.per_example)}
-        cache.save("teacher_validation.json", stored)
-    else:
-        cache.reused["validation"] += 1
-    teacher_val = Score(stored["score"], stored["n"], tuple(stored["per_example"]))
+        return {"score": result.score, "n": result.n, "per_example": list(result.per_example)}
+
+    teacher_val = store.get("teacher_validation.json", teacher_validation, "validation")
     teacher_test = test_scores(())
     tolerance = Tolerance("relative", TOLERANCE)
     chance = majority_rate(task, "test", settings.test_limit)
@@ -214,13 +147,13 @@ def run_task(model, tokenizer, task_name: str, students: Mapping[int, torch.nn.M
     search_started = time.perf_counter()
     logger.info("%s: single-swap validation scores of %d layers", task_name, len(available))
     exact = FastEvaluator(model, task, val_batches, students, early_rejection=False)
-    stored = cache.load("single_swap.json")
-    if stored is not None and sorted(int(layer) for layer in stored) == available:
-        cache.reused["validation"] += 1
-        single = {int(layer): CandidateScore.from_dict(value) for layer, value in stored.items()}
+    stored = store.load("single_swap.json")
+    if stored is not None and sorted(map(int, stored)) == available:
+        store.reused["validation"] += 1
     else:
-        single = exact((), available)
-        cache.save("single_swap.json", {str(layer): value.to_dict() for layer, value in single.items()})
+        stored = {str(layer): value.to_dict() for layer, value in exact((), available).items()}
+        store.save("single_swap.json", stored)
+    single = {int(layer): CandidateScore.from_dict(value) for layer, value in stored.items()}
     fast = FastEvaluator(model, task, val_batches, students, first_hint={l: -v for l, v in losses.items()})
 
     def score_candidates(committed, candidates, hint):
@@ -229,42 +162,49 @@ def run_task(model, tokenizer, task_name: str, students: Mapping[int, torch.nn.M
         logger.info("%s: greedy round %d (%d candidates)", task_name, len(committed), len(candidates))
         return fast(committed, candidates, hint)
 
-    # 2. the greedy trajectory, forced on for up to k_max rounds: a round is committed unless its best candidate
+    # 2. the greedy trajectory, forced on for up to max(ks) rounds: a round is committed unless its best candidate
     #    has collapsed to the majority-class rate on validation (then later rounds would measure noise)
     chance_val = majority_rate(task, "validation", settings.val_limit)
     floor = Tolerance("absolute", 0.0 if chance_val is None else chance_val + 1e-9)
-    persisted = cache.rounds()
-    forced = greedy_replace(score_candidates, L, available, teacher_val.score, floor,
-                            teacher_per_example=teacher_val.per_example, max_layers=k_max,
-                            completed_rounds=persisted[:k_max],
-                            on_round=lambda record: cache.save(f"round_{record.index:02d}.json", record.to_dict()))
+    persisted = []
+    while (data := store.load(f"round_{len(persisted):02d}.json")) is not None:
+        persisted.append(RoundRecord.from_dict(data))
+    store.reused["rounds"] = len(persisted)
+    forced = greedy_replace(score_candidates, L, available, teacher_val["score"], floor,
+                            teacher_per_example=tuple(teacher_val["per_example"]), max_layers=max(ks),
+                            completed_rounds=persisted[:max(ks)],
+                            on_round=lambda record: store.save(f"round_{record.index:02d}.json", record.to_dict()))
     search_seconds = time.perf_counter() - search_started
 
     # 3. the same rounds replayed under the paper's 5% rule, point and bootstrap acceptance
     acceptance = {}
+    decisions_log = logging.getLogger("dtr_core.search.decisions")
     for mode in ("point", "bootstrap"):
+        level = decisions_log.level
+        decisions_log.setLevel(logging.ERROR)  # a replay re-logs every round and warns about the unused ones
         try:
-            with _quiet("dtr_core.search.decisions"):  # a replay re-logs every round and warns about the unused ones
-                replay = greedy_replace(_no_more_rounds, L, available, teacher_val.score, tolerance, Acceptance(mode),
-                                        teacher_per_example=teacher_val.per_example,
-                                        max_layers=len(forced.rounds), completed_rounds=forced.rounds)
+            replay = greedy_replace(_no_more_rounds, L, available, teacher_val["score"], tolerance, Acceptance(mode),
+                                    teacher_per_example=tuple(teacher_val["per_example"]),
+                                    max_layers=len(forced.rounds), completed_rounds=forced.rounds)
         except ValueError as error:  # bootstrap needs a mean-of-examples metric
             acceptance[mode] = {"error": str(error)}
             continue
         except RuntimeError:  # accepted past the point where the forced search stopped (collapsed)
             acceptance[mode] = {"error": "the search collapsed before this rule stopped"}
             continue
-        opt_test = test_scores(replay.opt_layers)
+        finally:
+            decisions_log.setLevel(level)
+        opt_test, threshold = test_scores(replay.opt_layers)["score"], tolerance.threshold(teacher_test["score"])
         last = replay.rounds[len(replay.opt_layers) - 1] if replay.opt_layers else None
+        next_round = replay.rounds[-1] if replay.rounds else None
         acceptance[mode] = {
             "opt_layers": list(replay.opt_layers), "k": len(replay.opt_layers), "stop_reason": replay.stop_reason,
             "validation": replay.opt_score, "p_min": replay.p_min, "lcb": None if last is None else last.lcb,
             "refused": None if replay.stop_reason != "rejected" else {
-                "layer": replay.rounds[-1].chosen, "validation": replay.rounds[-1].score, "lcb": replay.rounds[-1].lcb},
-            "test": opt_test.score, "test_threshold": tolerance.threshold(teacher_test.score),
-            "test_margin": opt_test.score - tolerance.threshold(teacher_test.score),
-            "test_drop": _drop(opt_test.score, teacher_test.score),
-            "validation_drop": _drop(replay.opt_score, teacher_val.score),
+                "layer": next_round.chosen, "validation": next_round.score, "lcb": next_round.lcb},
+            "test": opt_test, "test_threshold": threshold, "test_margin": opt_test - threshold,
+            "test_drop": _drop(opt_test, teacher_test["score"]),
+            "validation_drop": _drop(replay.opt_score, teacher_val["score"]),
         }
 
     # 4. layer sets of every strategy, test scores until each collapses
@@ -273,23 +213,19 @@ def run_task(model, tokenizer, task_name: str, students: Mapping[int, torch.nn.M
         "greedy": lambda k, seed: tuple(sorted(greedy_order[:k])) if k <= len(greedy_order) else None,
         "uniform": lambda k, seed: uniform_layers(L, k, available),
         "random": lambda k, seed: random_layers(L, k, seed, available),
-        "local importance": lambda k, seed: local_importance_layers(
-            {l: s.score for l, s in single.items()}, k, L),
+        "local importance": lambda k, seed: local_importance_layers({l: s.score for l, s in single.items()}, k, L),
         "distill loss": lambda k, seed: distill_loss_layers({l: losses[l] for l in available}, k, L),
     }
     points, curves, collapsed = [], {}, {}
     for strategy in STRATEGIES:
         curves[strategy] = []
         for k in ks:
-            seeds = settings.seeds if strategy == "random" else (None,)
             values = []
-            for seed in seeds:
-                layers = plans[strategy](k, seed)
-                if layers is None:
-                    continue
-                score = test_scores(layers).score
-                values.append(score)
-                points.append({"strategy": strategy, "k": k, "seed": seed, "layers": list(layers), "test": score})
+            for seed in settings.seeds if strategy == "random" else (None,):
+                if (layers := plans[strategy](k, seed)) is not None:
+                    values.append(test_scores(layers)["score"])
+                    points.append({"strategy": strategy, "k": k, "seed": seed, "layers": list(layers),
+                                   "test": values[-1]})
             if not values:
                 break
             curves[strategy].append(_summary(k, values))
@@ -297,21 +233,21 @@ def run_task(model, tokenizer, task_name: str, students: Mapping[int, torch.nn.M
                 collapsed[strategy] = k
                 break
 
-    greedy_val = [{"k": r.index + 1, "layer": r.chosen, "validation": r.score} for r in forced.rounds]
     return {
         "task": task_name, "metric": task.metric, "num_layers": L, "available_layers": available, "ks": ks,
-        "teacher": {"validation": teacher_val.score, "test": teacher_test.score, "n_validation": teacher_val.n,
-                    "n_test": teacher_test.n},
+        "teacher": {"validation": teacher_val["score"], "test": teacher_test["score"],
+                    "n_validation": teacher_val["n"], "n_test": teacher_test["n"]},
         "chance": chance, "chance_validation": chance_val, "tolerance": TOLERANCE,
         "search_stop": forced.stop_reason,
-        "p_min": tolerance.threshold(teacher_val.score), "test_threshold": tolerance.threshold(teacher_test.score),
+        "p_min": tolerance.threshold(teacher_val["score"]),
+        "test_threshold": tolerance.threshold(teacher_test["score"]),
         "single_swap": {str(l): s.score for l, s in sorted(single.items())},
-        "greedy_trajectory": greedy_val,
+        "greedy_trajectory": [{"k": r.index + 1, "layer": r.chosen, "validation": r.score} for r in forced.rounds],
         "search_cost": {"round0_exact": exact.cost.to_dict(), "later_rounds_fast": fast.cost.to_dict(),
                         "seconds_total": search_seconds},
         "acceptance": acceptance, "points": points, "curves": curves, "collapsed": collapsed,
-        "test_evaluations": len(test_scores.cache), "test_seconds": test_scores.seconds,
-        "cache": {"dir": str(cache.dir), "reused": dict(cache.reused)},
+        "test_evaluations": len(test_scores.memo), "test_seconds": test_scores.seconds,
+        "cache": {"dir": str(store.dir), "reused": dict(store.reused)},
         "seconds": time.perf_counter() - started,
     }
 
@@ -345,8 +281,6 @@ def measure(s: Settings) -> dict:
         students_dir, source = info["dir"], "distilled here"
     else:
         students_dir, source, info = s.students, "given", {"dir": s.students}
-        if not Path(students_dir).is_dir():
-            raise FileNotFoundError(f"--students {students_dir} is not a folder; pass runs/<id>/students")
     results = read_layer_results(students_dir)
     students = load_students(students_dir, model, layers=layers)
     if not students:
@@ -369,8 +303,7 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _cell(curve: Mapping[int, dict], k: int, spread: bool = False) -> str:
-    row = curve.get(k)
+def _cell(row: dict | None, spread: bool = False) -> str:
     if row is None:
         return "-"
     if spread and row["n"] > 1:
@@ -407,10 +340,22 @@ def summary(t: dict) -> dict:
             "common_ks": common, "greedy_best_at": wins, "greedy_behind_at": behind, "ks": ks}
 
 
+def _gap_row(mode: str, a: dict) -> list:
+    if "error" in a:
+        return [mode] + ["n/a"] * 9
+    refused = a.get("refused")
+    return [mode, f"{a['k']}" + (" (cap)" if a["stop_reason"] == "cap" else ""), f"{a['validation']:.3f}",
+            f"{a['p_min']:.3f}", _fmt(a["lcb"]),
+            "-" if refused is None else f"{refused['layer']}: {refused['validation']:.3f}"
+            + ("" if refused["lcb"] is None else f" / {refused['lcb']:.3f}"),
+            f"{a['test']:.3f}", f"{a['test_threshold']:.3f}", f"{a['test_margin']:+.3f}",
+            f"{a['test_drop'] * 100:.1f}%"]
+
+
 def markdown(result: dict) -> str:
     s, st = result["settings"], result["students"]
     loss = st["normalized_loss"]
-    out = [
+    lines = [
         f"# Placements: greedy DtR vs baselines ({s['model']}, {', '.join(st['mixers'])} students)", "",
         harness.environment(result), "",
         f"Students: {st['source']} ({harness.shown(st['dir'])}); {len(st['layers'])} layers offered: {st['layers']}; "
@@ -423,12 +368,11 @@ def markdown(result: dict) -> str:
     for name, t in result["tasks"].items():
         curves = {strategy: {row["k"]: row for row in t["curves"][strategy]} for strategy in STRATEGIES}
         rows = [["0 (teacher)"] + [f"{t['teacher']['test']:.3f}"] * len(STRATEGIES)]
-        rows += [[str(k)] + [_cell(curves[strategy], k, spread=strategy == "random") for strategy in STRATEGIES]
-                 for k in t["ks"] if any(k in curves[strategy] for strategy in STRATEGIES)]
+        rows += [[str(k)] + [_cell(curves[st_].get(k), spread=st_ == "random") for st_ in STRATEGIES]
+                 for k in t["ks"] if any(k in curves[st_] for st_ in STRATEGIES)]
         sm = summary(t)
-        sum_rows = [[strategy, sm["within"][strategy], _fmt(sm["mean"][strategy]), t["collapsed"].get(strategy, "-")]
-                    for strategy in STRATEGIES]
-        out += [
+        errors = [f"- {mode}: not applicable ({a['error']})" for mode, a in t["acceptance"].items() if "error" in a]
+        lines += [
             f"## {name}: test {t['metric']} vs number of linear layers", "",
             f"{t['teacher']['n_test']} test examples (teacher {t['teacher']['test']:.3f}, 0.95 x = "
             f"{t['test_threshold']:.3f}, majority class {_fmt(t['chance'])}); the greedy search saw "
@@ -437,73 +381,51 @@ def markdown(result: dict) -> str:
             harness.markdown_table(["linear layers k"] + list(STRATEGIES), rows), "",
             harness.markdown_table(["strategy", "largest k within 5% of the teacher (test)",
                                     f"mean test over k = {','.join(map(str, sm['common_ks'])) or '-'}",
-                                    "collapsed at k"], sum_rows), "",
+                                    "collapsed at k"],
+                                   [[st_, sm["within"][st_], _fmt(sm["mean"][st_]), t["collapsed"].get(st_, "-")]
+                                    for st_ in STRATEGIES]), "",
             f"- greedy best or tied-best at {len(sm['greedy_best_at'])} of {len(sm['ks'])} values of k; another "
             "placement ahead by more than half a test example at k = "
             + (", ".join(map(str, sm["greedy_behind_at"])) or "none"),
             f"- greedy search stopped: {t['search_stop']} (validation majority class "
-            f"{_fmt(t['chance_validation'])})", "",
-            f"![{name} placements](placements_{name}.png)", "",
-            harness.footer(result), "",
-            f"### {name}: validation-to-test gap at 5% relative tolerance", "",
-        ]
-        gap_rows = []
-        for mode in ("point", "bootstrap"):
-            a = t["acceptance"].get(mode, {})
-            if "error" in a:
-                gap_rows.append([mode] + ["n/a"] * 9)
-                continue
-            refused = a.get("refused")
-            gap_rows.append([mode, f"{a['k']}" + (" (cap)" if a["stop_reason"] == "cap" else ""),
-                             f"{a['validation']:.3f}", f"{a['p_min']:.3f}", _fmt(a["lcb"]),
-                             "-" if refused is None else f"{refused['layer']}: {refused['validation']:.3f}"
-                             + ("" if refused["lcb"] is None else f" / {refused['lcb']:.3f}"),
-                             f"{a['test']:.3f}", f"{a['test_threshold']:.3f}", f"{a['test_margin']:+.3f}",
-                             f"{a['test_drop'] * 100:.1f}%"])
-        errors = [f"- {mode}: not applicable ({a['error']})" for mode, a in t["acceptance"].items() if "error" in a]
-        out += [
+            f"{_fmt(t['chance_validation'])})", "", f"![{name} placements](placements_{name}.png)", "",
+            harness.footer(result), "", f"### {name}: validation-to-test gap at 5% relative tolerance", "",
             harness.markdown_table(["acceptance", "M_opt k", "validation", "P_min (val)", "LCB (val)",
                                     "refused next: val / LCB", "test", "0.95 x teacher test", "test - threshold",
-                                    "test drop"], gap_rows), "", *errors,
-            "Greedy order (layer, validation score): "
+                                    "test drop"],
+                                   [_gap_row(mode, t["acceptance"].get(mode, {})) for mode in ("point", "bootstrap")]),
+            "", *errors, "Greedy order (layer, validation score): "
             + ", ".join(f"{r['layer']} ({r['validation']:.3f})" for r in t["greedy_trajectory"]) + ".", "",
-            f"![{name} gap](gap_{name}.png)", "",
-            harness.footer(result), "",
+            f"![{name} gap](gap_{name}.png)", "", harness.footer(result), "",
         ]
-    return "\n".join(out)
+    return "\n".join(lines)
 
 
 def plots(result: dict, out_dir: Path) -> list[str]:
     names = []
     for name, t in result["tasks"].items():
-        ks = t["ks"]
-        series = []
+        ks, series = t["ks"], []
         for strategy in STRATEGIES:
             curve = {row["k"]: row for row in t["curves"][strategy]}
-            series.append(harness.Series(strategy, ks, [curve[k]["mean"] if k in curve else None for k in ks],
-                                         group=strategy))
-            if strategy == "random":
-                series += [harness.Series(f"random {bound}", ks, [curve[k][bound] if k in curve else None for k in ks],
-                                          group=strategy, dashed=True, marker=None) for bound in ("min", "max")]
-        series.append(harness.Series("teacher", ks, [t["teacher"]["test"]] * len(ks), group="teacher", dashed=True,
-                                     marker=None))
+            bounds = ("mean", "min", "max") if strategy == "random" else ("mean",)
+            series += [harness.Series(strategy if key == "mean" else f"{strategy} {key}", ks,
+                                      [curve[k][key] if k in curve else None for k in ks], group=strategy,
+                                      dashed=key != "mean", marker="o" if key == "mean" else None) for key in bounds]
+        series.append(harness.Series("teacher", ks, [t["teacher"]["test"]] * len(ks), dashed=True, marker=None))
         harness.plot_lines(out_dir / f"placements_{name}.png", series,
                            f"{name}: test {t['metric']} vs linear layers ({result['model']})", "linear layers k",
                            f"test {t['metric']}", hline=t["test_threshold"], xticks=ks)
         trajectory = t["greedy_trajectory"]
         gk = [r["k"] for r in trajectory]
         greedy_test = {row["k"]: row["mean"] for row in t["curves"]["greedy"]}
-        series = [
-            harness.Series("greedy validation", gk, [r["validation"] for r in trajectory], group="validation"),
-            harness.Series("P_min (validation)", gk, [t["p_min"]] * len(gk), group="validation", dashed=True,
-                           marker=None),
-            harness.Series("greedy test", gk, [greedy_test.get(k) for k in gk], group="test"),
-            harness.Series("0.95 x teacher test", gk, [t["test_threshold"]] * len(gk), group="test", dashed=True,
-                           marker=None),
-        ]
+        series = [harness.Series("greedy validation", gk, [r["validation"] for r in trajectory], group="validation"),
+                  harness.Series("P_min (validation)", gk, [t["p_min"]] * len(gk), group="validation", dashed=True,
+                                 marker=None),
+                  harness.Series("greedy test", gk, [greedy_test.get(k) for k in gk], group="test"),
+                  harness.Series("0.95 x teacher test", gk, [t["test_threshold"]] * len(gk), group="test",
+                                 dashed=True, marker=None)]
         for mode, marker in (("point", "s"), ("bootstrap", "^")):
-            a = t["acceptance"].get(mode, {})
-            if a.get("k"):
+            if (a := t["acceptance"].get(mode, {})).get("k"):
                 series.append(harness.Series(f"M_opt {mode} (test)", [a["k"]], [a["test"]], group=f"M_opt {mode}",
                                              marker=marker, style={"markersize": 10}))
         harness.plot_lines(out_dir / f"gap_{name}.png", series,
@@ -513,13 +435,8 @@ def plots(result: dict, out_dir: Path) -> list[str]:
     return names
 
 
-BENCH = harness.Benchmark("placements", Settings, measure, markdown, plots, check=check,
-                          description=__doc__.split("\n\n")[0], presets={"quick": QUICK})
-
-
-def main(argv: list[str] | None = None) -> int:
-    return harness.main(BENCH, argv)
-
+BENCH = harness.Benchmark("placements", Settings, measure, markdown, plots, check=check, presets={"quick": QUICK})
+main = BENCH.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,15 +1,10 @@
 """Long-context recall probe: teacher vs a DtR hybrid on synthetic retrieval at growing context.
 
-Two synthetic tasks, each prompt exactly T tokens: `passkey` (a pass key hidden in filler sentences at a depth
-spread over 5%-95%, then asked for) and `kv` (lines "The code for <name> is <5 digits>." filling T tokens, then
-one code asked for). An answer is correct when the greedy next token is the answer's token at every answer
-position (teacher forcing); also the mean answer NLL per token. Prompts are seeded, the same for both models.
-The hybrid: `--hybrid DIR` (a saved one), else the teacher with `--layers` (or `--k` evenly spread) made linear
-with students from `--students DIR`, else students distilled here (`benchmarks.students`, reused).
+`passkey` (a key hidden in filler at a depth of 5%-95%) and `kv` (one code asked among lines "The code for <name>
+is <5 digits>."), each prompt exactly T tokens, seeded, the same for both models: exact match of the greedy
+answer under teacher forcing, and the answer's NLL per token. The hybrid: `--hybrid DIR`, else `--layers` (or
+`--k` evenly spread) of the teacher made linear with `--students DIR` or students distilled here.
 Reading the numbers: docs/BENCHMARKS_RECALL.md.
-
-    python -m benchmarks.recall [--quick] [--json] [--out DIR] [--hybrid DIR | --students DIR [--layers 3,7 | --k 8]]
-        [--contexts 256,512,1024,2048,4096] [--samples 16]
 """
 
 from __future__ import annotations
@@ -73,6 +68,7 @@ def check(s: Settings, preset: str | None) -> Settings:
     if given and (s.hybrid or s.students):
         raise ValueError(f"{', '.join(given)} set(s) the budget of students distilled here; "
                          "drop it, or drop --hybrid/--students")
+    harness.check_students(s.students)
     default = QUICK_DISTILL if preset == "quick" else DISTILL  # the budget of `dtr bench placements`
     return dataclasses.replace(s, contexts=tuple(sorted(set(s.contexts))), **{
         name: getattr(s, name) or default[name] for name in ("distill_tokens", "distill_seq_len", "distill_steps")})
@@ -89,9 +85,6 @@ class Prompt:
     ids: tuple[int, ...]  # the whole prompt, exactly `context` tokens (BOS included when the tokenizer has one)
     answer: tuple[int, ...]  # answer tokens, scored by teacher forcing
     answer_text: str
-
-
-# --- prompts -------------------------------------------------------------------------------------
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -187,11 +180,9 @@ def score_prompt(model, prompt: Prompt) -> dict:
 
 
 def evaluate_model(model, prompts: Sequence[Prompt], label: str) -> list[dict]:
-    model.eval()
-    rows, started = [], time.perf_counter()
-    for prompt in prompts:
-        rows.append({"probe": prompt.probe, "context": prompt.context, "depth": prompt.depth,
-                     **score_prompt(model, prompt)})
+    started, model = time.perf_counter(), model.eval()
+    rows = [{"probe": p.probe, "context": p.context, "depth": p.depth, **score_prompt(model, p)}
+            for p in prompts]
     logger.info("%s: %d prompts in %.1f s", label, len(prompts), time.perf_counter() - started)
     return rows
 
@@ -281,23 +272,18 @@ def measure(s: Settings) -> dict:
 def markdown(result: dict) -> str:
     s, h = result["settings"], result["hybrid"]
     teacher = {(r["probe"], r["context"]): r for r in result["summary"]["teacher"]}
-    rows = []
-    for r in result["summary"]["hybrid"]:
-        t = teacher[(r["probe"], r["context"])]
-        rows.append([r["probe"], str(r["context"]), str(r["n"]), f"{t['accuracy']:.2f} ± {t['stderr']:.2f}",
-                     f"{r['accuracy']:.2f} ± {r['stderr']:.2f}", f"{r['accuracy'] - t['accuracy']:+.2f}",
-                     f"{t['nll']:.2f}", f"{r['nll']:.2f}", f"{r['nll'] - t['nll']:+.2f}"])
-    return "\n".join([
-        f"# Long-context recall: {s['model']} teacher vs hybrid", "", harness.environment(result), "",
+    rows = [[r["probe"], str(r["context"]), str(r["n"]), f"{t['accuracy']:.2f} ± {t['stderr']:.2f}",
+             f"{r['accuracy']:.2f} ± {r['stderr']:.2f}", f"{r['accuracy'] - t['accuracy']:+.2f}",
+             f"{t['nll']:.2f}", f"{r['nll']:.2f}", f"{r['nll'] - t['nll']:+.2f}"]
+            for r in result["summary"]["hybrid"] for t in [teacher[(r["probe"], r["context"])]]]
+    return harness.report(f"Long-context recall: {s['model']} teacher vs hybrid", result, "\n".join([
         f"Hybrid: {len(h['linear_layers'])} of {result['num_layers']} layers linear ({', '.join(h['mixers'])}), "
         f"layers {h['linear_layers']}; {h['source']}" + (f", {h['placement']}" if h.get("placement") else "") + ".",
         f"{s['samples']} prompts per probe and context (depths 5%-95%): exact-match accuracy ± binomial standard "
         "error; NLL: mean answer negative log-likelihood per token (nats).", "",
         harness.markdown_table(["probe", "context T", "prompts", "teacher accuracy", "hybrid accuracy", "difference",
                                 "teacher NLL", "hybrid NLL", "NLL difference"], rows), "",
-        "![recall accuracy vs context](recall_accuracy.png)", "",
-        harness.footer(result), "",
-    ])
+        "![recall accuracy vs context](recall_accuracy.png)"]))
 
 
 def plots(result: dict, out_dir: Path) -> list[str]:
@@ -315,13 +301,8 @@ def plots(result: dict, out_dir: Path) -> list[str]:
 
 
 BENCH = harness.Benchmark("recall", Settings, measure, markdown, plots, check=check,
-                          description=__doc__.split("\n\n")[0],
                           presets={"quick": {"contexts": (256, 512), "samples": 4}})
-
-
-def main(argv: list[str] | None = None) -> int:
-    return harness.main(BENCH, argv)
-
+main = BENCH.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,11 +1,8 @@
 """Cost of the greedy search (DtR phase 2): the fast evaluator against the paper's plain one, same answer.
 
-The same greedy rounds run with `plain` (`search.PlainEvaluator`: a full forward per candidate), `fast`
-(`search.FastEvaluator`: prefix reuse + exact early rejection + ordering) and, with `--ablation`, `reuse only`;
-both must choose the same layers with the same scores. Each round commits its best candidate (tolerance
-absolute 0, `max_layers = rounds`). Reading the numbers: docs/BENCHMARKS_SEARCH.md.
-
-    python -m benchmarks.search_cost [--quick] [--json] [--out DIR] [--model M] [--task T] [--limit N] [--rounds R]
+The same greedy rounds (each commits its best candidate) run with `plain` (a full forward per candidate), `fast`
+(prefix reuse + exact early rejection + ordering) and, with `--ablation`, `reuse only`; all must choose the same
+layers with the same scores. Reading the numbers: docs/BENCHMARKS_SEARCH.md.
 """
 
 from __future__ import annotations
@@ -31,6 +28,12 @@ class Settings:
     mixer: str = option("gated_deltanet", "student type for fresh students")
     students: str | None = option(None, "a distilled students folder (runs/<id>/students); default: fresh ones")
     ablation: bool = option(False, "also run prefix reuse without early rejection")
+
+
+def check(s: Settings, preset: str | None) -> Settings:
+    harness.check_mixer(s.mixer)
+    harness.check_students(s.students)
+    return s
 
 
 def _students(model, mixer: str, students_dir: str | None) -> tuple[dict, dict | None]:
@@ -114,29 +117,21 @@ def markdown(result: dict) -> str:
     headers = ["evaluator", "layer-forwards", "layer-tokens (M)", "candidates started", "completed",
                "rejected early", "wall", "CPU", "layer-forward ratio", "layer-token ratio", "wall ratio", "CPU ratio"]
     rows = [[r["evaluator"], r["layer_forwards"], f"{r['layer_tokens'] / 1e6:.2f}", r["candidate_evaluations"],
-             r["completed_evaluations"], r["rejected_early"], f"{r['wall_s']:.1f} s", f"{r['cpu_s']:.1f} s",
-             f"{r['layer_forward_ratio']:.2f}x", f"{r['layer_token_ratio']:.2f}x", f"{r['wall_ratio']:.2f}x",
-             f"{r['cpu_ratio']:.2f}x"] for r in result["rows"]]
+             r["completed_evaluations"], r["rejected_early"], f"{r['wall_s']:.1f} s", f"{r['cpu_s']:.1f} s"]
+            + [f"{r[key]:.2f}x" for key in ("layer_forward_ratio", "layer_token_ratio", "wall_ratio", "cpu_ratio")]
+            for r in result["rows"]]
     chosen = ", ".join(f"{t['layer']} ({t['score']:.4f})" for t in result["trajectory"])
-    return "\n".join([
-        "# Cost of the greedy search: fast vs paper-style evaluator", "", harness.environment(result), "",
+    return harness.report("Cost of the greedy search: fast vs paper-style evaluator", result, "\n".join([
         f"Greedy search cost: {c['model']} ({c['num_layers']} layers, {c['candidate_layers']} candidates), task "
         f"`{c['task']}` validation, {c['examples']} examples in {c['batches']} batches, {c['rounds']} round(s), "
-        f"students: {c['students']} ({c['mixer']}).", "",
-        harness.markdown_table(headers, rows), "",
+        f"students: {c['students']} ({c['mixer']}).", "", harness.markdown_table(headers, rows), "",
         f"Teacher validation score {result['teacher_score']:.4f}; chosen layer (score) per round, identical for "
-        f"every evaluator: {chosen}.", "",
-        harness.footer(result), "",
-    ])
+        f"every evaluator: {chosen}."]))
 
 
-BENCH = harness.Benchmark("search", Settings, measure, markdown, description=__doc__.split("\n\n")[0], publishes=False,
+BENCH = harness.Benchmark("search", Settings, measure, markdown, check=check, publishes=False,
                           presets={"quick": {"limit": 16, "rounds": 1, "batch_size": 4}})
-
-
-def main(argv: list[str] | None = None) -> int:
-    return harness.main(BENCH, argv)
-
+main = BENCH.main
 
 if __name__ == "__main__":
     sys.exit(main())

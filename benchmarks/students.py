@@ -14,22 +14,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.harness import REPO_ROOT
+from dtr_core.distill.config import CAPTURE_SEQ_LEN, CAPTURE_TOKENS, DistillConfig
 
 logger = logging.getLogger("benchmarks.students")
 
-# the pipeline's default `DistillBudget` (flows/params.py), so the students are the same
-DISTILL = dict(distill_tokens=8192, distill_seq_len=256, distill_steps=30)
-DISTILL_BATCH = 4
+# the pipeline's default distillation budget (`dtr_core.distill.config`, which `DistillBudget` takes its
+# defaults from), so the students are the same
+DISTILL = dict(distill_tokens=CAPTURE_TOKENS, distill_seq_len=CAPTURE_SEQ_LEN, distill_steps=DistillConfig.steps)
+DISTILL_BATCH = DistillConfig.batch_size
 QUICK_DISTILL = dict(distill_tokens=1024, distill_seq_len=128, distill_steps=4)  # the --quick budget
 WORK_DIR = str(REPO_ROOT / "runs" / "bench")  # students and activations distilled by the benchmarks (reused)
 
 
-def distill_config(steps: int, seed: int = 0):
+def distill_config(steps: int, seed: int = 0) -> DistillConfig:
     """The DistillConfig of the pipeline's `DistillBudget` with these steps."""
-    from dtr_core.distill.training import DistillConfig
-
-    return DistillConfig(steps=steps, batch_size=DISTILL_BATCH, lr=1e-3, seed=seed,
-                         warmup_steps=max(1, round(0.1 * steps)), log_every=max(1, min(10, steps // 10)))
+    return DistillConfig.for_steps(steps, seed=seed)
 
 
 def ensure_students(model, tokenizer, model_name: str, mixer: str, work_dir: str | os.PathLike,

@@ -16,6 +16,11 @@ holding both a `format` and a `key` field (students `runs/<id>/students/layer_00
 `runs/<id>/activations`), or a `config.json` whose `model_type` starts with `dtr_` (a hybrid saved by
 `dtr hybridize`). So resumed runs and re-runs into an earlier output keep working without `overwrite`.
 
+Reuse by key: every stage whose result is a record on disk (a capture's `manifest.json`, a student's
+`meta.json`, an export's `dtr_export.json`, an evaluation, a greedy candidate) goes through
+`reuse_or_compute`: the stored record is returned when its `key` (a hash of everything that decides the
+result) matches and its files are intact, else the result is computed again and written atomically.
+
 Hashes are hex sha256 digests. `hash_json` hashes a canonical JSON encoding (sorted keys, no
 whitespace), so equal configs give equal keys whatever the dict order.
 """
@@ -25,15 +30,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20  # 1 MiB reads when hashing files
 
@@ -72,6 +79,45 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def read_json_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The JSON object at `path`, or None when there is none, it cannot be read or it is not an object."""
+    return _read_json_object(Path(path))
+
+
+def reuse_or_compute(
+    path: str | os.PathLike,
+    key: str,
+    compute: Callable[[], dict[str, Any]],
+    *,
+    problem: Callable[[dict[str, Any]], str | None] | None = None,
+    read: Callable[[Path], dict[str, Any] | None] = read_json_record,
+    write: bool = True,
+    label: str = "artifact",
+    log: logging.Logger = logger,
+) -> tuple[dict[str, Any], bool]:
+    """`(record, reused)`: the record at `path` when its `key` matches and it is complete, else `compute()`'s.
+
+    `read(path)` loads the stored record (None: there is none usable). `problem(record)` says why a record
+    with the right key cannot be trusted (its files no longer match their hashes): it is then computed again
+    and `log` warns, naming `label` and the problem. With `write` (records that are one JSON file) the
+    computed record gets `key` and is written to `path` atomically; without it `compute()` writes the record
+    itself, as the completion file of a folder it builds with `atomic_dir`, and returns it.
+    """
+    path = Path(path)
+    stored = read(path)
+    if stored is not None and stored.get("key") == key:
+        issue = problem(stored) if problem is not None else None
+        if issue is None:
+            log.info("%s: reusing %s (key %s)", label, path, key[:12])
+            return stored, True
+        log.warning("%s: not reusing %s: %s; computing it again", label, path, issue)
+    record = compute()
+    if write:
+        record = {**record, "key": key}
+        write_json(path, record)
+    return record, False
 
 
 MARKER = ".dtr-artifact"

@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from dtr_core.speed import speedup
-from flows.params import SpeedParams
+from tasks.params import ConvertParams, SpeedParams
 from tasks.runtime import serial_threads
 from tasks.speed import speed_task
 
@@ -22,7 +22,7 @@ from tasks.speed import speed_task
 @flow(name="benchmark", task_runner=ThreadPoolTaskRunner(max_workers=1),
       description="Prefill/decode speed and cache size of models at a long context")
 def benchmark(
-    models: list[str] = ["smollm2-135m"],  # noqa: B006 - Prefect needs a literal default for the UI form
+    models: list[str] = [ConvertParams.model_fields["model"].default],  # noqa: B006 - Prefect needs a literal default for the UI form
     labels: list[str] | None = None,
     speed: SpeedParams = SpeedParams(),
 ) -> list[dict[str, Any]]:

@@ -19,11 +19,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.params import TrackingParams
+from tasks.params import TrackingParams
 from tasks.checks import check_tracking_uri
 from tasks.tracking import Tracking, resolve_tracking_uri
 
-BenchName = Literal["mixers", "search", "distill", "placements", "inference", "recall"]  # = harness.REGISTRY (tested)
+BenchName = Literal["mixers", "search", "distill", "placements", "inference", "recall", "reliability"]  # = harness.REGISTRY (tested)
 EXPERIMENT = "dtr-benchmarks"
 
 

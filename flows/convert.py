@@ -34,12 +34,17 @@ from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from dtr_core.artifacts import write_json, write_marker
-from dtr_core.run_layout import RunLayout
 from dtr_core.redaction import redact
+from dtr_core.run_layout import RunLayout
 from dtr_core.run_lock import run_folder_lock
 from flows.benchmark import benchmark as benchmark_flow
 from flows.distill import distill as distill_flow
-from flows.params import (
+from flows.replace import replace as replace_flow
+from flows.runners import dask_cluster, make_task_runner, shared_api
+from tasks.context import RunContext
+from tasks.evaluate import evaluate_task
+from tasks.export import export_task
+from tasks.params import (
     AcceptanceParams,
     ConvertParams,
     DistillBudget,
@@ -49,14 +54,9 @@ from flows.params import (
     TaskParams,
     ToleranceParams,
     TrackingParams,
-    build_params,
-    check_params,
+    check_params_once,
     one_line,
 )
-from flows.replace import replace as replace_flow
-from flows.runners import dask_cluster, make_task_runner, shared_api
-from tasks.evaluate import evaluate_task
-from tasks.export import export_task
 from tasks.pyfunc_model import task_card
 from tasks.registry import register_task
 from tasks.report import failed_layers, plots_task, publish_summary_task, summary_rows
@@ -64,7 +64,7 @@ from tasks.runtime import serial_threads
 from tasks.runtime import task as build_task
 from tasks.tracking import Tracking, resolve_tracking_uri
 
-DEFAULTS = build_params("default")
+DEFAULTS = ConvertParams()
 FAIL_MARK_SECONDS = 10.0  # marking the MLflow run FAILED after a failure waits at most this long
 
 
@@ -84,7 +84,7 @@ def convert(
     speed: SpeedParams = DEFAULTS.speed,
     tracking: TrackingParams = DEFAULTS.tracking,
     output_dir: str = DEFAULTS.output_dir,
-    run_id: str | None = None,
+    run_id: str | None = DEFAULTS.run_id,
 ) -> dict[str, Any]:
     """Convert `model` for `task`; returns the summary (also `runs/<run_id>/summary.json`)."""
     from pydantic import ValidationError
@@ -95,7 +95,7 @@ def convert(
                                tracking=tracking, output_dir=output_dir, run_id=run_id)
     except ValidationError as error:
         raise ValueError(one_line(error)) from None
-    check_params(params)  # 0. bad parameters: one line, before any work
+    check_params_once(params)  # 0. bad parameters: one line, before any work (skipped when the CLI just checked)
     return _convert(params)
 
 
@@ -115,8 +115,10 @@ def _convert(params: ConvertParams) -> dict[str, Any]:
                   "dtr.run_dir": str(layout.root), "prefect.flow_run_id": str(FlowRunContext.get().flow_run.id)},
             run_dir=layout.root)
         logger.info("run %s in %s; MLflow run %s", run_id, layout.root, tracking.parent_run_id)
+        ctx = RunContext(model=params.model, run_dir=str(layout.root), mixer=params.mixer, tracking=tracking,
+                         threads=serial_threads())
         try:
-            summary = _steps(params, run_id, layout, tracking, logger, started)
+            summary = _steps(params, ctx, started)
         except BaseException:
             tracking.finish("FAILED", wait=FAIL_MARK_SECONDS)  # best effort: the store may be what failed
             raise
@@ -132,36 +134,54 @@ def public_params(params: ConvertParams) -> dict[str, Any]:
     return values
 
 
-def _steps(params: ConvertParams, run_id: str, layout: RunLayout, tracking: Tracking, logger, started: float):
-    model, task, serial = params.model, params.task, serial_threads()
-    limits = {"validation": task.validation_limit, "test": task.test_limit}
-
-    # 1. P_base: the teacher on validation (the search's reference) and test (the report)
-    teacher_eval = evaluate_task(model, task, limits, "teacher", str(layout.reports / "eval_teacher.json"), serial)
-    tracking.log_metrics({"teacher_validation": teacher_eval["validation"]["score"],
-                          "teacher_test": teacher_eval["test"]["score"]})
-    logger.info("teacher: validation %.4f, test %.4f", teacher_eval["validation"]["score"],
-                teacher_eval["test"]["score"])
-
-    with dask_cluster(params.runner) as dask_address:
-        # 2. phase 1: blockwise local distillation, one task per layer
-        layer_results = distill_flow.with_options(task_runner=make_task_runner(params.runner, dask_address))(
-            model=model, budget=params.distill, mixer=params.mixer, seed=params.seed, run_dir=str(layout.root),
-            runner=params.runner, tracking=tracking)
-        failed = [r["layer"] for r in layer_results if r["status"] != "ok"]
-        tracking.log_metrics({"layers_distilled": len(layer_results) - len(failed), "layers_failed": len(failed)})
-
-        # 3. phase 2: greedy replacement, one task per candidate
-        trajectory = replace_flow.with_options(task_runner=make_task_runner(params.runner, dask_address))(
-            model=model, task=task, mixer=params.mixer, run_dir=str(layout.root), tolerance=params.tolerance,
-            acceptance=params.acceptance, max_layers=params.max_layers, seed=params.seed, runner=params.runner,
-            tracking=tracking)
-    plots_task(str(layout.reports), trajectory, layer_results, str(layout.trajectory), tracking)
-
-    # 4. export M_best and M_opt; their validation and test scores
+def _steps(params: ConvertParams, ctx: RunContext, started: float) -> dict[str, Any]:
+    """Steps 1-6 of the module docstring, in order."""
+    teacher_eval = score_teacher(params, ctx)  # 1
+    layer_results, trajectory = distill_and_replace(params, ctx)  # 2, 3
+    plots_task(str(ctx.layout.reports), trajectory, layer_results, str(ctx.layout.trajectory), ctx.tracking)
     roles = {"best": trajectory["best_layers"], "opt": trajectory["opt_layers"]}
-    paths = {"teacher": model}
-    evals = {"teacher": teacher_eval}
+    paths, evals = export_and_score(params, ctx, trajectory, roles, teacher_eval)  # 4
+    speeds = measure_speeds(params, ctx, paths)  # 5
+    summary = summarise(params, ctx, trajectory, layer_results, evals, speeds, paths)  # 6
+    if params.tracking.register_models:
+        summary["registered"] = register(params, ctx, roles, paths)
+    summary["seconds"] = time.perf_counter() - started
+    return publish_summary_task(summary, str(ctx.layout.summary), ctx.tracking)
+
+
+def score_teacher(params: ConvertParams, ctx: RunContext) -> dict[str, Any]:
+    """1. P_base: the teacher on validation (the search's reference) and test (the report)."""
+    task = params.task
+    teacher_eval = evaluate_task(ctx.model, task, {"validation": task.validation_limit, "test": task.test_limit},
+                                 "teacher", str(ctx.layout.reports / "eval_teacher.json"), ctx.threads)
+    ctx.tracking.log_metrics({"teacher_validation": teacher_eval["validation"]["score"],
+                              "teacher_test": teacher_eval["test"]["score"]})
+    get_run_logger().info("teacher: validation %.4f, test %.4f", teacher_eval["validation"]["score"],
+                          teacher_eval["test"]["score"])
+    return teacher_eval
+
+
+def distill_and_replace(params: ConvertParams, ctx: RunContext) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """2. phase 1 (one task per layer) and 3. phase 2 (one task per candidate), on one runner (one Dask cluster)."""
+    with dask_cluster(params.runner) as dask_address:
+        layer_results = distill_flow.with_options(task_runner=make_task_runner(params.runner, dask_address))(
+            model=params.model, budget=params.distill, mixer=params.mixer, seed=params.seed, run_dir=ctx.run_dir,
+            runner=params.runner, tracking=ctx.tracking)
+        failed = [r["layer"] for r in layer_results if r["status"] != "ok"]
+        ctx.tracking.log_metrics({"layers_distilled": len(layer_results) - len(failed), "layers_failed": len(failed)})
+        trajectory = replace_flow.with_options(task_runner=make_task_runner(params.runner, dask_address))(
+            model=params.model, task=params.task, mixer=params.mixer, run_dir=ctx.run_dir,
+            tolerance=params.tolerance, acceptance=params.acceptance, max_layers=params.max_layers,
+            seed=params.seed, runner=params.runner, tracking=ctx.tracking)
+    return layer_results, trajectory
+
+
+def export_and_score(params: ConvertParams, ctx: RunContext, trajectory: dict[str, Any],
+                     roles: dict[str, list[int]], teacher_eval: dict[str, Any]):
+    """4. export M_best and M_opt; their validation and test scores. Returns ({role: path}, {role: eval})."""
+    logger, task, layout = get_run_logger(), params.task, ctx.layout
+    limits = {"validation": task.validation_limit, "test": task.test_limit}
+    paths, evals = {"teacher": params.model}, {"teacher": teacher_eval}
     for role, layers in roles.items():
         if role == "opt" and list(layers) == list(roles["best"]):  # one model, two names: export and score once
             paths["opt"], evals["opt"] = str(layout.alias_hybrid("opt", paths["best"])), evals["best"]
@@ -169,28 +189,38 @@ def _steps(params: ConvertParams, run_id: str, layout: RunLayout, tracking: Trac
             continue
         if layout.hybrid(role).is_symlink():  # an earlier run's alias: export a folder of its own instead
             layout.hybrid(role).unlink()
-        export = export_task(model, str(layout.students), layers, params.mixer, str(layout.hybrid(role)), role,
-                             {"run_id": run_id, "search_score": trajectory[f"{role}_score"]}, serial)
+        export = export_task(ctx, layers, role, {"run_id": layout.root.name,
+                                                 "search_score": trajectory[f"{role}_score"]})
         paths[role] = export["path"]
         evals[role] = evaluate_task(export["path"], task, limits, role, str(layout.reports / f"eval_{role}.json"),
-                                    serial)
+                                    ctx.threads)
         logger.info("M_%s: %d linear layers %s, validation %.4f, test %.4f", role, len(layers), layers,
                     evals[role]["validation"]["score"], evals[role]["test"]["score"])
+    return paths, evals
 
-    # 5. speed at a long context, the models' repeats interleaved in this process
+
+def measure_speeds(params: ConvertParams, ctx: RunContext, paths: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """5. speed at a long context, the models' repeats interleaved in this process."""
     distinct = ["teacher", "best"] + (["opt"] if not os.path.samefile(paths["opt"], paths["best"]) else [])
     measured = benchmark_flow(models=[paths[role] for role in distinct],
                               labels=["teacher" if role == "teacher" else f"M_{role}" for role in distinct],
                               speed=params.speed)
     speeds = dict(zip(distinct, measured))
     speeds.setdefault("opt", speeds["best"])
-    write_json(layout.reports / "speed.json", measured)
+    write_json(ctx.layout.reports / "speed.json", measured)
+    return speeds
 
-    # 6. summary; register only now that every step succeeded
-    summary = {
-        "run_id": run_id, "run_dir": str(layout.root), "model": model, "task": task.label, "mixer": params.mixer,
-        "metric": teacher_eval["validation"]["metric"], "num_layers": trajectory["num_layers"],
-        "p_min": trajectory["p_min"], "stop_reason": trajectory["stop_reason"], "speed": params.speed.model_dump(),
+
+def summarise(params: ConvertParams, ctx: RunContext, trajectory: dict[str, Any],
+              layer_results: list[dict[str, Any]], evals: dict[str, Any], speeds: dict[str, Any],
+              paths: dict[str, str]) -> dict[str, Any]:
+    """6. the summary (registration and wall time are added by the caller)."""
+    tracking = ctx.tracking
+    return {
+        "run_id": ctx.layout.root.name, "run_dir": ctx.run_dir, "model": params.model, "task": params.task.label,
+        "mixer": params.mixer, "metric": evals["teacher"]["validation"]["metric"],
+        "num_layers": trajectory["num_layers"], "p_min": trajectory["p_min"],
+        "stop_reason": trajectory["stop_reason"], "speed": params.speed.model_dump(),
         "rounds": len(trajectory["rounds"]), "swap_order": trajectory["swap_order"],
         "rows": summary_rows(trajectory, evals, speeds, paths),
         "failed_layers": failed_layers(layer_results),
@@ -198,19 +228,21 @@ def _steps(params: ConvertParams, run_id: str, layout: RunLayout, tracking: Trac
                    "run_id": tracking.parent_run_id, "url": tracking.run_url()},
         "registered": None,
     }
-    if params.tracking.register_models:
-        card = task_card(build_task(task))
-        descriptions = {role: f"{model} for {task.label}: {len(layers)} linear layers {layers}, run {run_id}"
-                        for role, layers in roles.items()}
-        summary["registered"] = register_task(tracking, params.registered_name(),
-                                              {role: paths[role] for role in roles}, card, descriptions)
-    summary["seconds"] = time.perf_counter() - started
-    return publish_summary_task(summary, str(layout.summary), tracking)
+
+
+def register(params: ConvertParams, ctx: RunContext, roles: dict[str, list[int]],
+             paths: dict[str, str]) -> dict[str, Any]:
+    """6. register M_best and M_opt, only now that every step succeeded."""
+    card = task_card(build_task(params.task))
+    label, run_id = params.task.label, ctx.layout.root.name
+    descriptions = {role: f"{params.model} for {label}: {len(layers)} linear layers {layers}, run {run_id}"
+                    for role, layers in roles.items()}
+    return register_task(ctx.tracking, params.registered_name(), {role: paths[role] for role in roles}, card,
+                         descriptions)
 
 
 def run_convert(params: ConvertParams) -> dict[str, Any]:
-    """Validate, then run the `convert` flow with the shared API its runner needs (see flows/runners.py)."""
-    check_params(params)
-    values = params.model_dump()
+    """Run the `convert` flow with the shared API its runner needs (see flows/runners.py). The flow checks the
+    parameters unless this process already checked the same ones (`dtr convert` does, before Prefect starts)."""
     with shared_api(params.runner.kind):
-        return convert(**{name: getattr(params, name) for name in values})
+        return convert(**{name: getattr(params, name) for name in ConvertParams.model_fields})

@@ -16,10 +16,11 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from dtr_core.run_layout import RunLayout, slug
-from flows.params import DistillBudget, MixerName, RunnerParams
 from flows.runners import parallel_threads
 from tasks.capture import capture_task
+from tasks.context import RunContext
 from tasks.distill import distill_layer_task
+from tasks.params import ConvertParams, DistillBudget, MixerName, RunnerParams
 from tasks.runtime import serial_threads
 from tasks.tracking import Tracking
 
@@ -34,30 +35,34 @@ def eta_text(seconds_done: float, done: int, total: int) -> str:
 @flow(name="distill", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=False,
       description="DtR phase 1: capture teacher activations, distil one linear-attention student per layer")
 def distill(
-    model: str = "smollm2-135m",
+    model: str = ConvertParams.model_fields["model"].default,
     budget: DistillBudget = DistillBudget(),
-    mixer: MixerName = "gated_deltanet",
-    seed: int = 0,
+    mixer: MixerName = ConvertParams.model_fields["mixer"].default,
+    seed: int = ConvertParams.model_fields["seed"].default,
     run_dir: str = "runs/distill",
     runner: RunnerParams = RunnerParams(),
     tracking: Tracking | None = None,
 ) -> list[dict[str, Any]]:
     """Returns the `LayerResult` dicts of every layer, sorted by layer."""
     logger = get_run_logger()
-    layout = RunLayout(run_dir)
+    ctx = RunContext(model=model, run_dir=str(run_dir), mixer=mixer, tracking=tracking, threads=serial_threads())
     # 1. teacher activations: what each layer's attention receives and returns (teacher forcing)
-    capture = capture_task(model, budget.corpus, budget.tokens, budget.seq_len, str(layout.activations),
-                           serial_threads())
+    capture = capture_task(ctx, budget)
     layers = capture["layers"]
     logger.info("phase 1: %d tokens captured (%s); distilling %d layers", capture["num_tokens"],
                 "reused" if capture["reused"] else f"{capture['seconds']:.0f}s", len(layers))
     # 2. one student per layer, independently: every layer is its own task
+    futures = distill_layer_task.map(unmapped(ctx.with_threads(parallel_threads(runner))), layers,
+                                     unmapped(budget.distill_config(seed)))
+    return _collect(futures, layers, ctx.layout)
+
+
+def _collect(futures, layers: list[int], layout: RunLayout) -> list[dict[str, Any]]:
+    """The layers' results as they finish, with progress (a Prefect progress artifact, log lines with an ETA)."""
+    logger = get_run_logger()
     progress = create_progress_artifact(0.0, key=f"distill-progress-{slug(layout.root.name, 40)}",
                                         description=f"layers distilled in {layout.root.name}")
     started = time.perf_counter()
-    futures = distill_layer_task.map(
-        unmapped(model), layers, unmapped(str(layout.activations)), unmapped(str(layout.students)), unmapped(mixer),
-        unmapped(budget.distill_config(seed).to_dict()), unmapped(tracking), unmapped(parallel_threads(runner)))
     results = []
     for future in as_completed(futures):
         result = future.result()

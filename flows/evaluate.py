@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.params import TaskParams
+from tasks.params import ConvertParams, TaskParams
 from tasks.evaluate import evaluate_task
 from tasks.runtime import serial_threads
 
@@ -15,7 +15,7 @@ from tasks.runtime import serial_threads
 @flow(name="evaluate", task_runner=ThreadPoolTaskRunner(max_workers=1),
       description="Score models on a task's validation and/or test split")
 def evaluate(
-    models: list[str] = ["smollm2-135m"],  # noqa: B006 - Prefect needs a literal default for the UI form
+    models: list[str] = [ConvertParams.model_fields["model"].default],  # noqa: B006 - Prefect needs a literal default for the UI form
     task: TaskParams = TaskParams(),
     splits: list[str] = ["validation", "test"],  # noqa: B006
 ) -> dict[str, dict[str, Any]]:

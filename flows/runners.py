@@ -19,7 +19,7 @@ import logging
 import os
 from collections.abc import Iterator
 
-from flows.params import RunnerParams
+from tasks.params import RunnerParams
 
 logger = logging.getLogger(__name__)
 

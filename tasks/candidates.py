@@ -3,8 +3,10 @@
 The round's shared work (a copy of the model with the committed layers swapped, and the hidden states
 entering every layer) is built once per process by `runtime.round_scorer`; this task scores one layer
 with it (`dtr_core.search.scorer.RoundScorer.score`: prefix reuse, exact early rejection shared with the
-round's other candidates in the process). Every scored candidate is written to `greedy/candidates/rNN_lLLL.json` with a key over everything
-that decides it, so a run killed in the middle of a round resumes without rescoring finished candidates.
+round's other candidates in the process). Every scored candidate is written to
+`greedy/candidates/rNN_lLLL.json` with a key over everything that decides it
+(`dtr_core.artifacts.reuse_or_compute`), so a run killed in the middle of a round resumes without
+rescoring finished candidates.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks import runtime
-from tasks.tracking import Tracking
+from tasks.context import RunContext
+from tasks.params import TaskParams
 
 
 def candidate_key(run_key: str, students_dir: str, committed: tuple[int, ...], layer: int) -> str:
@@ -28,31 +31,30 @@ def candidate_key(run_key: str, students_dir: str, committed: tuple[int, ...], l
 
 
 @task(name="score-candidate", cache_policy=NO_CACHE, task_run_name="round-{round_index:02d}-layer-{layer:03d}")
-def score_candidate_task(model: str, task_params: Any, students_dir: str, mixer: str, committed: tuple[int, ...],
-                         layer: int, round_index: int, limit: int | None, result_file: str, run_key: str,
-                         tracking: Tracking | None, threads: int) -> dict[str, Any]:
-    """`CandidateScore.to_dict()` of `committed + (layer,)` on the validation split (plus `seconds`, `reused`)."""
-    from pathlib import Path
-
-    from dtr_core.artifacts import read_json, write_json
+def score_candidate_task(ctx: RunContext, task_params: TaskParams, committed: tuple[int, ...], layer: int,
+                         round_index: int, run_key: str) -> dict[str, Any]:
+    """`CandidateScore.to_dict()` of `committed + (layer,)` on the first `task_params.validation_limit`
+    validation examples (plus `seconds`, `reused`)."""
+    from dtr_core.artifacts import reuse_or_compute
 
     committed = tuple(committed)
-    key = candidate_key(run_key, students_dir, committed, layer)
-    path = Path(result_file)
-    stored = read_json(path) if path.is_file() else None
-    if stored is not None and stored.get("key") == key:
-        result = {**stored["score"], "seconds": stored["seconds"], "reused": True}
-    else:
+    students_dir = str(ctx.layout.students)
+
+    def score() -> dict[str, Any]:
         started = time.perf_counter()
-        with runtime.torch_threads(threads):
-            scorer = runtime.round_scorer(model, task_params, students_dir, mixer, committed, limit)
-            score = scorer.score(layer)
-        seconds = time.perf_counter() - started
-        write_json(path, {"key": key, "round": round_index, "layer": layer, "committed": list(committed),
-                          "score": score.to_dict(), "seconds": round(seconds, 3)})
-        result = {**score.to_dict(), "seconds": round(seconds, 3), "reused": False}
-    if tracking is not None:
-        tracking.child_run(
+        with runtime.torch_threads(ctx.threads):
+            scorer = runtime.round_scorer(ctx.model, task_params, students_dir, ctx.mixer, committed,
+                                          task_params.validation_limit)
+            result = scorer.score(layer)
+        return {"round": round_index, "layer": layer, "committed": list(committed), "score": result.to_dict(),
+                "seconds": round(time.perf_counter() - started, 3)}
+
+    record, reused = reuse_or_compute(ctx.layout.candidate(round_index, layer),
+                                      candidate_key(run_key, students_dir, committed, layer), score,
+                                      label=f"round {round_index} layer {layer}")
+    result = {**record["score"], "seconds": record["seconds"], "reused": reused}
+    if ctx.tracking is not None:
+        ctx.tracking.child_run(
             f"r{round_index:02d}-l{layer:03d}",
             params={"round": round_index, "layer": layer, "committed": ",".join(map(str, committed)) or "-"},
             metrics={"score": result["score"], "upper_bound": result["upper_bound"],

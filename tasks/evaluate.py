@@ -1,7 +1,7 @@
 """Task: score a model (teacher, or an exported hybrid folder) on task splits (one `evaluate` call per split).
 
 Results are stored as JSON next to the run (`reports/eval_<label>.json`) with a key over the model, the task
-and the limits, so a resumed run does not evaluate the same model twice.
+and the limits (`dtr_core.artifacts.reuse_or_compute`), so a resumed run does not evaluate the same model twice.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks import runtime
+from tasks.params import TaskParams
 
 
 def _model_key(model: str) -> str:
@@ -30,31 +31,34 @@ def _model_key(model: str) -> str:
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, task_run_name="evaluate-{label}")
-def evaluate_task(model: str, task_params: Any, splits: dict[str, int | None], label: str, out_file: str | None,
-                  threads: int, per_example: bool = False) -> dict[str, dict[str, Any]]:
+def evaluate_task(model: str, task_params: TaskParams, splits: dict[str, int | None], label: str,
+                  out_file: str | None, threads: int, per_example: bool = False) -> dict[str, dict[str, Any]]:
     """{split: EvalResult.to_dict()} for each split (first `limit` examples; None = all)."""
-    from dtr_core.artifacts import hash_json, read_json, write_json
-    from dtr_core.evaluation import evaluate
-    from dtr_core.models import load_model
+    from dtr_core.artifacts import hash_json, reuse_or_compute
 
-    key = hash_json({"model": _model_key(model), "task": task_params.model_dump(mode="json"), "splits": splits})
-    results = None
-    if out_file is not None and Path(out_file).is_file():
-        stored = read_json(out_file)
-        if stored.get("key") == key:
-            results = stored["results"]
-    if results is None:
-        with runtime.torch_threads(threads):
-            if Path(model).is_dir() and (Path(model) / "dtr_export.json").is_file():
-                loaded, tokenizer = load_model(model)  # an exported hybrid: used once, not cached
-            else:
-                loaded, tokenizer = runtime.teacher(model)
-            task_obj = runtime.task(task_params)
-            results = {split: evaluate(loaded, tokenizer, task_obj, split, limit=limit).to_dict(per_example=True)
-                       for split, limit in splits.items()}
-        if out_file is not None:  # stored with per-example values, so every caller can reuse it
-            write_json(out_file, {"key": key, "model": model, "results": results})
+    def score() -> dict[str, Any]:  # stored with per-example values, so every caller can reuse it
+        return {"model": model, "results": _evaluate(model, task_params, splits, threads)}
+
+    if out_file is None:
+        results = score()["results"]
+    else:
+        key = hash_json({"model": _model_key(model), "task": task_params.model_dump(mode="json"), "splits": splits})
+        results = reuse_or_compute(out_file, key, score, label=f"evaluate {label}")[0]["results"]
     if per_example:
         return results
     drop = ("per_example", "weights", "predictions", "label_logprobs")
     return {split: {k: v for k, v in result.items() if k not in drop} for split, result in results.items()}
+
+
+def _evaluate(model: str, task_params: TaskParams, splits: dict[str, int | None], threads: int) -> dict[str, Any]:
+    from dtr_core.evaluation import evaluate
+    from dtr_core.models import load_model
+
+    with runtime.torch_threads(threads):
+        if Path(model).is_dir() and (Path(model) / "dtr_export.json").is_file():
+            loaded, tokenizer = load_model(model)  # an exported hybrid: used once, not cached
+        else:
+            loaded, tokenizer = runtime.teacher(model)
+        task_obj = runtime.task(task_params)
+        return {split: evaluate(loaded, tokenizer, task_obj, split, limit=limit).to_dict(per_example=True)
+                for split, limit in splits.items()}

@@ -8,15 +8,18 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks import runtime
+from tasks.context import RunContext
 
 
 @task(name="export-hybrid", cache_policy=NO_CACHE, task_run_name="export-{role}")
-def export_task(model: str, students_dir: str, layers: list[int], mixer: str, out_dir: str, role: str,
-                metadata: dict[str, Any], threads: int) -> dict[str, Any]:
-    """Build and save the hybrid with `layers` linear; returns its `dtr_export.json` contents (+ path)."""
+def export_task(ctx: RunContext, layers: list[int], role: str, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Build and save the hybrid with `layers` linear into `hybrids/<role>`; returns its `dtr_export.json`
+    contents (+ path)."""
     from dtr_core.hybrid.export import export_hybrid
 
-    with runtime.torch_threads(threads):
-        teacher, tokenizer = runtime.teacher(model)
-        info = export_hybrid(teacher, tokenizer, students_dir, layers, mixer, out_dir, {"role": role, **metadata})
-    return {**info, "path": out_dir}
+    out_dir = ctx.layout.hybrid(role)
+    with runtime.torch_threads(ctx.threads):
+        teacher, tokenizer = runtime.teacher(ctx.model)
+        info = export_hybrid(teacher, tokenizer, ctx.layout.students, layers, ctx.mixer, out_dir,
+                             {"role": role, **metadata})
+    return {**info, "path": str(out_dir)}

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from tasks.params import TaskParams
+
 logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
@@ -88,10 +90,9 @@ def teacher(source: str):
     return cached(("model", source), lambda: load_model(source))
 
 
-def task(task_params: Any):
+def task(task_params: TaskParams):
     """The `dtr_core.evaluation.Task` of a `TaskParams` (built once per process)."""
-    key = ("task", task_params.model_dump_json() if hasattr(task_params, "model_dump_json") else str(task_params))
-    return cached(key, task_params.build)
+    return cached(("task", task_params.model_dump_json()), task_params.build)
 
 
 def students(students_dir: str, source: str, mixer: str) -> dict[int, torch.nn.Module]:
@@ -102,7 +103,7 @@ def students(students_dir: str, source: str, mixer: str) -> dict[int, torch.nn.M
     return cached(("students", students_dir, source, mixer), lambda: load_students(students_dir, model, mixer))
 
 
-def validation_batches(source: str, task_params: Any, split: str, limit: int | None):
+def validation_batches(source: str, task_params: TaskParams, split: str, limit: int | None):
     from dtr_core.search.greedy_search import encode_split
 
     _, tokenizer = teacher(source)
@@ -110,7 +111,7 @@ def validation_batches(source: str, task_params: Any, split: str, limit: int | N
                   lambda: encode_split(task(task_params), tokenizer, split, limit=limit))
 
 
-def round_scorer(source: str, task_params: Any, students_dir: str, mixer: str, committed: tuple[int, ...],
+def round_scorer(source: str, task_params: TaskParams, students_dir: str, mixer: str, committed: tuple[int, ...],
                  limit: int | None, split: str = "validation"):
     """The `dtr_core.search.scorer.RoundScorer` of the round that has `committed` layers linear (built once per
     process, on a private copy of the teacher with those layers swapped, traced over the batches)."""

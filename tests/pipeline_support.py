@@ -20,12 +20,12 @@ TINY = {
 
 def tiny_params(tmp_path: Path, **overrides: Any):
     """Smoke-profile parameters shrunk further; output and MLflow store under `tmp_path`."""
-    from flows.params import _merge, build_params
+    from tasks.params import build_params, merge
 
-    values = _merge(TINY, {"output_dir": str(tmp_path / "runs"),
+    values = merge(TINY, {"output_dir": str(tmp_path / "runs"),
                            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
                                         "experiment": "dtr-test"}})
-    return build_params("smoke", **_merge(values, overrides))
+    return build_params("smoke", **merge(values, overrides))
 
 
 def mlflow_client(params):

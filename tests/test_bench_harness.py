@@ -79,3 +79,24 @@ def test_every_registered_benchmark_has_a_module_with_main_and_the_registry_feed
         assert module.BENCH.name == entry.name and callable(module.main)
         assert bench.BENCHMARKS[entry.name] == (entry.module, entry.help)
     assert list(bench.BENCHMARKS) == [e.name for e in harness.REGISTRY] + ["all"]
+
+
+def test_result_store_computes_once_and_counts_reuse(tmp_path):
+    calls = []
+    store = harness.ResultStore(tmp_path / "key", kinds=("test",))
+    assert store.get("test/a.json", lambda: calls.append(1) or {"x": 1}, "test") == {"x": 1}
+    again = harness.ResultStore(tmp_path / "key", kinds=("test",))  # a later run with the same key
+    assert again.get("test/a.json", lambda: calls.append(2) or {"x": 2}, "test") == {"x": 1}
+    assert calls == [1] and store.reused == {"test": 0} and again.reused == {"test": 1}
+
+
+@pytest.mark.parametrize("module", [search_cost, "placements", "recall"])
+def test_a_missing_students_folder_is_refused_before_any_work(tmp_path, capsys, module):
+    import importlib
+
+    main = module.main if not isinstance(module, str) else importlib.import_module(f"benchmarks.{module}").main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--students", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert f"error: --students {tmp_path / 'nope'} is not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -233,3 +233,10 @@ def test_cuda_without_a_gpu_is_a_clear_error(monkeypatch, capsys, tmp_path):
         inference.main(TINY_ARGS + ["--device", "cuda", "--out", str(tmp_path / "never")])
     assert exit_info.value.code == 2 and not (tmp_path / "never").exists()
     assert "error: --device cuda needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_missing_greedy_order_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(["--layers-from", str(tmp_path / "none.json"), "--out", str(tmp_path / "never")])
+    assert exit_info.value.code == 2 and not (tmp_path / "never").exists()
+    assert f"error: --layers-from {tmp_path / 'none.json'} is not a file" in capsys.readouterr().err

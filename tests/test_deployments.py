@@ -42,15 +42,64 @@ def test_entrypoint_loads_and_accepts_its_parameters(deployment):
     assert deployment["work_pool"]["name"] == "dtr-process"
 
 
-def test_convert_deployment_has_an_inactive_nightly_schedule_and_the_default_profile():
-    from flows.params import build_params
+def test_convert_deployment_has_an_inactive_nightly_schedule_and_runs_what_the_cli_runs():
+    from tasks.params import ConvertParams, build_params
 
     convert = next(d for d in SPEC["deployments"] if d["name"] == "convert")
     assert convert["schedules"] and all(s["active"] is False for s in convert["schedules"])
     assert convert["schedules"][0]["cron"] == "0 2 * * *"
     flow = _load(convert["entrypoint"])
-    params = build_params("default", **flow.validate_parameters(convert["parameters"]))
-    assert params == build_params("default"), "prefect.yaml parameters drifted from the default profile"
+    validated = flow.validate_parameters(convert["parameters"])  # the deployment's parameters on the defaults
+    assert ConvertParams(**validated) == build_params("default"), "the convert deployment drifted from dtr convert"
+
+
+@pytest.mark.parametrize("deployment", SPEC["deployments"], ids=lambda d: d["name"])
+def test_deployments_list_only_what_differs_from_the_defaults(deployment):
+    flow = _load(deployment["entrypoint"])
+    defaults = flow.validate_parameters({})
+    explicit = flow.validate_parameters(deployment.get("parameters", {}))
+    same = [name for name in deployment.get("parameters", {}) if explicit[name] == defaults.get(name)]
+    assert same == [], f"{deployment['name']}: {same} repeat the flow's defaults; leave them out"
+
+
+def test_the_default_profile_is_the_parameter_models_defaults():
+    from tasks.params import PROFILES, ConvertParams, build_params
+
+    assert PROFILES["default"] == {}
+    assert build_params("default") == ConvertParams()
+    defaults = ConvertParams()
+    assert (defaults.distill.steps, defaults.distill.lr, defaults.distill.tokens, defaults.distill.seq_len) == (
+        40, 3e-3, 8192, 256)
+    assert (defaults.task.validation_limit, defaults.task.test_limit, defaults.max_layers,
+            defaults.speed.repeats) == (100, 300, 4, 3)
+
+
+def test_smoke_profile_lists_only_what_differs():
+    from tasks.params import PROFILES, ConvertParams
+
+    defaults = ConvertParams().model_dump()
+
+    def repeated(override, base, where=""):
+        for key, value in override.items():
+            if isinstance(value, dict):
+                yield from repeated(value, base[key], f"{where}{key}.")
+            elif base[key] == value:
+                yield where + key
+
+    assert list(repeated(PROFILES["smoke"], defaults)) == []
+
+
+def test_distill_budget_and_benchmarks_share_the_core_distillation_defaults():
+    from benchmarks.students import DISTILL, DISTILL_BATCH, distill_config
+    from dtr_core.distill.config import DistillConfig
+    from tasks.params import DistillBudget
+
+    budget = DistillBudget()
+    assert (budget.steps, budget.lr, budget.batch_size, budget.max_normalized_loss) == (
+        DistillConfig.steps, DistillConfig.lr, DistillConfig.batch_size, DistillConfig.max_normalized_loss)
+    assert DISTILL == {"distill_tokens": budget.tokens, "distill_seq_len": budget.seq_len,
+                       "distill_steps": budget.steps} and DISTILL_BATCH == budget.batch_size
+    assert distill_config(budget.steps) == budget.distill_config(seed=0)
 
 
 def test_no_secrets_or_absolute_paths_in_the_deployment_file():
@@ -78,7 +127,7 @@ def test_mixer_dropdown_matches_the_registry():
     from typing import get_args
 
     from dtr_core.mixers import MIXERS
-    from flows.params import MixerName
+    from tasks.params import MixerName
 
     assert list(get_args(MixerName)) == sorted(MIXERS)
 

@@ -39,3 +39,14 @@ def test_importing_dtr_core_loads_neither_prefect_nor_mlflow():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'mlflow', 'prefect_dask')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_every_dtr_core_package_imports_first():
+    """No import cycle between the folders: each package of dtr_core imports first thing in a fresh interpreter
+    (a cycle shows only when its package is the first one imported)."""
+    packages = sorted(".".join(path.parent.relative_to(ROOT).parts) for path in (ROOT / "dtr_core").rglob("__init__.py"))
+    processes = {name: subprocess.Popen([sys.executable, "-c", f"import {name}"], cwd=ROOT, stderr=subprocess.PIPE,
+                                        text=True) for name in packages}
+    failed = {name: process.communicate()[1].strip().splitlines()[-1:] for name, process in processes.items()
+              if process.wait() != 0}
+    assert len(packages) >= 7 and failed == {}

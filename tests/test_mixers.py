@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from dtr_core.hybrid.state_cache import HybridCache
+from dtr_core.mixers.state_cache import HybridCache
 from dtr_core.mixers import MIXERS, MixerConfig, build_student, get_mixer_class
 from dtr_core.models import random_model
 

@@ -20,7 +20,7 @@ def test_flow_runs_a_benchmark_and_logs_its_report(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from flows.benchmarks import EXPERIMENT, benchmarks
-    from flows.params import TrackingParams
+    from tasks.params import TrackingParams
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     records = benchmarks(names=["mixers"], quick=False, extra={"mixers": "--tiny --threads 1"},
@@ -42,7 +42,7 @@ def test_flow_runs_a_benchmark_and_logs_its_report(tmp_path):
 
 def test_extra_arguments_for_a_benchmark_not_run_are_refused_before_any_work(tmp_path):
     from flows.benchmarks import benchmarks
-    from flows.params import TrackingParams
+    from tasks.params import TrackingParams
 
     with pytest.raises(ValueError, match=r"extra arguments for benchmarks that are not run: \['search'\]"):
         benchmarks(names=["mixers"], extra={"search": "--limit 8"}, out_root=str(tmp_path / "bench"),

@@ -47,7 +47,7 @@ def test_pydantic_rejects_with_one_line(tmp_path, overrides, message):
     ({"tracking": {"tracking_uri": "file:///tmp/mlruns"}}, "file store"),
 ])
 def test_check_params_rejects_with_one_line(tmp_path, overrides, message):
-    from flows.params import check_params
+    from tasks.params import check_params
 
     with pytest.raises((ValueError, FileNotFoundError)) as error:
         check_params(tiny_params(tmp_path, **overrides))
@@ -90,3 +90,32 @@ def test_cli_help_documents_every_flow_parameter():
                    "--context-len", "--tracking-uri", "--experiment", "--register", "--output-dir", "--run-id",
                    "--profile"):
         assert option in result.output, option
+
+
+def test_parameters_are_checked_once_per_process(tmp_path, monkeypatch):
+    import tasks.params as module
+
+    calls = []
+    monkeypatch.setattr(module, "check_params", lambda params: calls.append(params))
+    monkeypatch.setattr(module, "_last_checked", {"hash": None})
+    params = tiny_params(tmp_path)
+    module.check_params_once(params)
+    module.check_params_once(params.model_copy())  # the same parameters: not checked again
+    assert len(calls) == 1
+    other = tiny_params(tmp_path, seed=1)
+    module.check_params_once(other)
+    assert calls == [params, other]
+
+
+def test_a_failed_check_is_not_remembered(tmp_path, monkeypatch):
+    import tasks.params as module
+
+    def refuse(params):
+        raise ValueError("no")
+
+    monkeypatch.setattr(module, "check_params", refuse)
+    monkeypatch.setattr(module, "_last_checked", {"hash": None})
+    params = tiny_params(tmp_path)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="no"):
+            module.check_params_once(params)

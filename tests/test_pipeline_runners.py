@@ -62,7 +62,7 @@ def test_dask_dashboard_is_off_on_both_cluster_paths():
     """No listener on the dashboard port 8787: neither the flow's LocalCluster nor DaskTaskRunner's own."""
     from distributed import Client
 
-    from flows.params import RunnerParams
+    from tasks.params import RunnerParams
     from flows.runners import dask_cluster, make_task_runner
 
     if _answers(8787):

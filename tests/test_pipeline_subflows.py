@@ -14,7 +14,7 @@ def test_distill_replace_evaluate_benchmark_alone(tmp_path):
     from flows.benchmark import benchmark
     from flows.distill import distill
     from flows.evaluate import evaluate
-    from flows.params import DistillBudget, SpeedParams, TaskParams
+    from tasks.params import DistillBudget, SpeedParams, TaskParams
     from flows.replace import replace
 
     run_dir = tmp_path / "run"

@@ -44,7 +44,7 @@ def _one_line_error(call, *words: str) -> str:
 
 def _check(tmp_path: Path, *words: str, **overrides) -> str:
     """`check_params` on tiny params with `overrides` fails with one line holding `words`, writing nothing."""
-    from flows.params import check_params
+    from tasks.params import check_params
 
     params = tiny_params(tmp_path, **overrides)
     before = _files(tmp_path)
@@ -313,7 +313,7 @@ def test_model_name_rules_equal_mlflow_registry(name):
     from mlflow.exceptions import MlflowException
     from mlflow.store.model_registry.file_store import _validate_model_name
 
-    from flows.params import check_registered_model_name
+    from tasks.params import check_registered_model_name
 
     try:
         _validate_model_name(name)
@@ -376,7 +376,7 @@ def test_unreachable_dask_scheduler(tmp_path):
 
 
 def test_check_params_passes_on_good_input_and_writes_nothing(tmp_path):
-    from flows.params import check_params
+    from tasks.params import check_params
 
     check_params(tiny_params(tmp_path))
     assert _files(tmp_path) == []
@@ -462,7 +462,7 @@ def test_too_small_data_file_names_what_sets_the_sizes(tmp_path):
 
 
 def test_good_task_spec_passes(tmp_path):
-    from flows.params import check_params
+    from tasks.params import check_params
 
     _csv(tmp_path)
     check_params(tiny_params(tmp_path, task={"name": _spec(tmp_path)}))

@@ -135,7 +135,7 @@ def test_new_sqlite_store_is_created_once_by_concurrent_processes(tmp_path):
 
 def test_no_credentials_in_params_tags_or_summary_fields(tmp_path):
     from flows.convert import public_params
-    from flows.params import build_params
+    from tasks.params import build_params
     from mlflow.tracking import MlflowClient
 
     from tasks.tracking import Tracking

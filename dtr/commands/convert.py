@@ -5,7 +5,8 @@
     dtr convert --task trec --mixer gla --max-layers all --runner dask --workers 2
 
 Every flow parameter is an option (help texts are the parameters' own descriptions); options left out come
-from the profile. Parameters are validated before anything starts (one-line error, exit code 2). Prefect
+from the profile, whose values are the parameter models' defaults (`tasks/params.py`) unless it names others.
+Parameters are validated before anything starts (one-line error, exit code 2). Prefect
 runs embedded unless PREFECT_API_URL is set; MLflow uses MLFLOW_TRACKING_URI or ./mlflow.db.
 
 Once the parameters pass, every log record (dtr's loggers at DEBUG, Prefect's and MLflow's at their own
@@ -25,12 +26,10 @@ from typing import Any
 
 import typer
 
-PROFILE_NAMES = ["default", "smoke"]
-
 
 def _help(path: str) -> str:
     """The description of a ConvertParams field ("distill.steps")."""
-    from flows.params import ConvertParams
+    from tasks.params import ConvertParams
 
     model: Any = ConvertParams
     parts = path.split(".")
@@ -169,7 +168,7 @@ def convert_command(
                                  "and a failure's traceback"),
 ) -> None:
     """Convert a pretrained transformer into a task-specific hybrid (Distill-then-Replace), end to end."""
-    from flows.params import build_params
+    from tasks.params import build_params, check_params_once
 
     layers_cap = _max_layers(max_layers)
     overrides: dict[str, Any] = {
@@ -197,9 +196,7 @@ def convert_command(
     params = build_params(profile, **overrides)
     if unlimited:
         params = params.model_copy(update={"max_layers": None})
-    from flows.params import check_params
-
-    check_params(params)  # before Prefect or any model starts: one-line errors
+    check_params_once(params)  # before Prefect or any model starts: one-line errors; the flow does not repeat it
     _quiet_libraries(verbose)
     from dtr.cli import attach_log_file, start_work
     from flows.convert import run_convert  # imports prefect and mlflow, which set up their logging on import

@@ -52,7 +52,15 @@ import torch
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from dtr_core.artifacts import atomic_dir, hash_json, hash_tensor, read_json, sha256_file, write_json
+from dtr_core.artifacts import (
+    atomic_dir,
+    hash_json,
+    hash_tensor,
+    read_json,
+    reuse_or_compute,
+    sha256_file,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +148,27 @@ def capture_activations(
     `"reused": True` added when an existing complete capture was returned.
     """
     from dtr_core.models import model_fingerprint
-    from dtr_core.hybrid.surgery import attention_module, num_layers
+
+    layers = _checked_layers(model, token_ids, layers, store_dtype, batch_size)
+    metadata = dict(metadata or {})
+    json.dumps(metadata, allow_nan=False)  # fail now, not after the forward passes
+    out_dir = Path(out_dir)
+    fingerprint = model_fingerprint(model)
+    key = hash_json({"format": CAPTURE_FORMAT, "model": fingerprint, "tokens": hash_tensor(token_ids),
+                     "layers": layers, "dtype": STORE_DTYPES[store_dtype][0]})
+    manifest, reused = reuse_or_compute(
+        out_dir / MANIFEST, key,
+        lambda: _capture(model, token_ids, out_dir, layers, store_dtype, batch_size,
+                         {"key": key, "model_fingerprint": fingerprint, "data": metadata}),
+        problem=lambda stored: capture_problem(out_dir, stored), read=lambda path: read_manifest(path.parent),
+        write=False, label="capture", log=logger)
+    return {**manifest, "reused": True} if reused else manifest
+
+
+def _checked_layers(model: PreTrainedModel, token_ids: torch.Tensor, layers: list[int] | None,
+                    store_dtype: torch.dtype, batch_size: int) -> list[int]:
+    """The sorted layers to capture; bad arguments raise ValueError before anything runs."""
+    from dtr_core.hybrid.surgery import num_layers
 
     if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 2 or token_ids.dtype != torch.long:
         raise ValueError("token_ids must be a LongTensor of shape [N, seq_len]")
@@ -159,104 +187,114 @@ def capture_activations(
     for layer_idx in layers:
         if not 0 <= layer_idx < total_layers:
             raise ValueError(f"layer index {layer_idx} is out of range; this model has layers 0..{total_layers - 1}")
-    metadata = dict(metadata or {})
-    json.dumps(metadata, allow_nan=False)  # fail now, not after the forward passes
+    return layers
 
-    out_dir = Path(out_dir)
-    fingerprint = model_fingerprint(model)
-    dtype_name = STORE_DTYPES[store_dtype][0]
-    key = hash_json({"format": CAPTURE_FORMAT, "model": fingerprint, "tokens": hash_tensor(token_ids),
-                     "layers": layers, "dtype": dtype_name})
-    existing = read_manifest(out_dir)
-    if existing is not None and existing.get("key") == key:
-        problem = capture_problem(out_dir, existing)
-        if problem is None:
-            logger.info("capture: reusing %s (key %s)", out_dir, key[:12])
-            return {**existing, "reused": True}
-        logger.warning("capture: not reusing %s: %s; capturing again", out_dir, problem)
 
-    hidden = model.config.hidden_size
-    device = next(model.parameters()).device
-    shape = (n_seq, seq_len, hidden)
+def _capture(model: PreTrainedModel, token_ids: torch.Tensor, out_dir: Path, layers: list[int],
+             store_dtype: torch.dtype, batch_size: int, record: dict[str, Any]) -> dict[str, Any]:
+    """Run the teacher over `token_ids` and write the capture folder, the manifest (`record` + the rest) last."""
+    n_seq, seq_len = token_ids.shape
+    shape = (n_seq, seq_len, model.config.hidden_size)
     started = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
         save_file({"input_ids": token_ids.contiguous().cpu()}, str(tmp / TOKENS_FILE))
         writers = {
             i: StreamingSafetensorsWriter(tmp / layer_file(i), {"inputs": (shape, store_dtype),
                                                                 "outputs": (shape, store_dtype)},
-                                          metadata={"layer": str(i), "model": fingerprint})
+                                          metadata={"layer": str(i), "model": record["model_fingerprint"]})
             for i in layers
         }
-        row = [0]  # first row of the current batch, read by the hooks
-        handles = []
-
-        def pre_hook(layer_idx):
-            def hook(module, args, kwargs):
-                hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-                writers[layer_idx].write_rows("inputs", row[0], hidden_states.to(store_dtype))
-            return hook
-
-        def post_hook(layer_idx):
-            def hook(module, args, kwargs, output):
-                attn_out = output[0] if isinstance(output, tuple) else output
-                writers[layer_idx].write_rows("outputs", row[0], attn_out.to(store_dtype))
-                if layer_idx == layers[-1]:
-                    raise _StopForward
-            return hook
-
-        was_training = model.training
-        model.eval()
         try:
-            for i in layers:
-                module = attention_module(model, i)
-                handles.append(module.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
-                handles.append(module.register_forward_hook(post_hook(i), with_kwargs=True))
-            with torch.inference_mode():
-                for start in range(0, n_seq, batch_size):
-                    row[0] = start
-                    batch = token_ids[start:start + batch_size].to(device)
-                    try:
-                        model(input_ids=batch, use_cache=False)
-                    except _StopForward:
-                        pass
+            _run_teacher(model, token_ids, layers, writers, store_dtype, batch_size)
         finally:
-            for handle in handles:
-                handle.remove()
-            model.train(was_training)
             for writer in writers.values():
                 writer.close()
         seconds = time.perf_counter() - started
-
-        files = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
-                 for name in [TOKENS_FILE] + [layer_file(i) for i in layers]}
-        manifest = {
-            "format": CAPTURE_FORMAT,
-            "key": key,
-            "model_fingerprint": fingerprint,
-            "model_type": model.config.model_type,
-            "num_model_layers": total_layers,
-            # per-layer attention weights hash: distillation checks it is handed the same teacher
-            "attention_fingerprints": {str(i): model_fingerprint(attention_module(model, i)) for i in layers},
-            "layers": layers,
-            "num_sequences": n_seq,
-            "seq_len": seq_len,
-            "num_tokens": n_seq * seq_len,
-            "hidden_size": hidden,
-            "dtype": dtype_name,
-            "shapes": {"inputs": list(shape), "outputs": list(shape), "input_ids": [n_seq, seq_len]},
-            "positions": "each sequence at positions 0..seq_len-1, no padding",
-            "target": "attention module output before the residual add",
-            "data": metadata,
-            "files": files,
-            "content_hash": hash_json({"files": {k: v["sha256"] for k, v in files.items()},
-                                       "model": fingerprint, "dtype": dtype_name, "layers": layers}),
-            "seconds": round(seconds, 3),
-            "tokens_per_second": round(n_seq * seq_len / max(seconds, 1e-9), 1),
-        }
+        manifest = _manifest(model, tmp, layers, shape, STORE_DTYPES[store_dtype][0], seconds, record)
         write_json(tmp / MANIFEST, manifest)  # written last: the completion marker
     logger.info("capture: %d tokens x %d layers in %.1fs (%.0f tok/s) -> %s",
                 n_seq * seq_len, len(layers), seconds, manifest["tokens_per_second"], out_dir)
     return manifest
+
+
+def _run_teacher(model: PreTrainedModel, token_ids: torch.Tensor, layers: list[int],
+                 writers: dict[int, StreamingSafetensorsWriter], store_dtype: torch.dtype, batch_size: int) -> None:
+    """One forward pass per batch, stopped after the last captured layer; hooks write each layer's attention
+    input and output rows in place."""
+    from dtr_core.hybrid.surgery import attention_module
+
+    device = next(model.parameters()).device
+    row = [0]  # first row of the current batch, read by the hooks
+    handles = []
+
+    def pre_hook(layer_idx):
+        def hook(module, args, kwargs):
+            hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            writers[layer_idx].write_rows("inputs", row[0], hidden_states.to(store_dtype))
+        return hook
+
+    def post_hook(layer_idx):
+        def hook(module, args, kwargs, output):
+            attn_out = output[0] if isinstance(output, tuple) else output
+            writers[layer_idx].write_rows("outputs", row[0], attn_out.to(store_dtype))
+            if layer_idx == layers[-1]:
+                raise _StopForward
+        return hook
+
+    was_training = model.training
+    model.eval()
+    try:
+        for i in layers:
+            module = attention_module(model, i)
+            handles.append(module.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
+            handles.append(module.register_forward_hook(post_hook(i), with_kwargs=True))
+        with torch.inference_mode():
+            for start in range(0, len(token_ids), batch_size):
+                row[0] = start
+                try:
+                    model(input_ids=token_ids[start:start + batch_size].to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
+def _manifest(model: PreTrainedModel, folder: Path, layers: list[int], shape: tuple[int, int, int],
+              dtype_name: str, seconds: float, record: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of the capture written into `folder`: what it holds, the files' hashes, the timing."""
+    from dtr_core.models import model_fingerprint
+    from dtr_core.hybrid.surgery import attention_module, num_layers
+
+    n_seq, seq_len, hidden = shape
+    fingerprint = record["model_fingerprint"]
+    files = {name: {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
+             for name in [TOKENS_FILE] + [layer_file(i) for i in layers]}
+    return {
+        "format": CAPTURE_FORMAT,
+        "key": record["key"],
+        "model_fingerprint": fingerprint,
+        "model_type": model.config.model_type,
+        "num_model_layers": num_layers(model),
+        # per-layer attention weights hash: distillation checks it is handed the same teacher
+        "attention_fingerprints": {str(i): model_fingerprint(attention_module(model, i)) for i in layers},
+        "layers": layers,
+        "num_sequences": n_seq,
+        "seq_len": seq_len,
+        "num_tokens": n_seq * seq_len,
+        "hidden_size": hidden,
+        "dtype": dtype_name,
+        "shapes": {"inputs": list(shape), "outputs": list(shape), "input_ids": [n_seq, seq_len]},
+        "positions": "each sequence at positions 0..seq_len-1, no padding",
+        "target": "attention module output before the residual add",
+        "data": record["data"],
+        "files": files,
+        "content_hash": hash_json({"files": {k: v["sha256"] for k, v in files.items()},
+                                   "model": fingerprint, "dtype": dtype_name, "layers": layers}),
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(n_seq * seq_len / max(seconds, 1e-9), 1),
+    }
 
 
 def read_manifest(activations_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -297,6 +335,19 @@ def capture_problem(activations_dir: str | os.PathLike, manifest: dict[str, Any]
     return None
 
 
+def layer_manifest(activations_dir: str | os.PathLike, layer_idx: int,
+                   missing: type[Exception] = ValueError) -> dict[str, Any]:
+    """The manifest of a complete capture that holds `layer_idx`; `missing` (no capture) or ValueError (no such
+    layer) naming the problem otherwise."""
+    manifest = read_manifest(activations_dir)
+    if manifest is None:
+        raise missing(f"no complete activation capture in {activations_dir} (manifest.json missing)")
+    if layer_idx not in manifest["layers"]:
+        raise ValueError(f"layer {layer_idx} was not captured in {activations_dir}; "
+                         f"captured layers: {manifest['layers']}")
+    return manifest
+
+
 def verify_capture(activations_dir: str | os.PathLike) -> bool:
     """Re-hash every file of a capture against its manifest (reads every file)."""
     manifest = read_manifest(activations_dir)
@@ -311,12 +362,7 @@ def open_layer_activations(activations_dir: str | os.PathLike, layer_idx: int
     copy-on-write views of the file; writing to them never changes the file.
     """
     activations_dir = Path(activations_dir)
-    manifest = read_manifest(activations_dir)
-    if manifest is None:
-        raise FileNotFoundError(f"no complete activation capture in {activations_dir} (manifest.json missing)")
-    if layer_idx not in manifest["layers"]:
-        raise ValueError(f"layer {layer_idx} was not captured in {activations_dir}; "
-                         f"captured layers: {manifest['layers']}")
+    manifest = layer_manifest(activations_dir, layer_idx, missing=FileNotFoundError)
     path = activations_dir / layer_file(layer_idx)
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))

@@ -53,8 +53,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from dtr_core.artifacts import atomic_dir, hash_json, read_json, sha256_file, write_json
-from dtr_core.distill.capture import open_layer_activations, read_manifest
+from dtr_core.artifacts import atomic_dir, hash_json, read_json, reuse_or_compute, sha256_file, write_json
+from dtr_core.distill.capture import layer_manifest, open_layer_activations
+from dtr_core.distill.config import DistillConfig
 
 logger = logging.getLogger(__name__)
 
@@ -63,87 +64,6 @@ WEIGHTS = "weights.safetensors"
 META = "meta.json"
 
 ProgressCallback = Callable[[int, int, float], None]
-_VERDICT_FIELDS = ("max_normalized_loss",)  # DistillConfig fields that judge a student but do not train it
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """How one layer's student is trained.
-
-    Defaults measured on smollm2-135m (2 CPU cores, captured BBC text, seq_len 256), held-out
-    normalised loss after 100 steps at batch 4: lr 1e-3 / 3e-3 / 1e-2 gave 0.60 / 0.33 / 0.26
-    (jetblock, layer 10), 0.43 / 0.43 (gla, layer 20, 3e-3 / 1e-2), 0.34 / 0.33 (gated_deltanet,
-    layer 20); 1e-2 trained layers 0 and 29 without divergence. 300 steps kept improving (jetblock
-    layer 20: 0.19). Copied-weights students start at 3-3000 (their per-head output norm is
-    untrained); `calibrate_output` rescales that output by one least-squares factor first. Measured on
-    smollm2-135m, gated_deltanet, 100 steps at lr 1e-2, held-out normalised loss without / with it:
-    layer 3 0.465 / 0.351, layer 15 0.266 / 0.240, layer 27 0.156 / 0.194 (starts 54 / 1.1, 15 / 1.8,
-    4.6 / 2.2). At 40 steps, lr 3e-3: 1.69 / 0.61, 0.56 / 0.41, 0.33 / 0.63.
-    """
-
-    steps: int = 200  # ~1-2 min per layer on 2 free cores (0.2-0.5 s/step by mixer); ~200k tokens seen
-    batch_size: int = 4  # sequences per step (4 x 256 tokens)
-    lr: float = 1e-2  # best of 1e-3 / 3e-3 / 1e-2 on every layer and mixer tried (see above)
-    weight_decay: float = 0.0  # decay would pull copied teacher projections towards zero
-    warmup_steps: int | None = None  # linear warm-up; None: 10% of steps, so Adam's moments settle first
-    min_lr_ratio: float = 0.1  # cosine floor = 10% of lr
-    grad_clip: float = 1.0  # max gradient norm; guards the first steps of untrained gates
-    seed: int = 0
-    calibrate_output: bool = True  # before training, rescale the student's output to the teacher's (least squares)
-    log_every: int = 10  # loss-curve resolution in meta.json and progress callbacks
-    eval_fraction: float = 0.1  # share of captured sequences held out (the last ones)
-    max_eval_sequences: int = 16  # cap on held-out sequences: evaluation stays a few seconds
-    # A student whose held-out normalised loss is at or above this fails: at 1.0 it predicts the teacher's
-    # output no better than each channel's mean, so swapping it in can only hurt. The default convert's 30
-    # students measured 0.094-0.864 (docs/BENCHMARKS.md); a run at lr 1.0 gave 5.7-384,780, which a
-    # 40-example validation gain still committed. Judges the weights, never changes them: not in the key.
-    max_normalized_loss: float = 1.0
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.steps > 0, f"steps must be > 0, got {self.steps}"),
-            (self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}"),
-            (math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.warmup_steps is None or 0 <= self.warmup_steps <= self.steps,
-             f"warmup_steps must be None (10% of steps) or in 0..steps ({self.steps}), got {self.warmup_steps}"),
-            (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
-            (math.isfinite(self.grad_clip) and self.grad_clip > 0,
-             f"grad_clip must be a finite number > 0 (a large value disables clipping), got {self.grad_clip}"),
-            (self.log_every > 0, f"log_every must be > 0, got {self.log_every}"),
-            (0 < self.eval_fraction < 1, f"eval_fraction must be in (0, 1), got {self.eval_fraction}"),
-            (self.max_eval_sequences > 0, f"max_eval_sequences must be > 0, got {self.max_eval_sequences}"),
-            (math.isfinite(self.max_normalized_loss) and self.max_normalized_loss > 0,
-             f"max_normalized_loss must be a finite number > 0 (a large value disables the check), "
-             f"got {self.max_normalized_loss}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def defining_dict(self) -> dict[str, Any]:
-        """The fields that decide the trained weights (the reuse key): all but the verdict threshold."""
-        return {name: value for name, value in asdict(self).items() if name not in _VERDICT_FIELDS}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> DistillConfig:
-        return cls(**(values or {}))
-
-    @property
-    def num_warmup_steps(self) -> int:
-        return round(0.1 * self.steps) if self.warmup_steps is None else self.warmup_steps
-
-    def lr_factor(self, step: int) -> float:
-        """Multiplier of `lr` for optimiser step `step` (0-based): linear warm-up, then cosine."""
-        warmup = self.num_warmup_steps
-        if step < warmup:
-            return (step + 1) / warmup
-        span = max(1, self.steps - 1 - warmup)
-        progress = min(1.0, (step - warmup) / span)
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -212,16 +132,10 @@ def distill_layer(
     get_mixer_class(mixer_name)  # unknown names raise listing the valid ones
     mixer_config = mixer_config if mixer_config is not None else MixerConfig()
     check_layer_index(model, layer_idx)
-    manifest = read_manifest(activations_dir)
-    if manifest is None:
-        raise ValueError(f"no complete activation capture in {activations_dir} (manifest.json missing)")
-    if layer_idx not in manifest["layers"]:
-        raise ValueError(f"layer {layer_idx} was not captured in {activations_dir}; "
-                         f"captured layers: {manifest['layers']}")
+    manifest = layer_manifest(activations_dir, layer_idx)
     teacher_attention = attention_module(model, layer_idx)
     attention_fp = model_fingerprint(teacher_attention)
-    captured_fp = manifest["attention_fingerprints"][str(layer_idx)]
-    if attention_fp != captured_fp:
+    if attention_fp != manifest["attention_fingerprints"][str(layer_idx)]:
         raise ValueError(f"layer {layer_idx}'s attention weights differ from those the activations in "
                          f"{activations_dir} were captured with: pass the same teacher model")
     n_seq, seq_len = manifest["num_sequences"], manifest["seq_len"]
@@ -233,35 +147,45 @@ def distill_layer(
                      "attention": attention_fp, "mixer": mixer_name, "mixer_config": mixer_config.defining_dict(),
                      "config": config.defining_dict(), "layer": layer_idx})
     target_dir = layer_dir(out_dir, layer_idx)
-    existing = _read_meta(target_dir)
-    if existing is not None and existing.get("key") == key and existing.get("weights_sha256"):
-        problem = _weights_problem(target_dir, existing)
-        if problem is None:
-            logger.info("distill layer %d: reusing %s (key %s)", layer_idx, target_dir, key[:12])
-            return _rejudge(target_dir, existing, config)
-        logger.warning("distill layer %d: %s; distilling the layer again", layer_idx, problem)
 
-    result, student, curve = _train(model, teacher_attention, layer_idx, activations_dir, mixer_name,
-                                    mixer_config, config, n_eval, key, build_student, progress)
-    result.tokens = result.steps * config.batch_size * seq_len
-    meta = {**result.to_dict(), "format": DISTILL_FORMAT, "loss_curve": curve,
-            "config": config.to_dict(), "mixer_config": mixer_config.to_dict(),
-            "activations_content_hash": manifest["content_hash"], "activations_dir": str(activations_dir),
-            "model_fingerprint": manifest["model_fingerprint"], "attention_fingerprint": attention_fp,
-            "seq_len": seq_len, "eval_split": f"last {n_eval} of {n_seq} captured sequences"}
+    def train() -> dict[str, Any]:
+        result, student, curve = _train(model, teacher_attention, layer_idx, activations_dir, mixer_name,
+                                        mixer_config, config, n_eval, key, build_student, progress)
+        result.tokens = result.steps * config.batch_size * seq_len
+        meta = {**result.to_dict(), "format": DISTILL_FORMAT, "loss_curve": curve,
+                "config": config.to_dict(), "mixer_config": mixer_config.to_dict(),
+                "activations_content_hash": manifest["content_hash"], "activations_dir": str(activations_dir),
+                "model_fingerprint": manifest["model_fingerprint"], "attention_fingerprint": attention_fp,
+                "seq_len": seq_len, "eval_split": f"last {n_eval} of {n_seq} captured sequences"}
+        _save_layer(target_dir, meta, student if result.normalized_loss is not None else None, mixer_name)
+        _log_result(result)
+        return meta
+
+    meta, reused = reuse_or_compute(target_dir / META, key, train,
+                                    problem=lambda stored: _weights_problem(target_dir, stored),
+                                    read=lambda path: _read_meta(path.parent), write=False,
+                                    label=f"distill layer {layer_idx}", log=logger)
+    return _rejudge(target_dir, meta, config) if reused else LayerResult.from_dict(meta)
+
+
+def _save_layer(target_dir: Path, meta: dict[str, Any], student: nn.Module | None, mixer_name: str) -> None:
+    """The layer's folder, atomically: the weights (when training finished with finite ones, kept even if judged
+    failed) and their sha256 in `meta.json`, written last (the completion marker)."""
     with atomic_dir(target_dir) as tmp:
-        if result.normalized_loss is not None:  # training finished with finite weights (kept even if judged failed)
+        if student is not None:
             state = {name: t.detach().to("cpu").contiguous() for name, t in student.state_dict().items()}
-            save_file(state, str(tmp / WEIGHTS), metadata={"mixer": mixer_name, "layer": str(layer_idx)})
+            save_file(state, str(tmp / WEIGHTS), metadata={"mixer": mixer_name, "layer": str(meta["layer"])})
             meta["weights_sha256"] = sha256_file(tmp / WEIGHTS)
-        write_json(tmp / META, meta)  # last: the completion marker
+        write_json(tmp / META, meta)
+
+
+def _log_result(result: LayerResult) -> None:
     if result.ok:
         logger.info("distill layer %d (%s): eval mse %.4g -> %.4g, normalised %.3f -> %.3f, %d steps, %.1fs",
-                    layer_idx, mixer_name, result.initial_loss, result.final_loss,
+                    result.layer, result.mixer, result.initial_loss, result.final_loss,
                     result.initial_normalized_loss, result.normalized_loss, result.steps, result.seconds)
     else:
-        logger.warning("distill layer %d (%s) failed: %s", layer_idx, mixer_name, result.reason)
-    return result
+        logger.warning("distill layer %d (%s) failed: %s", result.layer, result.mixer, result.reason)
 
 
 def _train(model, teacher_attention, layer_idx, activations_dir, mixer_name, mixer_config, config,
@@ -383,6 +307,8 @@ def _rejudge(directory: Path, meta: dict[str, Any], config: DistillConfig) -> La
 def _weights_problem(directory: Path, meta: dict[str, Any]) -> str | None:
     """Why the weights file of a completed layer cannot be trusted, or None if it matches its meta.json."""
     path = directory / WEIGHTS
+    if not meta.get("weights_sha256"):
+        return f"{directory / META} records no weights (its training failed)"
     if not path.is_file():
         return f"{path} is missing"
     try:

@@ -21,7 +21,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dtr_core.artifacts import atomic_dir, hash_json, read_json, write_json
+from dtr_core.artifacts import atomic_dir, hash_json, read_json, reuse_or_compute, write_json
 from dtr_core.hybrid.build import build_hybrid
 from dtr_core.hybrid.model import layer_map
 
@@ -69,10 +69,16 @@ def export_hybrid(
     layers = sorted(int(layer) for layer in layers)
     key = hash_json({"format": EXPORT_FORMAT, "teacher": model_fingerprint(teacher), "layers": layers,
                      "mixer": mixer, "students": _students_keys(students_dir, layers)})
-    existing = read_export_info(out_dir)
-    if existing is not None and existing.get("key") == key:
-        logger.info("export: reusing %s (key %s)", out_dir, key[:12])
-        return {**existing, "reused": True}
+    info, reused = reuse_or_compute(
+        out_dir / EXPORT_INFO, key, lambda: _export(teacher, tokenizer, students_dir, layers, mixer, out_dir, key,
+                                                    metadata),
+        read=lambda path: read_export_info(path.parent), write=False, label="export", log=logger)
+    return {**info, "reused": reused}
+
+
+def _export(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, students_dir: Path, layers: list[int],
+            mixer: str, out_dir: Path, key: str, metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """Build the hybrid and save it into `out_dir` atomically, `dtr_export.json` last; returns that record."""
     hybrid = build_hybrid(teacher, layers, mixer, students_dir=students_dir)
     info = {
         "format": EXPORT_FORMAT,
@@ -90,4 +96,4 @@ def export_hybrid(
         tokenizer.save_pretrained(staging)
         write_json(staging / EXPORT_INFO, info)  # last: the completion marker
     logger.info("export: %d linear layers %s -> %s", len(layers), layers, out_dir)
-    return {**info, "reused": False}
+    return info

@@ -30,7 +30,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from dtr_core.hybrid.state_cache import FULL, HybridCache
+from dtr_core.mixers.state_cache import FULL, HybridCache
 from dtr_core.families import HYBRID_PREFIX, base_model_type, get_family
 from dtr_core.mixers import LinearMixer, MixerConfig, build_student, get_mixer_class
 from dtr_core.hybrid.surgery import decoder_layers, swap_layers

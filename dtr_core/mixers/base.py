@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from dtr_core.hybrid.state_cache import recurrent_layer
+from dtr_core.mixers.state_cache import recurrent_layer
 from dtr_core.families import get_family
 from dtr_core.ops.common import DEFAULT_CHUNK_SIZE
 
@@ -76,8 +76,9 @@ def attention_shape(config: PretrainedConfig) -> tuple[int, int, int]:
 
 def projection_biases(config: PretrainedConfig) -> tuple[bool, bool]:
     """(q/k/v bias, o bias) as the family's attention has them."""
-    if get_family(config).model_type == "qwen2":
-        return True, False
+    fixed = get_family(config).projection_biases
+    if fixed is not None:
+        return fixed
     bias = bool(getattr(config, "attention_bias", False))
     return bias, bias
 

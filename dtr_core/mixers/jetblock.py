@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtr_core.hybrid.state_cache import recurrent_layer
+from dtr_core.mixers.state_cache import recurrent_layer
 from dtr_core.mixers.base import MixerConfig
 from dtr_core.mixers.gated_deltanet import GatedDeltaNetMixer
 

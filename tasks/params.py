@@ -1,9 +1,14 @@
 """Parameters of the dtr flows: pydantic models, so the Prefect UI renders a typed form (descriptions,
 dropdowns for `Literal`s) and bad values are rejected before any work.
 
-`ConvertParams` is everything a conversion depends on; `PROFILES` are named starting points (`default`:
-SmolLM2-135M on `sentiment` within ~20 minutes on 2 CPU cores; `smoke`: the same path on a tiny random
-model in well under two minutes, used by tests).
+They live in `tasks/` so the tasks take them typed; `flows/` and the CLI import them from here.
+
+`ConvertParams` is everything a conversion depends on, and its defaults are the only place a pipeline
+default is written: SmolLM2-135M on `sentiment` within ~20 minutes on 2 CPU cores (the `default` profile,
+the Prefect form, `dtr convert` without options and the `convert` deployment are all this run). The
+distillation budget's defaults come from `dtr_core.distill.config`, which the benchmarks share. Named
+profiles list only what differs (`smoke`: the same path on a tiny random model in well under two minutes,
+used by tests).
 
 Two stages of checks, both before any work and both writing nothing:
 - parse time (pydantic, microseconds): types and ranges, the run id (a plain folder name inside
@@ -11,16 +16,21 @@ Two stages of checks, both before any work and both writing nothing:
 - `check_params` (seconds): everything that needs the file system or the network: the model source
   (`dtr_core.preflight`), the task data, the corpus, the output folder and its free disk, the tracking store
   and the Dask scheduler (`tasks.checks`). Each problem is a `ValueError` with one line.
+  `check_params_once` runs it once per process for the same parameters: the CLI checks before Prefect
+  starts, and the flow, which checks when started another way (UI, deployment), then does not repeat it.
 """
 
 from __future__ import annotations
 
 import posixpath
 import re
+import threading
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dtr_core.distill.config import CAPTURE_SEQ_LEN, CAPTURE_TOKENS, CORPUS, DistillConfig
 
 MixerName = Literal["gated_deltanet", "gla", "jetblock"]  # = sorted(dtr_core.mixers.MIXERS) (tested)
 RunnerKind = Literal["threads", "processes", "dask"]
@@ -73,9 +83,10 @@ class TaskParams(_Params):
                           "scores each verbaliser as the continuation")
     verbalisers: dict[str, str] = Field(default_factory=dict, description="data_file: label -> continuation, "
                                         "e.g. {\"pos\": \" positive\", \"neg\": \" negative\"}")
-    validation_limit: int | None = Field(None, ge=1, description="Search on the first N validation examples "
+    # 100 validation examples keep a SmolLM2-135M search round of ~30 candidates within minutes on 2 cores
+    validation_limit: int | None = Field(100, ge=1, description="Search on the first N validation examples "
                                          "only (None: the whole validation split)")
-    test_limit: int | None = Field(None, ge=1, description="Report on the first N test examples only "
+    test_limit: int | None = Field(300, ge=1, description="Report on the first N test examples only "
                                    "(None: the whole test split)")
 
     def build(self):
@@ -97,14 +108,14 @@ class TaskParams(_Params):
 class DistillBudget(_Params):
     """Phase 1 budget: how many teacher tokens to capture and how long to train each layer's student."""
 
-    corpus: str = Field("bbc", description="Distillation text: 'bbc' (built in), a .txt/.jsonl/.parquet/.csv "
+    corpus: str = Field(CORPUS, description="Distillation text: 'bbc' (built in), a .txt/.jsonl/.parquet/.csv "
                         "file or folder, or hf:<dataset>[:<config>]:<split>")
-    tokens: int = Field(8192, ge=16, description="Teacher tokens captured for distillation (all layers share them)")
-    seq_len: int = Field(256, ge=8, le=8192, description="Tokens per captured sequence")
-    steps: int = Field(30, ge=1, description="Optimiser steps per layer")
-    lr: float = Field(1e-3, gt=0, le=1.0, description="AdamW peak learning rate (warm-up 10% of steps, cosine decay)")
-    batch_size: int = Field(4, ge=1, description="Sequences per optimiser step")
-    max_normalized_loss: float = Field(1.0, gt=0, allow_inf_nan=False, description="A student whose held-out "
+    tokens: int = Field(CAPTURE_TOKENS, ge=16, description="Teacher tokens captured for distillation (all layers share them)")
+    seq_len: int = Field(CAPTURE_SEQ_LEN, ge=8, le=8192, description="Tokens per captured sequence")
+    steps: int = Field(DistillConfig.steps, ge=1, description="Optimiser steps per layer")
+    lr: float = Field(DistillConfig.lr, gt=0, le=1.0, description="AdamW peak learning rate (warm-up 10% of steps, cosine decay)")
+    batch_size: int = Field(DistillConfig.batch_size, ge=1, description="Sequences per optimiser step")
+    max_normalized_loss: float = Field(DistillConfig.max_normalized_loss, gt=0, allow_inf_nan=False, description="A student whose held-out "
                                        "normalised loss (MSE / variance of the teacher's output; 1.0 = no better "
                                        "than predicting the mean) is at or above this is marked failed and never "
                                        "offered to the search")
@@ -116,13 +127,9 @@ class DistillBudget(_Params):
                              "(one to train on, one held out)")
         return self
 
-    def distill_config(self, seed: int):
-        from dtr_core.distill.training import DistillConfig
-
-        return DistillConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, seed=seed,
-                             warmup_steps=max(1, round(0.1 * self.steps)),  # the module's 10% warm-up
-                             log_every=max(1, min(10, self.steps // 10)),
-                             max_normalized_loss=self.max_normalized_loss)
+    def distill_config(self, seed: int) -> DistillConfig:
+        return DistillConfig.for_steps(self.steps, batch_size=self.batch_size, lr=self.lr, seed=seed,
+                                       max_normalized_loss=self.max_normalized_loss)
 
 
 class ToleranceParams(_Params):
@@ -168,7 +175,8 @@ class SpeedParams(_Params):
 
     context_len: int = Field(2048, ge=1, description="Prompt length for prefill latency, decode rate and cache size")
     decode_tokens: int = Field(32, ge=1, description="Tokens decoded after the prompt")
-    repeats: int = Field(1, ge=1, le=20, description="Measurements per model (the median is reported)")
+    # median of 3: shared machines are noisy
+    repeats: int = Field(3, ge=1, le=20, description="Measurements per model (the median is reported)")
 
 
 class TrackingParams(_Params):
@@ -199,7 +207,8 @@ class ConvertParams(_Params):
     distill: DistillBudget = Field(default_factory=DistillBudget)
     tolerance: ToleranceParams = Field(default_factory=ToleranceParams)
     acceptance: AcceptanceParams = Field(default_factory=AcceptanceParams)
-    max_layers: int | None = Field(None, ge=1, description="Stop the search after this many linear layers "
+    # up to 4 linear layers: the paper's best hybrids swap ~3.8
+    max_layers: int | None = Field(4, ge=1, description="Stop the search after this many linear layers "
                                    "(None: until a round is rejected or every layer is linear)")
     seed: int = Field(0, ge=0, description="Seed of distillation and bootstrap")
     runner: RunnerParams = Field(default_factory=RunnerParams)
@@ -242,34 +251,26 @@ class ConvertParams(_Params):
 
 
 PROFILES: dict[str, dict[str, Any]] = {
-    # SmolLM2-135M (30 layers) on 2 CPU cores in <= 20 min: ~8k distillation tokens, 30 steps per layer,
-    # 100 validation examples for the search, up to 4 linear layers (the paper's best hybrids swap ~3.8).
-    "default": {
-        "model": "smollm2-135m",
-        "task": {"name": "sentiment", "validation_limit": 100, "test_limit": 300},
-        # a short, hot schedule: on layer 15, 30 steps at lr 3e-3 reached a normalised loss of 0.71
-        "distill": {"tokens": 8192, "seq_len": 256, "steps": 40, "lr": 3e-3},
-        "max_layers": 4,
-        "speed": {"context_len": 2048, "decode_tokens": 32, "repeats": 3},  # median of 3: shared machines are noisy
-    },
+    "default": {},  # the parameter models' own defaults
     # The same path on a 4-layer random model: seconds per stage.
     "smoke": {
         "model": "tiny-llama",
-        "task": {"name": "sentiment", "validation_limit": 24, "test_limit": 24},
+        "task": {"validation_limit": 24, "test_limit": 24},
         # a random 4-layer model: its students reach 1.2-3.0 at this budget (all mixers, seeds 0/1); 10 still
         # catches lr-1.0 divergence (36-390 on it)
-        "distill": {"tokens": 1024, "seq_len": 64, "steps": 8, "max_normalized_loss": 10.0},
+        "distill": {"tokens": 1024, "seq_len": 64, "steps": 8, "lr": 1e-3, "max_normalized_loss": 10.0},
         "max_layers": None,
-        "speed": {"context_len": 256, "decode_tokens": 8},
+        "speed": {"context_len": 256, "decode_tokens": 8, "repeats": 1},
     },
 }
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` onto `base`; nested dicts merge key by key."""
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -289,7 +290,7 @@ def build_params(profile: str = "default", **overrides: Any) -> ConvertParams:
     """`ConvertParams` from a profile plus overrides (nested dicts merge). Raises a one-line ValueError."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}")
-    values = _merge(PROFILES[profile], {k: v for k, v in overrides.items() if v is not None})
+    values = merge(PROFILES[profile], {k: v for k, v in overrides.items() if v is not None})
     try:
         return ConvertParams.model_validate(values)
     except ValidationError as error:
@@ -326,6 +327,22 @@ def check_params(params: ConvertParams) -> None:
     needed = preflight.estimate_disk_bytes(params.distill.tokens, facts.num_layers, facts.hidden_size,
                                            facts.num_params)
     preflight.check_output_dir(params.output_dir, max(0, needed - preflight.folder_bytes(run_dir)))
+
+
+_last_checked = {"hash": None}  # the JSON hash of the parameters `check_params_once` last passed
+_check_lock = threading.Lock()
+
+
+def check_params_once(params: ConvertParams) -> None:
+    """`check_params`, unless the same parameters (by JSON hash) already passed it in this process."""
+    from dtr_core.artifacts import hash_json
+
+    digest = hash_json(params.model_dump(mode="json"))
+    with _check_lock:
+        if _last_checked["hash"] == digest:
+            return
+        check_params(params)
+        _last_checked["hash"] = digest
 
 
 def _check_task(task: TaskParams) -> None:
