@@ -88,7 +88,7 @@ def test_cli_help_documents_every_flow_parameter():
                    "--distill-tokens", "--seq-len", "--steps", "--lr", "--tolerance-mode", "--tolerance",
                    "--acceptance", "--max-layers", "--seed", "--runner", "--workers", "--dask-address",
                    "--context-len", "--tracking-uri", "--experiment", "--register", "--output-dir", "--run-id",
-                   "--profile"):
+                   "--profile", "--max-normalized-loss"):
         assert option in result.output, option
 
 
