@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from typer import _click as click  # typer vendors click; its usage errors are these classes
 import typer
 
 app = typer.Typer(
@@ -131,6 +132,24 @@ class ConsoleFilter(logging.Filter):
         return record.name.split(".")[0] not in OWN_LOGGERS + SEPARATE_LOGGERS or record.levelno >= logging.WARNING
 
 
+class RunLogHandler(logging.FileHandler):
+    """The run's log file. When a write fails (a full disk), it says so once on stderr and stops writing,
+    instead of logging's default of a traceback on stderr for every later record."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            error = sys.exc_info()[1]
+            print(one_line(f"warning: the log file {self.baseFilename} can no longer be written ({error}); "
+                           "logging to it stopped"), file=sys.stderr, flush=True)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+
 def _console_handlers() -> list[logging.Handler]:
     loggers = [logging.getLogger()] + [logging.getLogger(name) for name in SEPARATE_LOGGERS]
     return [handler for logger in loggers for handler in logger.handlers
@@ -146,7 +165,7 @@ def attach_log_file(path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = RunLogHandler(path, encoding="utf-8")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.addFilter(RedactFilter())
@@ -303,9 +322,23 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         _register_commands()
-        app()
+        code = app(standalone_mode=False, prog_name="dtr")  # usage errors come back to us as exceptions, to print in one line
+    except click.exceptions.ClickException as error:  # a bad option or command: typer's box would be 5 lines
+        print(usage_line(error), file=sys.stderr, flush=True)
+        sys.exit(error.exit_code)
+    except click.exceptions.Abort:
+        print(INTERRUPTED, file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
     except (Exception, KeyboardInterrupt) as error:  # outside any command (its own failures are guarded)
         sys.exit(report_failure(error, " ".join(arg for arg in sys.argv[1:2] if not arg.startswith("-"))))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def usage_line(error: click.exceptions.ClickException) -> str:
+    """A command-line usage error as one line: the problem, then where the valid options are listed."""
+    context = getattr(error, "ctx", None)
+    help_hint = f"; see `{context.command_path} --help`" if context is not None else "; see `dtr --help`"
+    return one_line(f"error: {error.format_message().rstrip('.')}") + help_hint
 
 
 if __name__ == "__main__":  # `python -m dtr.cli`: run the imported module, whose state the commands share

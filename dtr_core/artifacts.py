@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -242,3 +243,26 @@ def _fsync_file(path: Path) -> None:
     if path.exists():
         with open(path, "rb+") as f:
             os.fsync(f.fileno())
+
+
+# what a killed `atomic_path` / `atomic_dir` leaves: `.NAME.tmp-XXXXXXXX` (file or folder), `.NAME.old-XXXXXXXX`
+_TEMPORARY = re.compile(r"^\..+\.(tmp|old)-[A-Za-z0-9_]{8}$")
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete, below the dtr folder `folder`, what killed atomic writes left (names `.NAME.tmp-XXXXXXXX` and
+    `.NAME.old-XXXXXXXX`, never anything else); returns what was removed. Call it only while no other process
+    writes there (the run folder lock)."""
+    folder = Path(folder)
+    if not is_dtr_artifact(folder) and not (folder / MARKER).is_file():
+        raise NotADtrArtifact(f"{folder} is not a dtr folder; not cleaning it")
+    removed = []
+    for path in sorted(folder.rglob(".*"), key=lambda p: len(p.parts)):
+        if not _TEMPORARY.match(path.name) or not path.exists() and not path.is_symlink():
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

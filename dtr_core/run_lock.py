@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import time
@@ -27,6 +28,8 @@ from dtr_core.artifacts import write_json
 
 LOCK_NAME = ".lock"
 HOLDER_NAME = ".lock.json"
+
+logger = logging.getLogger(__name__)
 
 
 class RunInUse(ValueError):
@@ -61,5 +64,9 @@ def run_folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
                                           "started": time.strftime("%Y-%m-%d %H:%M:%S")})
         yield folder
     finally:
-        (folder / HOLDER_NAME).unlink(missing_ok=True)  # before the release: the next holder writes its own
-        lock.release()
+        try:
+            (folder / HOLDER_NAME).unlink(missing_ok=True)  # before the release: the next holder writes its own
+        except OSError as error:  # a folder turned read-only or a full disk: the block's own error matters
+            logger.warning("could not remove %s: %s", folder / HOLDER_NAME, error)
+        finally:
+            lock.release()

@@ -33,7 +33,7 @@ from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dtr_core.artifacts import write_json, write_marker
+from dtr_core.artifacts import remove_temporaries, write_json, write_marker
 from dtr_core.redaction import redact
 from dtr_core.run_layout import RunLayout
 from dtr_core.run_lock import run_folder_lock
@@ -106,6 +106,8 @@ def _convert(params: ConvertParams) -> dict[str, Any]:
     layout = RunLayout(Path(params.output_dir).resolve() / run_id)
     with run_folder_lock(layout.root):  # one process per run folder, before anything is written there
         write_marker(layout.root, kind="run")
+        for path in remove_temporaries(layout.root):  # what a killed attempt's atomic writes left behind
+            logger.info("removed %s, left by an interrupted attempt", path)
         layout.summary.unlink(missing_ok=True)  # a re-run is unfinished until it finishes
         values = public_params(params)
         write_json(layout.config, {**values, "run_id": run_id})

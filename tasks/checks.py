@@ -60,6 +60,9 @@ def check_tracking_uri(uri: str, timeout: float = TIMEOUT_S) -> None:
     if uri.startswith(("file:", "/", ".")) or "://" not in uri:
         raise ValueError(f"MLflow tracking URI {shown!r} is a file store, which MLflow 3 refuses here; use "
                          "sqlite:///mlflow.db or an http://127.0.0.1:<port> server")
+    raise ValueError(f"MLflow tracking URI {shown!r} has a scheme dtr does not use ({scheme}); use an "
+                     "http(s):// MLflow server, sqlite:///<folder>/mlflow.db or a database URI "
+                     f"({', '.join(sorted(DATABASE_SCHEMES))})")
 
 
 def _check_mlflow_server(uri: str, shown: str, timeout: float) -> None:

@@ -156,6 +156,10 @@ def _log_models(tracking: Tracking, roles_of: dict[str, list[str]], card: dict[s
                     pip_requirements=PIP_REQUIREMENTS,
                 ), attempts=1, uri=tracking.uri)  # not repeated: a second attempt would log a second model
                 logged[folder] = (info.model_uri, info.model_id)
+    # leaving `start_run` ended the parent run FINISHED; the conversion is not finished until its summary is
+    # written, so a run killed from here on must not look complete
+    client = tracking.client()
+    tracking._retry(lambda: client.update_run(tracking.parent_run_id, status="RUNNING"))
     return logged
 
 

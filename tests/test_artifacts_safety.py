@@ -126,3 +126,24 @@ def test_a_saved_hybrid_with_the_marker_loads_and_refuses_a_user_folder(tmp_path
     save_hybrid(hybrid, tokenizer, out)  # its own earlier output: replaced without overwrite
     save_hybrid(hybrid, tokenizer, precious, overwrite=True)
     assert not (precious / "thesis.txt").exists() and (precious / MARKER).is_file()
+
+
+def test_remove_temporaries_deletes_only_what_killed_atomic_writes_left(tmp_path):
+    from dtr_core.artifacts import NotADtrArtifact, remove_temporaries, write_marker
+
+    run = tmp_path / "run"
+    (run / "students" / ".layer_001.tmp-ab12cd34").mkdir(parents=True)
+    (run / "students" / ".layer_001.tmp-ab12cd34" / "weights.safetensors").write_bytes(b"x")
+    (run / ".summary.json.tmp-0123abcd").write_text("{")
+    (run / ".activations.old-deadbeef").mkdir()
+    keep = [run / ".lock", run / ".lock.json", run / "students" / "notes.tmp-ab12cd34", run / ".hidden"]
+    for path in keep:
+        path.write_text("keep")
+    with pytest.raises(NotADtrArtifact):
+        remove_temporaries(run)  # not marked as dtr's: nothing is touched
+    write_marker(run, kind="run")
+    removed = remove_temporaries(run)
+    assert sorted(p.name for p in removed) == [".activations.old-deadbeef", ".layer_001.tmp-ab12cd34",
+                                                 ".summary.json.tmp-0123abcd"]
+    assert all(path.read_text() == "keep" for path in keep)
+    assert not (run / "students" / ".layer_001.tmp-ab12cd34").exists()

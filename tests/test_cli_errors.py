@@ -219,3 +219,36 @@ def test_errors_raised_by_the_work_itself_are_runtime_failures(monkeypatch):
     monkeypatch.setattr(cli._State, "work_started", True)
     line, code = describe_failure(ValueError("run x is in use by another dtr process"), "convert", "/r/x.log")
     assert code == 1 and line == "error: run x is in use by another dtr process (full log: /r/x.log)"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["convert", "--tolerance", "abc"], "error: Invalid value for '--tolerance'"),
+    (["convert", "--no-such-option"], "error: No such option: --no-such-option"),
+    (["no-such-command"], "error: No such command 'no-such-command'; see `dtr --help`"),
+])
+def test_usage_errors_are_one_line_exit_2(tmp_path, args, message):
+    result = run_dtr(tmp_path, *args)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_log_file_that_cannot_be_written_says_so_once(tmp_path, capsys):
+    import logging
+
+    from dtr.cli import RunLogHandler
+
+    handler = RunLogHandler(tmp_path / "run.log", encoding="utf-8")
+    handler.stream.close()  # every later write fails, as on a full disk
+    handler.stream = open(os.devnull, "rb")  # noqa: SIM115 - a stream that refuses writes
+    logger = logging.getLogger("dtr.test_log_file")
+    logger.addHandler(handler)
+    try:
+        for index in range(5):
+            logger.warning("record %d", index)
+    finally:
+        logger.removeHandler(handler)
+        handler.stream.close()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"warning: the log file {tmp_path / 'run.log'} can no longer")

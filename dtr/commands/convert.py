@@ -201,9 +201,14 @@ def convert_command(
     check_params_once(params)  # before Prefect or any model starts: one-line errors; the flow does not repeat it
     _quiet_libraries(verbose)
     from dtr.cli import attach_log_file, start_work
+    from dtr_core.artifacts import write_marker
     from flows.convert import run_convert  # imports prefect and mlflow, which set up their logging on import
 
-    log_file = attach_log_file(log_file_path(params))  # only now: bad input writes nothing
+    # only now, with the input checked, is anything written: the run folder is marked as dtr's first, so a
+    # run that fails before its flow starts (e.g. Prefect's server not starting) can be started again
+    log_path = log_file_path(params)
+    write_marker(log_path.parent.parent, kind="run")
+    log_file = attach_log_file(log_path)
     start_work(log_file.parent.parent)
     typer.echo(f"dtr convert: {params.model} for '{params.task.label}' (profile {profile}, mixer {params.mixer}, "
                f"runner {params.runner.kind} x{params.runner.workers}) -> "

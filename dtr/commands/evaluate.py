@@ -34,7 +34,7 @@ def eval_command(
         raise ValueError(f"--limit must be >= 1, got {limit}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    check_model_source(model, check_values=False)  # a missing or damaged model: one line, exit 2
+    check_model_source(model)  # a missing or damaged model: one line, exit 2
     start_work()
     loaded_model, tokenizer = load_model(model)
     result = evaluate(loaded_model, tokenizer, task_obj, split=split, limit=limit, batch_size=batch_size)

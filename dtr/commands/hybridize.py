@@ -23,6 +23,8 @@ def _check_writable(out: Path) -> None:
     folder = out.absolute().parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"--out {out}: {folder} is a file, so no folder can be made below it; choose another --out")
     if not os.access(folder, os.W_OK):
         raise PermissionError(errno.EACCES, "Permission denied", str(folder))
 
@@ -54,7 +56,7 @@ def hybridize(
         raise FileNotFoundError(f"students folder {students} does not exist; pass the `students` folder of a run")
     check_replaceable(out, overwrite, option="--overwrite")  # never a user's folder, unless asked
     _check_writable(out)
-    check_model_source(model, trust_remote_code=trust_remote_code, check_values=False)
+    check_model_source(model, trust_remote_code=trust_remote_code)
     hf_logging.disable_progress_bar()  # a bar per saved shard
     teacher, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
     hybrid = build_hybrid(teacher, layer_list, mixer, students, MixerConfig(use_rope=not no_rope))  # checks layers
