@@ -36,16 +36,19 @@ def slug(text: str, limit: int = 40) -> str:
 class RunLayout:
     """Paths of one conversion's artifacts (see the module docstring)."""
 
+    STARTED = {".lock", ".lock.json"}  # what `run_lock.run_folder_lock` writes before anything else
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
     def check_owned(self) -> None:
         """Raise `NotADtrArtifact` when `root` exists, is not empty and is not a dtr run folder: a conversion
         never writes into a folder of the user's. A run folder carries the `.dtr-artifact` marker (kind "run"),
-        or, from before the marker, a `config.json` holding the run's `run_id`."""
+        or, from before the marker, a `config.json` holding the run's `run_id`; a folder that holds only what
+        a starting run writes first (its lock) is one too."""
         from dtr_core.artifacts import MARKER, NotADtrArtifact, read_json
 
-        if not self.root.exists() or (self.root.is_dir() and not any(self.root.iterdir())):
+        if not self.root.exists() or (self.root.is_dir() and {p.name for p in self.root.iterdir()} <= self.STARTED):
             return
         if (self.root / MARKER).is_file():
             return

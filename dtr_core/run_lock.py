@@ -8,7 +8,8 @@ once (a `ValueError`: the CLI prints it as one `error:` line). The holder's pid 
 
 The lock is `flock(2)` on Linux: the kernel drops it when its process dies, kill -9 included, so a lock left
 by a killed run never blocks the next one (tested with a real SIGKILL). The lock file itself may stay
-behind; it means nothing without a live holder.
+behind; it means nothing without a live holder. `check_free(folder)` is the same test without holding the
+lock: the input checks run it, so a second conversion is refused before any work (exit code 2).
 """
 
 from __future__ import annotations
@@ -70,3 +71,17 @@ def run_folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
             logger.warning("could not remove %s: %s", folder / HOLDER_NAME, error)
         finally:
             lock.release()
+
+
+def check_free(folder: str | os.PathLike) -> None:
+    """`RunInUse` when a live process holds the lock of run folder `folder`; creates nothing."""
+    folder = Path(folder)
+    if not (folder / LOCK_NAME).is_file():
+        return
+    lock = FileLock(folder / LOCK_NAME, blocking=False, thread_local=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RunInUse(f"run {folder.name} is in use by another dtr process ({_holder(folder)}); wait for it to "
+                       "finish, or pass another --run-id") from None
+    lock.release()

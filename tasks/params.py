@@ -306,6 +306,7 @@ def check_params(params: ConvertParams) -> None:
     """
     from dtr_core import preflight
     from dtr_core.run_layout import RunLayout
+    from dtr_core.run_lock import check_free
     from tasks.checks import check_dask_address, check_tracking_uri
     from tasks.tracking import resolve_tracking_uri
 
@@ -317,6 +318,7 @@ def check_params(params: ConvertParams) -> None:
         check_dask_address(params.runner.dask_address)
     facts = preflight.check_model_source(params.model)
     run_dir = run_folder(params.output_dir, params.resolved_run_id())
+    check_free(run_dir)  # another process converting the same run: refused before any work
     RunLayout(run_dir).check_owned()
     _check_task(params.task)
     _check_corpus(params.distill.corpus)
