@@ -7,6 +7,7 @@ run never overwrites the students of a full one), finished layers reused by dist
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -14,7 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.harness import REPO_ROOT
-from dtr_core.distill.config import CAPTURE_SEQ_LEN, CAPTURE_TOKENS, DistillConfig
+from dtr_core.distill.config import (CAPTURE_SEQ_LEN, CAPTURE_TOKENS, RANDOM_TEACHER_MAX_NORMALIZED_LOSS,
+                                     DistillConfig)
+from dtr_core.models import RANDOM_CONFIGS
 
 logger = logging.getLogger("benchmarks.students")
 
@@ -46,6 +49,8 @@ def ensure_students(model, tokenizer, model_name: str, mixer: str, work_dir: str
     manifest = capture_activations(model, token_ids, root / "activations",
                                    metadata={"corpus": "bbc", "token_budget": tokens, "seq_len": seq_len})
     config = distill_config(steps)
+    if model_name in RANDOM_CONFIGS:  # a teacher with random weights: its students cannot beat the mean
+        config = dataclasses.replace(config, max_normalized_loss=RANDOM_TEACHER_MAX_NORMALIZED_LOSS)
     distilled, reused, failed = [], [], []
     for layer in layers:
         result = distill_layer(model, layer, root / "activations", mixer, config, root / "students")
