@@ -99,15 +99,3 @@ def parallel_threads(runner: RunnerParams) -> int:
     from tasks.runtime import serial_threads
 
     return 1 if runner.workers > 1 else serial_threads()
-
-
-def stop_temporary_servers() -> None:
-    """Stop the temporary Prefect servers this process started (Prefect would stop them at exit, logging a
-    line after everything else): called when a conversion ends, so dtr's own last line stays the last."""
-    from prefect.server.api.server import SubprocessASGIServer
-
-    for server in list(SubprocessASGIServer._instances.values()):
-        try:
-            server.stop()
-        except Exception as error:  # noqa: BLE001 - it is stopped at exit anyway
-            logging.getLogger(__name__).debug("could not stop the temporary Prefect server: %s", error)

@@ -218,12 +218,7 @@ def convert_command(
     # SIGTERM ends the run like Ctrl-C: the flow is marked crashed, the MLflow run FAILED and the temporary
     # Prefect server stopped (the default action would leave it running). The run folder stays resumable.
     signal.signal(signal.SIGTERM, _interrupt)
-    from flows.runners import stop_temporary_servers
-
-    try:
-        summary = run_convert(params)
-    finally:
-        stop_temporary_servers()  # before dtr's last line (the summary, or the error line)
+    summary = run_convert(params)
     _print_summary(summary)
     if as_json:
         typer.echo(json.dumps(summary))
