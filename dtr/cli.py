@@ -266,8 +266,14 @@ def report_failure(error: BaseException, command: str) -> int:
     if is_verbose():
         print(redact("".join(traceback.format_exception(error))), file=sys.stderr, end="")
     line, code = describe_failure(error, command, log_file)
+    quiet_prefect_exit()
     print(line, file=sys.stderr, flush=True)
     return code
+
+
+def quiet_prefect_exit() -> None:
+    """Keep dtr's last line last: Prefect logs "Stopping temporary server" at exit on its `prefect` logger."""
+    logging.getLogger("prefect").setLevel(logging.WARNING)
 
 
 def _guarded(callback: Callable[..., Any], command: str) -> Callable[..., Any]:
@@ -316,13 +322,28 @@ QUIET_LIBRARIES = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY"
                    "TOKENIZERS_PARALLELISM": "false"}
 
 
+def library_state_in_cache() -> dict[str, str]:
+    """Matplotlib's and Prefect's state under dtr's cache (`$DTR_CACHE_DIR`), not in the user's home.
+
+    Prefect keeps the user's own setup: nothing changes when PREFECT_HOME or PREFECT_API_URL is set, or
+    when ~/.prefect exists (the user's profiles live there).
+    """
+    from dtr_core.models import cache_dir
+
+    state = {"MPLCONFIGDIR": str(cache_dir() / "matplotlib")}
+    if not ({"PREFECT_HOME", "PREFECT_API_URL"} & set(os.environ) or (Path.home() / ".prefect").exists()):
+        state["PREFECT_HOME"] = str(cache_dir() / "prefect")
+    return state
+
+
 def main() -> None:
-    for name, value in QUIET_LIBRARIES.items():
+    for name, value in {**QUIET_LIBRARIES, **library_state_in_cache()}.items():
         os.environ.setdefault(name, value)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         _register_commands()
         code = app(standalone_mode=False, prog_name="dtr")  # usage errors come back to us as exceptions, to print in one line
+        quiet_prefect_exit()
     except click.exceptions.ClickException as error:  # a bad option or command: typer's box would be 5 lines
         print(usage_line(error), file=sys.stderr, flush=True)
         sys.exit(error.exit_code)

@@ -10,8 +10,10 @@ RoPE from `model.model.rotary_emb`, and the decoder-layer call signature of tran
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from transformers import PretrainedConfig
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)

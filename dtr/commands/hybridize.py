@@ -8,10 +8,46 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+
+_LAYER_PART = re.compile(r"(\d+)(?:\s*-\s*(\d+))?")
+_LAYERS_EXAMPLE = "e.g. 3,7,12 or 0-4"
+# Far beyond any model's depth (the model's own range is checked in `build_hybrid`); it keeps a typo such as
+# 0-4000000000 from building a set of four billion indices.
+_MAX_LAYER_INDEX = 100_000
+
+
+def parse_layers(text: str) -> list[int]:
+    """'3,7,12' or '3-5,9' -> sorted unique layer indices (at least one).
+
+    Raises ValueError (one line, with the fix) for empty text, reversed ranges ('3-1'), negative
+    indices and anything else that is not a list of layer indices.
+    """
+    parts = [piece.strip() for piece in text.split(",")]
+    if not any(parts):
+        raise ValueError(f"--layers is empty; give the layers to make linear, {_LAYERS_EXAMPLE}")
+    layers: set[int] = set()
+    for part in filter(None, parts):
+        match = _LAYER_PART.fullmatch(part)
+        if match is None:
+            if part.startswith("-") and _LAYER_PART.fullmatch(part[1:]):
+                raise ValueError(f"--layers '{text}' has a negative index ({part}); layers count from 0, "
+                                 f"write {_LAYERS_EXAMPLE}")
+            raise ValueError(f"--layers '{text}' is not a list of layer indices; write {_LAYERS_EXAMPLE}")
+        start = int(match[1])
+        end = start if match[2] is None else int(match[2])
+        if end < start:
+            raise ValueError(f"--layers '{text}' has the reversed range {part}; write it as {end}-{start}")
+        if end > _MAX_LAYER_INDEX:
+            raise ValueError(f"--layers '{text}': layer {end} is beyond any model; {_LAYERS_EXAMPLE}")
+        layers.update(range(start, end + 1))
+    return sorted(layers)
 
 
 def _check_writable(out: Path) -> None:
@@ -43,20 +79,26 @@ def hybridize(
     """Build a hybrid: the given layers become linear-attention students; save it."""
     from dtr.cli import start_work
     from dtr_core.artifacts import check_replaceable
-    from dtr_core.hybrid.build import build_hybrid, parse_layers, save_hybrid
-    from dtr_core.hybrid.model import cache_bytes, layer_map
-    from dtr_core.mixers import MixerConfig, get_mixer_class
-    from dtr_core.models import load_model
     from dtr_core.preflight import check_model_source
-    from transformers.utils import logging as hf_logging
+    from tasks.params import MixerName
 
     layer_list = parse_layers(layers)
-    get_mixer_class(mixer)  # fail before loading a model
+    if mixer not in typing.get_args(MixerName):
+        raise ValueError(f"unknown mixer '{mixer}'; choose one of: {', '.join(typing.get_args(MixerName))}")
     if students is not None and not students.is_dir():
         raise FileNotFoundError(f"students folder {students} does not exist; pass the `students` folder of a run")
     check_replaceable(out, overwrite, option="--overwrite")  # never a user's folder, unless asked
     _check_writable(out)
-    check_model_source(model, trust_remote_code=trust_remote_code)
+    facts = check_model_source(model, trust_remote_code=trust_remote_code)
+    if layer_list[-1] >= facts.num_layers:
+        raise ValueError(f"layer index {layer_list[-1]} is out of range; this model has layers 0..{facts.num_layers - 1}")
+
+    from dtr_core.hybrid.build import build_hybrid, save_hybrid
+    from dtr_core.hybrid.model import cache_bytes, layer_map
+    from dtr_core.mixers import MixerConfig
+    from dtr_core.models import load_model
+    from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()  # a bar per saved shard
     teacher, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
     hybrid = build_hybrid(teacher, layer_list, mixer, students, MixerConfig(use_rope=not no_rope))  # checks layers

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -20,40 +19,6 @@ from dtr_core.mixers import MixerConfig, build_student, get_mixer_class
 from dtr_core.hybrid.surgery import attention_module, check_layer_index
 
 logger = logging.getLogger(__name__)
-
-
-_LAYER_PART = re.compile(r"(\d+)(?:\s*-\s*(\d+))?")
-_LAYERS_EXAMPLE = "e.g. 3,7,12 or 0-4"
-# Far beyond any model's depth (the model's own range is checked in `build_hybrid`); it keeps a typo such as
-# 0-4000000000 from building a set of four billion indices.
-_MAX_LAYER_INDEX = 100_000
-
-
-def parse_layers(text: str) -> list[int]:
-    """'3,7,12' or '3-5,9' -> sorted unique layer indices (at least one).
-
-    Raises ValueError (one line, with the fix) for empty text, reversed ranges ('3-1'), negative
-    indices and anything else that is not a list of layer indices.
-    """
-    parts = [piece.strip() for piece in text.split(",")]
-    if not any(parts):
-        raise ValueError(f"--layers is empty; give the layers to make linear, {_LAYERS_EXAMPLE}")
-    layers: set[int] = set()
-    for part in filter(None, parts):
-        match = _LAYER_PART.fullmatch(part)
-        if match is None:
-            if part.startswith("-") and _LAYER_PART.fullmatch(part[1:]):
-                raise ValueError(f"--layers '{text}' has a negative index ({part}); layers count from 0, "
-                                 f"write {_LAYERS_EXAMPLE}")
-            raise ValueError(f"--layers '{text}' is not a list of layer indices; write {_LAYERS_EXAMPLE}")
-        start = int(match[1])
-        end = start if match[2] is None else int(match[2])
-        if end < start:
-            raise ValueError(f"--layers '{text}' has the reversed range {part}; write it as {end}-{start}")
-        if end > _MAX_LAYER_INDEX:
-            raise ValueError(f"--layers '{text}': layer {end} is beyond any model; {_LAYERS_EXAMPLE}")
-        layers.update(range(start, end + 1))
-    return sorted(layers)
 
 
 def build_hybrid(
