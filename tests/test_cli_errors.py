@@ -252,3 +252,50 @@ def test_a_log_file_that_cannot_be_written_says_so_once(tmp_path, capsys):
         handler.stream.close()
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"warning: the log file {tmp_path / 'run.log'} can no longer")
+
+
+def test_last_line_stays_last_after_prefects_temporary_server_and_home_stays_clean(tmp_path):
+    """A command that ran an embedded Prefect flow, then failed: Prefect stops its temporary server at exit,
+    after dtr's line, and logs that it does; dtr's `error:` line must still be the last. Prefect's and
+    matplotlib's state go under $DTR_CACHE_DIR, not into the user's home."""
+    home = tmp_path / "home"
+    home.mkdir()
+    result = run_raising(tmp_path, """
+        import logging
+        from prefect import flow
+        import matplotlib.pyplot
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # as `dtr convert` sets it: a line per API request
+        flow(lambda: 1, name="tiny")()
+        raise RuntimeError("after the flow")
+    """, HOME=str(home))
+    assert result.returncode == 1, result.stderr
+    assert "Starting temporary server" in result.stderr  # the embedded server really ran
+    assert result.stderr.strip().splitlines()[-1].startswith("error: dtr boom failed: RuntimeError: after the flow")
+    assert list(home.iterdir()) == []
+    assert (tmp_path / "cache" / "prefect").is_dir() and (tmp_path / "cache" / "matplotlib").is_dir()
+
+
+@pytest.mark.parametrize("setup, keeps_prefect_home", [
+    ({}, False),
+    ({"PREFECT_API_URL": "http://127.0.0.1:4200/api"}, True),
+    ({"PREFECT_HOME": "/somewhere"}, True),
+    ({"dot_prefect": True}, True),
+])
+def test_prefect_state_moves_to_the_cache_only_without_a_users_prefect_setup(tmp_path, monkeypatch, setup,
+                                                                             keeps_prefect_home):
+    from dtr.cli import library_state_in_cache
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("DTR_CACHE_DIR", str(tmp_path / "cache"))
+    for name in ("PREFECT_API_URL", "PREFECT_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in setup.items():
+        if name == "dot_prefect":
+            (tmp_path / ".prefect").mkdir()
+        else:
+            monkeypatch.setenv(name, value)
+    state = library_state_in_cache()
+    assert state["MPLCONFIGDIR"] == str(tmp_path / "cache" / "matplotlib")
+    assert ("PREFECT_HOME" not in state) == keeps_prefect_home
+    if not keeps_prefect_home:
+        assert state["PREFECT_HOME"] == str(tmp_path / "cache" / "prefect")
