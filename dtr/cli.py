@@ -322,23 +322,12 @@ QUIET_LIBRARIES = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY"
                    "TOKENIZERS_PARALLELISM": "false"}
 
 
-def library_state_in_cache() -> dict[str, str]:
-    """Matplotlib's and Prefect's state under dtr's cache (`$DTR_CACHE_DIR`), not in the user's home.
-
-    Prefect keeps the user's own setup: nothing changes when PREFECT_HOME or PREFECT_API_URL is set, or
-    when ~/.prefect exists (the user's profiles live there).
-    """
+def main() -> None:
     from dtr_core.models import cache_dir
 
-    state = {"MPLCONFIGDIR": str(cache_dir() / "matplotlib")}
-    if not ({"PREFECT_HOME", "PREFECT_API_URL"} & set(os.environ) or (Path.home() / ".prefect").exists()):
-        state["PREFECT_HOME"] = str(cache_dir() / "prefect")
-    return state
-
-
-def main() -> None:
-    for name, value in {**QUIET_LIBRARIES, **library_state_in_cache()}.items():
+    for name, value in QUIET_LIBRARIES.items():
         os.environ.setdefault(name, value)
+    os.environ.setdefault("MPLCONFIGDIR", str(cache_dir() / "matplotlib"))  # not ~/.config: dtr's own cache
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         _register_commands()
@@ -347,7 +336,7 @@ def main() -> None:
     except click.exceptions.ClickException as error:  # a bad option or command: typer's box would be 5 lines
         print(usage_line(error), file=sys.stderr, flush=True)
         sys.exit(error.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         print(INTERRUPTED, file=sys.stderr, flush=True)
         sys.exit(EXIT_INTERRUPTED)
     except (Exception, KeyboardInterrupt) as error:  # outside any command (its own failures are guarded)

@@ -262,6 +262,8 @@ def test_last_line_stays_last_after_prefects_temporary_server_and_home_stays_cle
     home.mkdir()
     result = run_raising(tmp_path, """
         import logging
+        from dtr.commands.convert import keep_prefect_state_in_cache
+        keep_prefect_state_in_cache()  # what `dtr convert` does before it imports Prefect
         from prefect import flow
         import matplotlib.pyplot
         logging.getLogger("httpx").setLevel(logging.WARNING)  # as `dtr convert` sets it: a line per API request
@@ -283,7 +285,7 @@ def test_last_line_stays_last_after_prefects_temporary_server_and_home_stays_cle
 ])
 def test_prefect_state_moves_to_the_cache_only_without_a_users_prefect_setup(tmp_path, monkeypatch, setup,
                                                                              keeps_prefect_home):
-    from dtr.cli import library_state_in_cache
+    from dtr.commands.convert import keep_prefect_state_in_cache
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("DTR_CACHE_DIR", str(tmp_path / "cache"))
@@ -294,8 +296,24 @@ def test_prefect_state_moves_to_the_cache_only_without_a_users_prefect_setup(tmp
             (tmp_path / ".prefect").mkdir()
         else:
             monkeypatch.setenv(name, value)
-    state = library_state_in_cache()
-    assert state["MPLCONFIGDIR"] == str(tmp_path / "cache" / "matplotlib")
-    assert ("PREFECT_HOME" not in state) == keeps_prefect_home
-    if not keeps_prefect_home:
-        assert state["PREFECT_HOME"] == str(tmp_path / "cache" / "prefect")
+    keep_prefect_state_in_cache()
+    assert (os.environ.get("PREFECT_HOME") == str(tmp_path / "cache" / "prefect")) != keeps_prefect_home
+    assert (tmp_path / "cache" / "prefect").is_dir() != keeps_prefect_home
+
+
+def test_a_failure_outside_any_command_is_one_line(tmp_path):
+    """E.g. a command module that fails to import: still one `error:` line and exit 1, no traceback."""
+    code = "\n".join([
+        "import sys",
+        "from dtr import cli",
+        "def broken():",
+        "    raise ImportError('cannot import name X from dtr_core.distill.config')",
+        "cli._register_commands = broken",
+        "sys.argv = ['dtr', 'convert']",
+        "cli.main()",
+    ])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env=_env(tmp_path))
+    assert result.returncode == 1, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: dtr convert failed: ImportError: cannot import name X"), line

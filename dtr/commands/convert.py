@@ -83,6 +83,21 @@ def _quiet_libraries(verbose: bool) -> None:
     hf_logging.disable_progress_bar()
 
 
+def keep_prefect_state_in_cache() -> None:
+    """Embedded Prefect keeps its database under `$DTR_CACHE_DIR/prefect`, not in the user's home.
+
+    A user's own Prefect setup wins: nothing changes when PREFECT_HOME or PREFECT_API_URL is set, or when
+    ~/.prefect exists (the user's profiles live there). Called before Prefect is imported, which reads it.
+    """
+    from dtr_core.models import cache_dir
+
+    if {"PREFECT_HOME", "PREFECT_API_URL"} & set(os.environ) or (Path.home() / ".prefect").exists():
+        return
+    home = cache_dir() / "prefect"
+    home.mkdir(parents=True, exist_ok=True)  # Prefect itself does not create missing parents
+    os.environ["PREFECT_HOME"] = str(home)
+
+
 def log_file_path(params: Any) -> Path:
     """`<output_dir>/<run_id>/logs/convert-<UTC time>.log`: this run's log (every attempt its own file)."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -202,7 +217,6 @@ def convert_command(
     _quiet_libraries(verbose)
     from dtr.cli import attach_log_file, start_work
     from dtr_core.artifacts import write_marker
-    from flows.convert import run_convert  # imports prefect and mlflow, which set up their logging on import
 
     # only now, with the input checked, is anything written: the run folder is marked as dtr's first, so a
     # run that fails before its flow starts (e.g. Prefect's server not starting) can be started again
@@ -210,6 +224,9 @@ def convert_command(
     write_marker(log_path.parent.parent, kind="run")
     log_file = attach_log_file(log_path)
     start_work(log_file.parent.parent)
+    keep_prefect_state_in_cache()
+    from flows.convert import run_convert  # imports prefect and mlflow, which set up their logging on import
+
     typer.echo(f"dtr convert: {params.model} for '{params.task.label}' (profile {profile}, mixer {params.mixer}, "
                f"runner {params.runner.kind} x{params.runner.workers}) -> "
                f"{os.path.join(params.output_dir, params.resolved_run_id())}")

@@ -1,0 +1,63 @@
+"""How a hybrid is healed: the budget and the optimiser, written once (torch-free, so checks start fast)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from dtr_core.schedule import warmup_cosine_factor
+
+TRAINABLE = ("students",)  # which parameters train: the linear-attention students only
+
+
+@dataclass(frozen=True)
+class HealConfig:
+    """End-to-end healing of a hybrid: KL(teacher || hybrid) on next-token distributions.
+
+    `steps` optimiser steps of `batch_size` sequences of `seq_len` tokens; AdamW with linear warm-up (10% of
+    the steps) then cosine decay to `min_lr_ratio * lr`; gradient-norm clipping. The held-out KL is measured on
+    `eval_batches` batches that training never sees (the first batches of the token stream).
+    """
+
+    steps: int = 100
+    batch_size: int = 4
+    seq_len: int = 256
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    temperature: float = 1.0  # softens both distributions before the KL (1.0: the model's own)
+    trainable: str = "students"
+    eval_batches: int = 2
+    seed: int = 0
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.steps > 0, f"heal steps must be > 0, got {self.steps}"),
+            (self.batch_size > 0, f"heal batch_size must be > 0, got {self.batch_size}"),
+            (self.seq_len > 1, f"heal seq_len must be > 1, got {self.seq_len}"),
+            (math.isfinite(self.lr) and self.lr > 0, f"heal lr must be a finite number > 0, got {self.lr}"),
+            (0 <= self.min_lr_ratio <= 1, f"heal min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
+            (math.isfinite(self.grad_clip) and self.grad_clip > 0, f"heal grad_clip must be > 0, got {self.grad_clip}"),
+            (math.isfinite(self.temperature) and self.temperature > 0,
+             f"heal temperature must be > 0, got {self.temperature}"),
+            (self.trainable in TRAINABLE, f"heal trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}"),
+            (self.eval_batches > 0, f"heal eval_batches must be > 0, got {self.eval_batches}"),
+            (self.log_every > 0, f"heal log_every must be > 0, got {self.log_every}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def tokens(self) -> int:
+        """Training tokens the budget covers."""
+        return self.steps * self.batch_size * self.seq_len
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of `lr` for optimiser step `step` (0-based): warm-up over 10% of the steps, then cosine."""
+        return warmup_cosine_factor(step, self.steps, max(1, round(0.1 * self.steps)), self.min_lr_ratio)
