@@ -1,8 +1,13 @@
-"""Cost of blockwise local distillation (DtR phase 1): wall time per layer and training tokens/s, 1 vs 2 workers.
+"""Cost of blockwise local distillation (DtR phase 1) on the streamed teacher.
 
-The same layers distilled from the same captured activations, into a fresh folder each time, by 1 worker x 1
-thread (the baseline), 1 worker x 2 threads, 2 workers x 1 thread (Python threads, as the flow's thread runner)
-and, with `--processes`, 2 spawned processes x 1 thread; a warm-up each, then the repeats interleaved.
+Three measurements:
+- teacher layer-forwards per training token and layer trained, for 1, 2 and L layers per task (the formula
+  of `dtr_core.distill.block.teacher_layer_forwards`: a block of layers a..b runs the teacher's layers 0..b);
+- student training tokens/s: the same layers distilled into a fresh folder each time by 1 task x 1 thread
+  (one block of every layer, the baseline), 1 task x 2 threads, and 2 tasks x 1 thread (two blocks in Python
+  threads, as the flow's thread runner); a warm-up each, then the repeats interleaved;
+- peak disk (the students folder, polled) and peak RAM at two token budgets: disk holds only the students and
+  a block checkpoint, so it does not grow with the budget.
 Method and reading: docs/BENCHMARKS_DISTILL.md.
 """
 
@@ -14,9 +19,10 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,26 +34,27 @@ from benchmarks.students import DISTILL, DISTILL_BATCH, WORK_DIR, distill_config
 logger = logging.getLogger("benchmarks.distill_cost")
 
 WARMUP_STEPS = 2
+BUDGET_FACTOR = 4  # the second budget of the disk/RAM measurement: this many times the first
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
     model: str = option("smollm2-135m", "teacher: a dtr_core.models.load_model source")
     mixer: str = option("gated_deltanet", "student type")
-    layers: int = option(4, "layers distilled per batch", minimum=1)
-    steps: int = option(DISTILL["distill_steps"], "optimiser steps per layer", minimum=1)
-    tokens: int = option(DISTILL["distill_tokens"], "captured teacher tokens", minimum=1)
+    layers: int = option(4, "layers distilled together (spread over the model)", minimum=1)
+    tokens: int = option(DISTILL["distill_tokens"], "training tokens per layer", minimum=1)
+    steps: int | None = option(None, "optimiser steps per layer (default: from --tokens)", int, minimum=1)
     seq_len: int = option(DISTILL["distill_seq_len"], "tokens per sequence", minimum=1)
     repeats: int = option(3, "timed repeats", minimum=1)
-    processes: bool = option(False, "also measure 2 spawned processes x 1 thread")
-    work_dir: str = option(WORK_DIR, "captured activations and scratch folders")
+    work_dir: str = option(WORK_DIR, "scratch folders (removed after each run)")
 
 
 def check(s: Settings, preset: str | None) -> Settings:
+    from dtr_core.distill.config import steps_for_tokens
+
     harness.check_mixer(s.mixer)
-    if s.tokens // s.seq_len < 2:
-        raise ValueError(f"--tokens ({s.tokens}) must hold at least 2 sequences of --seq-len {s.seq_len}")
-    return s
+    return s if s.steps is not None else dataclasses.replace(s, steps=steps_for_tokens(s.tokens, DISTILL_BATCH,
+                                                                                         s.seq_len))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,80 +62,82 @@ class Config:
     name: str
     workers: int
     threads: int
-    kind: str  # "serial" | "threads" | "processes"
+    kind: str  # "serial" (one block of every layer) | "threads" (two blocks, one thread each)
 
 
 CONFIGS = (Config("1 worker x 1 thread", 1, 1, "serial"), Config("1 worker x 2 threads", 1, 2, "serial"),
            Config("2 workers x 1 thread", 2, 1, "threads"))
-PROCESS_CONFIG = Config("2 processes x 1 thread", 2, 1, "processes")
 BASELINE = CONFIGS[0].name
 
-_WORKER: dict = {}  # the teacher of a worker process
 
-
-def _worker_init(model_name: str, threads: int) -> None:
-    from dtr_core.models import load_model
-
-    torch.set_num_threads(threads)
-    _WORKER["model"], _ = load_model(model_name)
-
-
-def _worker_distill(layer: int, activations: str, mixer: str, config: dict, out_dir: str) -> dict:
-    from dtr_core.distill.training import DistillConfig, distill_layer
-
-    return distill_layer(_WORKER["model"], layer, activations, mixer, DistillConfig.from_dict(config),
-                         out_dir).to_dict()
+def _config(steps: int, seq_len: int):
+    """The pipeline's DistillConfig for `steps`; the verdict threshold is off (timing, not quality)."""
+    return dataclasses.replace(distill_config(steps, seq_len=seq_len), max_normalized_loss=1e30)
 
 
 class Runner:
     """Distils a list of layers under one configuration into a fresh folder; returns (Sample, layer results)."""
 
-    def __init__(self, model, settings: Settings, activations: Path, config: Config):
-        self.model, self.settings, self.activations, self.config = model, settings, activations, config
-        self.pool = None
-        if config.kind == "processes":
-            import multiprocessing
-
-            self.pool = ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_worker_init, initargs=(settings.model, config.threads))
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
+    def __init__(self, model, corpus, settings: Settings, config: Config):
+        self.model, self.corpus, self.settings, self.config = model, corpus, settings, config
 
     def __call__(self, layers: Sequence[int], steps: int) -> tuple[harness.Sample, list[dict]]:
-        from dtr_core.distill.training import distill_layer
+        from dtr_core.distill.block import distill_block
 
-        config, s = distill_config(steps), self.settings
+        s, config = self.settings, _config(steps, self.settings.seq_len)
         out = Path(tempfile.mkdtemp(prefix="distill-cost-", dir=s.work_dir))
         previous = torch.get_num_threads()
         torch.set_num_threads(self.config.threads)
         results: list[dict] = []
+        half = (len(layers) + 1) // 2
+        blocks = [list(layers)] if self.config.kind == "serial" else [list(layers[:half]), list(layers[half:])]
 
-        def one(layer: int) -> dict:
-            return distill_layer(self.model, layer, self.activations, s.mixer, config, out).to_dict()
+        def one(block: list[int]) -> list[dict]:
+            return [r.to_dict() for r in distill_block(self.model, block, s.mixer, config, self.corpus, out)]
 
         def work() -> None:
-            if self.config.kind == "serial":
-                results.extend(one(layer) for layer in layers)
-            elif self.config.kind == "threads":
-                with ThreadPoolExecutor(self.config.workers) as pool:
-                    results.extend(pool.map(one, layers))
-            else:
-                futures = [self.pool.submit(_worker_distill, layer, str(self.activations), s.mixer,
-                                            config.to_dict(), str(out)) for layer in layers]
-                results.extend(f.result() for f in futures)
+            with ThreadPoolExecutor(len(blocks)) as pool:
+                results.extend(r for block_results in pool.map(one, [b for b in blocks if b]) for r in block_results)
 
         try:
             sample = harness.timed(work)
         finally:
             torch.set_num_threads(previous)
             shutil.rmtree(out, ignore_errors=True)
-        # timing needs every step trained afresh; a student's quality verdict does not matter here
         bad = [r for r in results if r["reused"] or r.get("steps") != steps]
         if bad:
             raise RuntimeError(f"{self.config.name}: layers not freshly distilled: {bad}")
         return sample, results
+
+
+def _disk_and_ram(model, corpus, s: Settings, layers: list[int], steps: int) -> dict:
+    """Peak bytes of the students folder (polled every 50 ms, checkpoints included) and peak RAM while
+    distilling `layers` for `steps` steps, checkpointing every `steps // 4` steps."""
+    from dtr_core.distill.block import distill_block
+    from dtr_core.preflight import folder_bytes
+
+    config = dataclasses.replace(_config(steps, s.seq_len), checkpoint_every_steps=max(1, steps // 4))
+    out = Path(tempfile.mkdtemp(prefix="distill-cost-", dir=s.work_dir))
+    peak = [0]
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], folder_bytes(out))
+            time.sleep(0.05)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        with harness.peak_memory() as memory:
+            distill_block(model, layers, s.mixer, config, corpus, out)
+    finally:
+        done.set()
+        poller.join()
+        final = folder_bytes(out)
+        shutil.rmtree(out, ignore_errors=True)
+    return {"steps": steps, "tokens_per_layer": steps * config.tokens_per_step, "peak_disk_bytes": max(peak[0], final),
+            "final_disk_bytes": final, "peak_ram_bytes": memory.peak_bytes}
 
 
 def _spread(values: Sequence[float]) -> dict:
@@ -136,27 +145,23 @@ def _spread(values: Sequence[float]) -> dict:
 
 
 def measure(s: Settings) -> dict:
-    from dtr_core.search.baselines import uniform_layers
-    from dtr_core.distill.capture import capture_activations
-    from dtr_core.run_layout import slug
-    from dtr_core.distill.corpus import load_corpus, token_chunks
-    from dtr_core.models import load_model
+    from dtr_core.distill.block import split_into_blocks, teacher_layer_forwards
+    from dtr_core.distill.corpus import Corpus
     from dtr_core.hybrid.surgery import num_layers
+    from dtr_core.models import load_model
+    from dtr_core.search.baselines import uniform_layers
 
-    configs = list(CONFIGS) + ([PROCESS_CONFIG] if s.processes else [])
     Path(s.work_dir).mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(s.model)
     model.eval()
+    corpus = Corpus("bbc", tokenizer)
     L = num_layers(model)
     layers = list(uniform_layers(L, min(s.layers, L)))
-    activations = Path(s.work_dir) / f"{slug(s.model)}-distill-cost" / "activations"
-    started = time.perf_counter()
-    manifest = capture_activations(model, token_chunks(load_corpus("bbc"), tokenizer, s.seq_len, s.tokens),
-                                   activations, layers=layers, metadata={"corpus": "bbc", "token_budget": s.tokens})
-    capture = {"seconds": time.perf_counter() - started, "reused": bool(manifest.get("reused", False)),
-               "tokens": manifest["num_tokens"], "layers": len(layers)}
-    runners = {c.name: Runner(model, s, activations, c) for c in configs}
-    layer_seconds: dict[str, list[float]] = {c.name: [] for c in configs}
+    forwards = [{"layers_per_task": k, "tasks": len(split_into_blocks(L, k)),
+                 "teacher_layer_forwards_per_token": teacher_layer_forwards(split_into_blocks(L, k))}
+                for k in sorted({1, 2, L})]
+    runners = {c.name: Runner(model, corpus, s, c) for c in CONFIGS}
+    layer_seconds: dict[str, list[float]] = {c.name: [] for c in CONFIGS}
 
     def task(name: str):
         def run() -> harness.Sample:
@@ -169,29 +174,26 @@ def measure(s: Settings) -> dict:
     def warm(runner: Runner):
         return lambda: runner(layers[:runner.config.workers], WARMUP_STEPS)
 
-    try:
-        logger.info("warm-up: one layer, %d steps, per configuration", WARMUP_STEPS)
-        timings = harness.interleave({name: task(name) for name in runners}, s.repeats,
-                                     warmup={name: warm(r) for name, r in runners.items()},
-                                     on_sample=harness.log_sample(logger, f"{len(layers)} layers"))
-    finally:
-        for runner in runners.values():
-            runner.close()
+    logger.info("warm-up: %d steps per configuration", WARMUP_STEPS)
+    timings = harness.interleave({name: task(name) for name in runners}, s.repeats,
+                                 warmup={name: warm(r) for name, r in runners.items()},
+                                 on_sample=harness.log_sample(logger, f"{len(layers)} layers"))
     tokens_per_layer = s.steps * DISTILL_BATCH * s.seq_len
     baseline = timings[BASELINE].scaled(1 / len(layers))
     rows = []
-    for c in configs:
+    for c in CONFIGS:
         per_layer = timings[c.name].scaled(1 / len(layers))
         rows.append({**dataclasses.asdict(c), "wall_per_layer_s": per_layer.to_dict(),
                      "tokens_per_s": _spread([tokens_per_layer / x for x in per_layer.samples]),
                      "layer_latency_s": _spread(layer_seconds[c.name]),
                      "speedup": harness.ratio_of(baseline, per_layer), "cpu_per_wall": timings[c.name].cpu_per_wall})
+    disk = [_disk_and_ram(model, corpus, s, layers, steps) for steps in (s.steps, BUDGET_FACTOR * s.steps)]
     return {"num_layers": L, "layers": layers, "batch_size": DISTILL_BATCH, "tokens_per_layer": tokens_per_layer,
-            "capture": capture, "rows": rows}
+            "teacher_forwards": forwards, "rows": rows, "disk": disk}
 
 
 def markdown(result: dict) -> str:
-    s, c, L = result["settings"], result["capture"], result["num_layers"]
+    s, L = result["settings"], result["num_layers"]
     base = next(r for r in result["rows"] if r["name"] == BASELINE)
     rows = [[r["name"], harness.spread(r["wall_per_layer_s"]) + " s", harness.spread(r["tokens_per_s"], ".0f"),
              harness.spread(r["layer_latency_s"]) + " s",
@@ -208,8 +210,15 @@ def markdown(result: dict) -> str:
                                 "latency vs alone", "speed-up vs 1x1", "ideal", "CPU/wall"], rows), "",
         f"- fastest: {best['name']}, {best['speedup']['median']:.2f}x; all {L} layers at this budget: about "
         f"{best['wall_per_layer_s']['median'] * L / 60:.1f} min (time per layer x {L}, an estimate)",
-        f"- teacher capture (once, shared by all layers): {c['tokens']} tokens x {c['layers']} layers in "
-        f"{c['seconds']:.1f} s" + (" (reused from an earlier run)" if c["reused"] else "")]))
+        "", "Teacher layer-forwards per training token and layer trained, by layers per task:", "",
+        harness.markdown_table(["layers per task", "tasks", "teacher layer-forwards per token"],
+                               [[f["layers_per_task"], f["tasks"], f"{f['teacher_layer_forwards_per_token']:.2f}"]
+                                for f in result["teacher_forwards"]]), "",
+        "Disk and memory at two budgets (the same layers, a checkpoint every quarter of the steps):", "",
+        harness.markdown_table(["steps", "training tokens per layer", "peak disk", "disk after", "peak RAM"],
+                               [[d["steps"], d["tokens_per_layer"], harness.format_bytes(d["peak_disk_bytes"]),
+                                 harness.format_bytes(d["final_disk_bytes"]), harness.format_bytes(d["peak_ram_bytes"])]
+                                for d in result["disk"]])]))
 
 
 def plots(result: dict, out_dir: Path) -> list[str]:
@@ -226,7 +235,8 @@ def plots(result: dict, out_dir: Path) -> list[str]:
 
 
 BENCH = harness.Benchmark("distill", Settings, measure, markdown, plots, check=check,
-                          presets={"quick": dict(layers=2, steps=5, tokens=2048, seq_len=128, repeats=2)})
+                          presets={"quick": dict(layers=2, tokens=5 * DISTILL_BATCH * 128, seq_len=128,
+                                                 repeats=2)})
 main = BENCH.main
 
 if __name__ == "__main__":

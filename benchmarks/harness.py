@@ -24,11 +24,12 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from dtr_core.artifacts import atomic_path, atomic_write_text
 
 logger = logging.getLogger("benchmarks")
 
@@ -620,22 +621,10 @@ def to_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=_json_default, allow_nan=False) + "\n"
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> Path:
-    """Write through a temp file in the same folder, then rename (a crash never leaves a half file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be read
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
-
-
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    return _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
+    """Write atomically (`dtr_core.artifacts`: a crash never leaves a half file)."""
+    atomic_write_text(path, text)
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -718,6 +707,8 @@ def plot_lines(path: str | os.PathLike, series: Sequence[Series], title: str, xl
     ax.legend(fontsize=8)
     fig.tight_layout()
     try:
-        return _atomic(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+        return Path(path)
     finally:
         plt.close(fig)

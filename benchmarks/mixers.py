@@ -1,6 +1,7 @@
 """Time of the linear-attention ops (GLA, gated delta rule) against causal SDPA; method in docs/BENCHMARKS_MIXERS.md.
 
-Per op and length T (no grad, batch 1, H = 9, D = 64 like SmolLM2-135M): the naive per-token loop and the chunked
+Per op and length T (no grad, batch 1, H = 9 query heads sharing H_kv = 3 key/value heads, D = 64 like SmolLM2-135M and
+the students built from it): the naive per-token loop and the chunked
 form over the sequence (plus flash-linear-attention's kernels on a GPU), one decoding `step` per token, and SDPA's
 causal prefill and one-query decode against T cached keys; interleaved call by call after a warm-up.
 """
@@ -43,7 +44,8 @@ FLA = {"gla": dispatch.gla, "gated_delta_rule": dispatch.gated_delta_rule}  # ba
 class Settings:
     lengths: tuple[int, ...] | None = option(None, "sequence lengths T (default 512-32K; on cuda 2K-64K)",
                                              harness.int_list, minimum=1)
-    heads: int = option(9, "heads H", minimum=1)
+    heads: int = option(9, "query heads H", minimum=1)
+    kv_heads: int = option(3, "key/value heads H_kv (and recurrent states); H must be a multiple", minimum=1)
     head_dim: int = option(64, "head dim D", minimum=1)
     repeats: int = option(5, "timed repeats (at least 3; slow ones stop after ~20 s)", minimum=1)
     clock: str = option("wall", "wall: elapsed time; cpu: this process's CPU time (with --threads 1 robust to "
@@ -53,6 +55,8 @@ class Settings:
 
 def check(settings: Settings, preset: str | None) -> Settings:
     harness.check_device(settings.device)
+    if settings.heads % settings.kv_heads:
+        raise ValueError(f"--heads {settings.heads} must be a multiple of --kv-heads {settings.kv_heads}")
     if settings.device == "cuda" and settings.clock != "wall":
         raise ValueError("--clock cpu measures CPU time, not GPU work: use --clock wall with --device cuda")
     if settings.lengths is not None:
@@ -98,12 +102,14 @@ def _inputs(op: str, length: int, s: Settings) -> dict[str, torch.Tensor]:
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator).to(s.device)
 
-    q, k, v = (randn(1, length, s.heads, s.head_dim) for _ in range(3))  # (B, T, H, D)
+    q = randn(1, length, s.heads, s.head_dim)  # (B, T, H, D)
+    k, v = (randn(1, length, s.kv_heads, s.head_dim) for _ in range(2))  # (B, T, H_kv, D)
     if op == "gla":
-        return {"q": q, "k": k, "v": v, "gk": F.logsigmoid(randn(1, length, s.heads, s.head_dim)) / GLA_GATE_NORMALIZER}
+        return {"q": q, "k": k, "v": v,
+                "gk": F.logsigmoid(randn(1, length, s.kv_heads, s.head_dim)) / GLA_GATE_NORMALIZER}
     return {"q": F.normalize(q, dim=-1), "k": F.normalize(k, dim=-1), "v": v,
-            "g": F.logsigmoid(randn(1, length, s.heads) + 4.0),  # decay close to 1, as trained models have
-            "beta": torch.sigmoid(randn(1, length, s.heads))}
+            "g": F.logsigmoid(randn(1, length, s.kv_heads) + 4.0),  # decay close to 1, as trained models have
+            "beta": torch.sigmoid(randn(1, length, s.kv_heads))}
 
 
 def _head(inputs: dict[str, torch.Tensor], length: int, start: int = 0) -> dict[str, torch.Tensor]:
@@ -133,15 +139,17 @@ def _measure_op(op: str, length: int, s: Settings) -> list[Row]:
 
 def _measure_sdpa(length: int, s: Settings) -> list[Row]:
     generator = torch.Generator().manual_seed(length)
-    q, k, v = (torch.randn(1, s.heads, length, s.head_dim, generator=generator).to(s.device) for _ in range(3))
-    warm = [x[:, :, :WARMUP_MAX_LENGTH] for x in (q, k, v)]  # (B, H, T, D): SDPA's layout
-    prefill = _time(s, {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)},
-                    {"sdpa": lambda: F.scaled_dot_product_attention(*warm, is_causal=True)})["sdpa"]
+    q = torch.randn(1, s.heads, length, s.head_dim, generator=generator).to(s.device)  # (B, H, T, D): SDPA's layout
+    k, v = (torch.randn(1, s.kv_heads, length, s.head_dim, generator=generator).to(s.device) for _ in range(2))
+    grouped = s.kv_heads != s.heads  # the teacher's GQA: H_kv cached key/value heads
+    warm = [x[:, :, :WARMUP_MAX_LENGTH] for x in (q, k, v)]
+    prefill = _time(s, {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)},
+                    {"sdpa": lambda: F.scaled_dot_product_attention(*warm, is_causal=True, enable_gqa=grouped)})["sdpa"]
     steps = min(DECODE_STEPS, length)
 
     def decode() -> None:
         for t in range(steps):
-            F.scaled_dot_product_attention(q[:, :, t : t + 1], k, v)  # one new query, T cached keys
+            F.scaled_dot_product_attention(q[:, :, t : t + 1], k, v, enable_gqa=grouped)  # one query, T cached keys
 
     return [_row("attention", "sdpa", length, "sequence", prefill),
             _row("attention", "sdpa_decode", length, "token", _time(s, {"d": decode})["d"], per=steps)]
@@ -181,7 +189,8 @@ def measure(s: Settings) -> dict:
                 rows.extend(_measure_op(op, length, s))
             rows.extend(_measure_sdpa(length, s))
     rows = _with_ratios(rows)
-    meta = {"device": harness.device_name(s.device), "batch": 1, "heads": s.heads, "head_dim": s.head_dim,
+    meta = {"device": harness.device_name(s.device), "batch": 1, "heads": s.heads, "kv_heads": s.kv_heads,
+            "head_dim": s.head_dim,
             "dtype": "float32", "lengths": list(s.lengths), "repeats": s.repeats, "clock": s.clock}
     return {"meta": meta, "rows": [dataclasses.asdict(r) for r in rows],
             "crossover": {op: crossover(rows, op) for op in OPS}}
@@ -196,8 +205,9 @@ def markdown(result: dict) -> str:
     rows = [[r["op"], r["impl"], r["length"], r["unit"], f"{r['median_ms']:.3f}",
              f"{r['min_ms']:.3f}-{r['max_ms']:.3f}", _ratio(r["vs_naive"]), _ratio(r["vs_sdpa"])]
             for r in result["rows"]]
-    lines = [f"batch {meta['batch']}, H={meta['heads']}, D={meta['head_dim']}, {meta['dtype']}, {meta['clock']} "
-             f"clock, median of up to {meta['repeats']} repeats", "",
+    kv_heads = meta.get("kv_heads", meta["heads"])  # results measured before grouping had H_kv = H
+    lines = [f"batch {meta['batch']}, H={meta['heads']}, H_kv={kv_heads}, D={meta['head_dim']}, {meta['dtype']}, "
+             f"{meta['clock']} clock, median of up to {meta['repeats']} repeats", "",
              harness.markdown_table(["op", "impl", "T", "unit", "median ms", "min-max ms", "vs naive", "vs SDPA"],
                                     rows, "llrlrrrr"), ""]
     for op, cross in result["crossover"].items():
@@ -211,7 +221,8 @@ def markdown(result: dict) -> str:
 
 BENCH = harness.Benchmark(
     "mixers", Settings, measure, markdown, check=check, publishes=False,
-    presets={"quick": {"repeats": 3}, "tiny": {"lengths": TINY_LENGTHS, "heads": 2, "head_dim": 16, "repeats": 2}})
+    presets={"quick": {"repeats": 3},
+             "tiny": {"lengths": TINY_LENGTHS, "heads": 2, "kv_heads": 1, "head_dim": 16, "repeats": 2}})
 main = BENCH.main
 
 if __name__ == "__main__":

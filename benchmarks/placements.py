@@ -120,9 +120,7 @@ def run_task(model, tokenizer, task_name: str, students: Mapping[int, torch.nn.M
     """Search, baselines and test scores for one task (see the module docstring)."""
     from dtr_core.evaluation import get_task
     from dtr_core.hybrid.surgery import num_layers
-    from dtr_core.search.acceptance import Acceptance, Tolerance
-    from dtr_core.search.baselines import distill_loss_layers, local_importance_layers, random_layers, uniform_layers
-    from dtr_core.search.decisions import CandidateScore, RoundRecord, greedy_replace
+    from dtr_core.search.acceptance import Tolerance
     from dtr_core.search.greedy_search import FastEvaluator, PlainEvaluator, encode_split
 
     started = time.perf_counter()
@@ -147,92 +145,18 @@ def run_task(model, tokenizer, task_name: str, students: Mapping[int, torch.nn.M
     search_started = time.perf_counter()
     logger.info("%s: single-swap validation scores of %d layers", task_name, len(available))
     exact = FastEvaluator(model, task, val_batches, students, early_rejection=False)
-    stored = store.load("single_swap.json")
-    if stored is not None and sorted(map(int, stored)) == available:
-        store.reused["validation"] += 1
-    else:
-        stored = {str(layer): value.to_dict() for layer, value in exact((), available).items()}
-        store.save("single_swap.json", stored)
-    single = {int(layer): CandidateScore.from_dict(value) for layer, value in stored.items()}
+    single = _single_swaps(exact, available, store)
     fast = FastEvaluator(model, task, val_batches, students, first_hint={l: -v for l, v in losses.items()})
-
-    def score_candidates(committed, candidates, hint):
-        if not committed:
-            return {layer: single[layer] for layer in candidates}
-        logger.info("%s: greedy round %d (%d candidates)", task_name, len(committed), len(candidates))
-        return fast(committed, candidates, hint)
-
-    # 2. the greedy trajectory, forced on for up to max(ks) rounds: a round is committed unless its best candidate
-    #    has collapsed to the majority-class rate on validation (then later rounds would measure noise)
+    # 2. the greedy trajectory, forced on for up to max(ks) rounds
     chance_val = majority_rate(task, "validation", settings.val_limit)
-    floor = Tolerance("absolute", 0.0 if chance_val is None else chance_val + 1e-9)
-    persisted = []
-    while (data := store.load(f"round_{len(persisted):02d}.json")) is not None:
-        persisted.append(RoundRecord.from_dict(data))
-    store.reused["rounds"] = len(persisted)
-    forced = greedy_replace(score_candidates, L, available, teacher_val["score"], floor,
-                            teacher_per_example=tuple(teacher_val["per_example"]), max_layers=max(ks),
-                            completed_rounds=persisted[:max(ks)],
-                            on_round=lambda record: store.save(f"round_{record.index:02d}.json", record.to_dict()))
+    forced = _forced_search(task_name, L, available, single, fast, store, teacher_val, chance_val, max(ks))
     search_seconds = time.perf_counter() - search_started
-
     # 3. the same rounds replayed under the paper's 5% rule, point and bootstrap acceptance
-    acceptance = {}
-    decisions_log = logging.getLogger("dtr_core.search.decisions")
-    for mode in ("point", "bootstrap"):
-        level = decisions_log.level
-        decisions_log.setLevel(logging.ERROR)  # a replay re-logs every round and warns about the unused ones
-        try:
-            replay = greedy_replace(_no_more_rounds, L, available, teacher_val["score"], tolerance, Acceptance(mode),
-                                    teacher_per_example=tuple(teacher_val["per_example"]),
-                                    max_layers=len(forced.rounds), completed_rounds=forced.rounds)
-        except ValueError as error:  # bootstrap needs a mean-of-examples metric
-            acceptance[mode] = {"error": str(error)}
-            continue
-        except RuntimeError:  # accepted past the point where the forced search stopped (collapsed)
-            acceptance[mode] = {"error": "the search collapsed before this rule stopped"}
-            continue
-        finally:
-            decisions_log.setLevel(level)
-        opt_test, threshold = test_scores(replay.opt_layers)["score"], tolerance.threshold(teacher_test["score"])
-        last = replay.rounds[len(replay.opt_layers) - 1] if replay.opt_layers else None
-        next_round = replay.rounds[-1] if replay.rounds else None
-        acceptance[mode] = {
-            "opt_layers": list(replay.opt_layers), "k": len(replay.opt_layers), "stop_reason": replay.stop_reason,
-            "validation": replay.opt_score, "p_min": replay.p_min, "lcb": None if last is None else last.lcb,
-            "refused": None if replay.stop_reason != "rejected" else {
-                "layer": next_round.chosen, "validation": next_round.score, "lcb": next_round.lcb},
-            "test": opt_test, "test_threshold": threshold, "test_margin": opt_test - threshold,
-            "test_drop": _drop(opt_test, teacher_test["score"]),
-            "validation_drop": _drop(replay.opt_score, teacher_val["score"]),
-        }
-
+    acceptance = {mode: _acceptance_replay(mode, forced, L, available, teacher_val, teacher_test, tolerance,
+                                           test_scores) for mode in ("point", "bootstrap")}
     # 4. layer sets of every strategy, test scores until each collapses
-    greedy_order = [r.chosen for r in forced.rounds]  # the committed layers, then the round that collapsed
-    plans = {
-        "greedy": lambda k, seed: tuple(sorted(greedy_order[:k])) if k <= len(greedy_order) else None,
-        "uniform": lambda k, seed: uniform_layers(L, k, available),
-        "random": lambda k, seed: random_layers(L, k, seed, available),
-        "local importance": lambda k, seed: local_importance_layers({l: s.score for l, s in single.items()}, k, L),
-        "distill loss": lambda k, seed: distill_loss_layers({l: losses[l] for l in available}, k, L),
-    }
-    points, curves, collapsed = [], {}, {}
-    for strategy in STRATEGIES:
-        curves[strategy] = []
-        for k in ks:
-            values = []
-            for seed in settings.seeds if strategy == "random" else (None,):
-                if (layers := plans[strategy](k, seed)) is not None:
-                    values.append(test_scores(layers)["score"])
-                    points.append({"strategy": strategy, "k": k, "seed": seed, "layers": list(layers),
-                                   "test": values[-1]})
-            if not values:
-                break
-            curves[strategy].append(_summary(k, values))
-            if chance is not None and statistics.fmean(values) <= chance:
-                collapsed[strategy] = k
-                break
-
+    points, curves, collapsed = _strategy_curves(forced, single, losses, L, available, ks, settings.seeds, chance,
+                                                 test_scores)
     return {
         "task": task_name, "metric": task.metric, "num_layers": L, "available_layers": available, "ks": ks,
         "teacher": {"validation": teacher_val["score"], "test": teacher_test["score"],
@@ -250,6 +174,109 @@ def run_task(model, tokenizer, task_name: str, students: Mapping[int, torch.nn.M
         "cache": {"dir": str(store.dir), "reused": dict(store.reused)},
         "seconds": time.perf_counter() - started,
     }
+
+
+def _single_swaps(exact, available: list[int], store: harness.ResultStore) -> dict:
+    """Validation score of every offered layer swapped alone (stored, or computed with `exact`)."""
+    from dtr_core.search.decisions import CandidateScore
+
+    stored = store.load("single_swap.json")
+    if stored is not None and sorted(map(int, stored)) == available:
+        store.reused["validation"] += 1
+    else:
+        stored = {str(layer): value.to_dict() for layer, value in exact((), available).items()}
+        store.save("single_swap.json", stored)
+    return {int(layer): CandidateScore.from_dict(value) for layer, value in stored.items()}
+
+
+def _forced_search(task_name: str, L: int, available: list[int], single: Mapping, fast, store: harness.ResultStore,
+                   teacher_val: dict, chance_val: float | None, rounds: int):
+    """The greedy trajectory for up to `rounds` rounds: a round is committed unless its best candidate has
+    collapsed to the majority-class rate on validation (then later rounds would measure noise)."""
+    from dtr_core.search.acceptance import Tolerance
+    from dtr_core.search.decisions import RoundRecord, greedy_replace
+
+    def score_candidates(committed, candidates, hint):
+        if not committed:
+            return {layer: single[layer] for layer in candidates}
+        logger.info("%s: greedy round %d (%d candidates)", task_name, len(committed), len(candidates))
+        return fast(committed, candidates, hint)
+
+    floor = Tolerance("absolute", 0.0 if chance_val is None else chance_val + 1e-9)
+    persisted = []
+    while (data := store.load(f"round_{len(persisted):02d}.json")) is not None:
+        persisted.append(RoundRecord.from_dict(data))
+    store.reused["rounds"] = len(persisted)
+    return greedy_replace(score_candidates, L, available, teacher_val["score"], floor,
+                          teacher_per_example=tuple(teacher_val["per_example"]), max_layers=rounds,
+                          completed_rounds=persisted[:rounds],
+                          on_round=lambda record: store.save(f"round_{record.index:02d}.json", record.to_dict()))
+
+
+def _acceptance_replay(mode: str, forced, L: int, available: list[int], teacher_val: dict, teacher_test: dict,
+                       tolerance, test_scores: TestScores) -> dict:
+    """M_opt under `tolerance` with `mode` acceptance, replayed from the forced rounds, and its test score."""
+    from dtr_core.search.acceptance import Acceptance
+    from dtr_core.search.decisions import greedy_replace
+
+    decisions_log = logging.getLogger("dtr_core.search.decisions")
+    level = decisions_log.level
+    decisions_log.setLevel(logging.ERROR)  # a replay re-logs every round and warns about the unused ones
+    try:
+        replay = greedy_replace(_no_more_rounds, L, available, teacher_val["score"], tolerance, Acceptance(mode),
+                                teacher_per_example=tuple(teacher_val["per_example"]),
+                                max_layers=len(forced.rounds), completed_rounds=forced.rounds)
+    except ValueError as error:  # bootstrap needs a mean-of-examples metric
+        return {"error": str(error)}
+    except RuntimeError:  # accepted past the point where the forced search stopped (collapsed)
+        return {"error": "the search collapsed before this rule stopped"}
+    finally:
+        decisions_log.setLevel(level)
+    opt_test, threshold = test_scores(replay.opt_layers)["score"], tolerance.threshold(teacher_test["score"])
+    last = replay.rounds[len(replay.opt_layers) - 1] if replay.opt_layers else None
+    next_round = replay.rounds[-1] if replay.rounds else None
+    return {
+        "opt_layers": list(replay.opt_layers), "k": len(replay.opt_layers), "stop_reason": replay.stop_reason,
+        "validation": replay.opt_score, "p_min": replay.p_min, "lcb": None if last is None else last.lcb,
+        "refused": None if replay.stop_reason != "rejected" else {
+            "layer": next_round.chosen, "validation": next_round.score, "lcb": next_round.lcb},
+        "test": opt_test, "test_threshold": threshold, "test_margin": opt_test - threshold,
+        "test_drop": _drop(opt_test, teacher_test["score"]),
+        "validation_drop": _drop(replay.opt_score, teacher_val["score"]),
+    }
+
+
+def _strategy_curves(forced, single: Mapping, losses: Mapping[int, float], L: int, available: list[int],
+                     ks: list[int], seeds: Sequence[int], chance: float | None,
+                     test_scores: TestScores) -> tuple[list, dict, dict]:
+    """(points, curves, collapsed): test scores of every strategy's layer sets for each k until it collapses."""
+    from dtr_core.search.baselines import distill_loss_layers, local_importance_layers, random_layers, uniform_layers
+
+    greedy_order = [r.chosen for r in forced.rounds]  # the committed layers, then the round that collapsed
+    plans = {
+        "greedy": lambda k, seed: tuple(sorted(greedy_order[:k])) if k <= len(greedy_order) else None,
+        "uniform": lambda k, seed: uniform_layers(L, k, available),
+        "random": lambda k, seed: random_layers(L, k, seed, available),
+        "local importance": lambda k, seed: local_importance_layers({l: s.score for l, s in single.items()}, k, L),
+        "distill loss": lambda k, seed: distill_loss_layers({l: losses[l] for l in available}, k, L),
+    }
+    points, curves, collapsed = [], {}, {}
+    for strategy in STRATEGIES:
+        curves[strategy] = []
+        for k in ks:
+            values = []
+            for seed in seeds if strategy == "random" else (None,):
+                if (layers := plans[strategy](k, seed)) is not None:
+                    values.append(test_scores(layers)["score"])
+                    points.append({"strategy": strategy, "k": k, "seed": seed, "layers": list(layers),
+                                   "test": values[-1]})
+            if not values:
+                break
+            curves[strategy].append(_summary(k, values))
+            if chance is not None and statistics.fmean(values) <= chance:
+                collapsed[strategy] = k
+                break
+    return points, curves, collapsed
 
 
 def _drop(score: float, reference: float) -> float | None:

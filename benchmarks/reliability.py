@@ -1,25 +1,8 @@
 """Reliability probe: every bad input and fault dtr should survive, run for real, in one table.
 
-Each case is a real `dtr` process (`python -m dtr.cli ...`) in its own fresh temporary folder `$T` (its working
-directory; `HOME=$T/home`, `MLFLOW_TRACKING_URI=sqlite:///$T/mlflow.db`, `--output-dir $T/runs` for `convert`,
-`DTR_TORCH_THREADS=1`, `HF_HUB_OFFLINE=1`, `CI=true`, stdin closed, a hard timeout). The folder is listed before
-and after (every file, size and modification time, nothing ignored): what appeared, changed or went is what the
-case wrote. Each case is judged against the goal of its kind (`GOALS`), written in the case, never tuned to pass:
-
-- bad input (arguments, model sources, task data, output folders, servers): exit 2, one `error: ...` line on
-  stderr, under 5 s, nothing written;
-- faults during a real `convert --profile smoke` run (the slow part, about a minute each): kill -9 during
-  distillation or the search and run again (same layers as an uninterrupted run, exit 0), a second
-  conversion of the same run while the first runs (refused with one line), the MLflow server killed mid-run
-  (one line within 60 s), the disk filling up mid-run (one line naming it).
-
-Model fixtures are built once per probe run from `load_model("tiny-llama")` saved with `save_pretrained`, then
-damaged copies (truncated weights, NaN weights, no tokenizer, `.bin` only, ...). Servers are started on
-127.0.0.1 and stopped by their process id; tmpfs mounts (read-only or 30 MB) are unmounted after their case,
-or the case is skipped with the reason when mounting is not allowed.
-
-    python -m benchmarks.reliability [--quick] [--subset fast] [--only NAME,...] [--json] [--out DIR]
-    dtr bench reliability [same options]
+Each case is a real `dtr` process in its own fresh temporary folder `$T`, listed before and after (what appeared,
+changed or went is what it wrote), and judged against the goal of its kind (`GOALS`), written in the case, never
+tuned to pass. The environment, the goals, the fixtures and the fault runs: docs/RELIABILITY.md.
 """
 
 from __future__ import annotations
@@ -304,7 +287,7 @@ class Probe:
 
     def context(self, case: Case) -> Context:
         folder = self.root / "cases" / re.sub(r"[^A-Za-z0-9]+", "-", case.name).strip("-")
-        (folder / "home").mkdir(parents=True)
+        (folder / "home" / ".cache").mkdir(parents=True)  # as in most homes: dtr's cache goes into .cache/dtr
         return Context(self.root, folder, self.fixture, {"T": str(folder)})
 
     def dtr(self, ctx: Context, argv: list[str], label: str = "run", env: dict | None = None) -> Process:
@@ -463,12 +446,25 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, seconds: float) -> bool:
+def poll_until(ready: Callable[[], bool], seconds: float, interval: float = 0.1,
+               alive: Callable[[], bool] = lambda: True) -> bool:
+    """Whether `ready()` came true within `seconds` while `alive()` held (polled every `interval` s)."""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+    while time.monotonic() < deadline and alive():
+        if ready():
             return True
-        time.sleep(0.1)
+        time.sleep(interval)
+    return False
+
+
+def answers(address: tuple[str, int] | str) -> bool:
+    """Whether a TCP (host, port) accepts a connection, or an http(s) URL answers 200."""
+    with contextlib.suppress(OSError):
+        if isinstance(address, tuple):
+            socket.create_connection(address, timeout=0.5).close()
+            return True
+        with urllib.request.urlopen(address, timeout=2) as answer:
+            return answer.status == 200
     return False
 
 
@@ -492,7 +488,7 @@ def http_server(ctx: Context) -> None:
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     ctx.cleanups.append(lambda: stop(process))
-    if not wait_for_port(port, 30):
+    if not poll_until(lambda: answers(("127.0.0.1", port)), 30):
         raise Skip("python -m http.server did not start within 30 s")
     ctx.values["http"] = str(port)
 
@@ -554,13 +550,11 @@ def run_log(folder: Path) -> Path | None:
 
 def wait_for_log(process: Process, folder: Path, text: str, seconds: float) -> bool:
     """Poll the run's log until it holds `text` (True), the process ends or `seconds` pass (False)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and process.poll() is None:
+    def logged() -> bool:
         log = run_log(folder)
-        if log is not None and text in log.read_text(errors="replace"):
-            return True
-        time.sleep(0.1)
-    return False
+        return log is not None and text in log.read_text(errors="replace")
+
+    return poll_until(logged, seconds, alive=lambda: process.poll() is None)
 
 
 def layers(folder: Path) -> dict | None:
@@ -581,13 +575,29 @@ def stage(folder: Path) -> str:
 
 
 def outside_dtr(wrote: list[str]) -> list[str]:
-    """Paths written outside the run folder, the MLflow store (and its lock) and its artifacts."""
+    """Paths written outside the run folder, the MLflow store (and its lock), its artifacts and dtr's cache."""
     own = ("runs", "mlflow.db", "mlruns", "mlartifacts")
-    return [w for w in wrote if w.lstrip("~-").split(os.sep)[0].split("-journal")[0].split(".lock")[0] not in own]
+    return [w for w in wrote if w.lstrip("~-").split(os.sep)[0].split("-journal")[0].split(".lock")[0] not in own
+            and not w.lstrip("~-").startswith(os.path.join("home", ".cache", "dtr"))]
 
 
 def fault_argv(ctx: Context, *extra: str) -> list[str]:
     return [*FAULT_RUN, "--output-dir", str(ctx.folder / "runs"), *extra]
+
+
+def fault_in_distillation(ctx: Context, probe: Probe, fault: Callable[[Process], None], argv: list[str],
+                          log_folder: Path | None = None) -> tuple[Outcome, list[str], list[str], float]:
+    """Start a fault run, call `fault(process)` once its log (in `log_folder`, default $T) says distillation
+    started, and wait for it to exit: (outcome, what it wrote, problems so far, seconds from the fault to exit)."""
+    before = snapshot(ctx.folder)
+    process = probe.dtr(ctx, argv)
+    reached = wait_for_log(process, log_folder or ctx.folder, "phase 1:", probe.fault_timeout)
+    fault_at = time.perf_counter()
+    fault(process)
+    outcome = process.wait(probe.fault_timeout)
+    after = (process.ended or time.perf_counter()) - fault_at
+    problems = [] if reached else ["the run never reached distillation"]
+    return outcome, written(before, snapshot(ctx.folder)), problems, after
 
 
 def drive_reference(case: Case, ctx: Context, probe: Probe) -> dict:
@@ -670,23 +680,10 @@ def drive_mlflow_killed(case: Case, ctx: Context, probe: Probe) -> dict:
                               start_new_session=True)
     ctx.cleanups.append(lambda: stop(server))
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), urllib.request.urlopen(uri + "/health", timeout=2) as answer:
-            if answer.status == 200:
-                break
-        time.sleep(0.5)
-    else:
+    if not poll_until(lambda: answers(uri + "/health"), 90, interval=0.5):
         raise Skip("mlflow server did not answer /health within 90 s")
-    before = snapshot(ctx.folder)
-    process = probe.dtr(ctx, fault_argv(ctx, "--tracking-uri", uri))
-    reached = wait_for_log(process, ctx.folder, "phase 1:", probe.fault_timeout)
-    killed = time.perf_counter()
-    stop(server)
-    outcome = process.wait(probe.fault_timeout)
-    wrote = written(before, snapshot(ctx.folder))
-    after_kill = (process.ended or time.perf_counter()) - killed
-    problems = [] if reached else ["the run never reached distillation"]
+    outcome, wrote, problems, after_kill = fault_in_distillation(ctx, probe, lambda process: stop(server),
+                                                                 fault_argv(ctx, "--tracking-uri", uri))
     problems += one_error_line(outcome, 1)
     if after_kill > FAULT_EXIT_SECONDS:
         problems.append(f"exited {after_kill:.0f} s after the kill")
@@ -698,19 +695,16 @@ def drive_disk_full(case: Case, ctx: Context, probe: Probe) -> dict:
     """`--output-dir` on a 30 MB tmpfs that a filler file fills up once distillation starts."""
     mount_tmpfs("disk", "size=30m")(ctx)
     disk = ctx.folder / "disk"
-    before = snapshot(ctx.folder)
-    argv = [*FAULT_RUN, "--output-dir", str(disk / "runs")]
-    process = probe.dtr(ctx, argv)
-    log_folder = disk  # the run's log lies in the run folder on the small disk
-    reached = wait_for_log(process, log_folder, "phase 1:", probe.fault_timeout)
-    filled = time.perf_counter()
-    with contextlib.suppress(OSError), open(disk / "filler", "wb") as handle:
-        while True:
-            handle.write(b"\0" * 2**20)
-    outcome = process.wait(probe.fault_timeout)
-    wrote = written(before, snapshot(ctx.folder))
-    after_fill = (process.ended or time.perf_counter()) - filled
-    problems = [] if reached else ["the run never reached distillation"]
+
+    def fill(process: Process) -> None:
+        with contextlib.suppress(OSError), open(disk / "filler", "wb") as handle:
+            while True:
+                handle.write(b"\0" * 2**20)
+
+    # the run's log lies in the run folder on the small disk
+    outcome, wrote, problems, after_fill = fault_in_distillation(ctx, probe, fill,
+                                                                 [*FAULT_RUN, "--output-dir", str(disk / "runs")],
+                                                                 log_folder=disk)
     problems += one_error_line(outcome, 1)
     if outcome.returncode is not None and "no space left" not in " ".join(error_lines(outcome.stderr)):
         problems.append("the line does not say the disk is full")
@@ -721,15 +715,11 @@ def drive_disk_full(case: Case, ctx: Context, probe: Probe) -> dict:
 
 
 def drive_sigterm(case: Case, ctx: Context, probe: Probe) -> dict:
-    before = snapshot(ctx.folder)
-    process = probe.dtr(ctx, fault_argv(ctx))
-    reached = wait_for_log(process, ctx.folder, "phase 1:", probe.fault_timeout)
-    sent = time.perf_counter()
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(process.popen.pid, signal.SIGTERM)  # the dtr process only, as `kill <pid>` does
-    outcome = process.wait(probe.fault_timeout)
-    wrote = written(before, snapshot(ctx.folder))
-    problems = [] if reached else ["the run never reached distillation"]
+    def terminate(process: Process) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.popen.pid, signal.SIGTERM)  # the dtr process only, as `kill <pid>` does
+
+    outcome, wrote, problems, after = fault_in_distillation(ctx, probe, terminate, fault_argv(ctx))
     lines = stderr_lines(outcome.stderr)
     if outcome.returncode != 130:
         problems.append(f"exit {outcome.returncode}")
@@ -737,7 +727,6 @@ def drive_sigterm(case: Case, ctx: Context, probe: Probe) -> dict:
         problems.append("last stderr line is not the interrupt line")
     if "Traceback" in outcome.stderr:
         problems.append("traceback")
-    after = (process.ended or time.perf_counter()) - sent
     return record(case, ctx, outcome, wrote, problems, note=f"exited {after:.1f} s after SIGTERM; {stage(ctx.folder)}")
 
 
@@ -748,8 +737,8 @@ def convert(*args: str) -> tuple[str, ...]:
     return (*CONVERT, "--output-dir", "{T}/runs", *args)
 
 
-def hybridize(*args: str, layers: str = "1", out: str = "{T}/out") -> tuple[str, ...]:
-    return ("hybridize", "--model", MINI_MODEL, "--layers", layers, "--out", out, *args)
+def hybridize(*args: str, layers: str = "1", out: str = "{T}/out", model: str = MINI_MODEL) -> tuple[str, ...]:
+    return ("hybridize", "--model", model, "--layers", layers, "--out", out, *args)
 
 
 def evaluate(*args: str, model: str = MINI_MODEL, task: str = "sentiment") -> tuple[str, ...]:
@@ -822,10 +811,8 @@ CASES: tuple[Case, ...] = (
     Case("eval: nonexistent model", "models", evaluate(model="{T}/no-such-model")),
     Case("eval: truncated weights", "models", evaluate(model="{T}/model"), setup=copy_fixture("truncated")),
     Case("eval: corrupt config.json", "models", evaluate(model="{T}/model"), setup=copy_fixture("corrupt-config")),
-    Case("hybridize: NaN weights", "models",
-         ("hybridize", "--model", "{T}/model", "--layers", "1", "--out", "{T}/out"), setup=copy_fixture("nan")),
-    Case("hybridize: .bin-only weights", "models",
-         ("hybridize", "--model", "{T}/model", "--layers", "1", "--out", "{T}/out"), setup=copy_fixture("bin-only")),
+    Case("hybridize: NaN weights", "models", hybridize(model="{T}/model"), setup=copy_fixture("nan")),
+    Case("hybridize: .bin-only weights", "models", hybridize(model="{T}/model"), setup=copy_fixture("bin-only")),
     # --- task data (--data-file, and task spec files)
     Case("latin-1 CSV", "data", convert("--data-file", "{T}/data.csv", *VERBALISERS), quick=True,
          setup=write_files({"data.csv": csv_rows(800).replace("film", "caf\xe9").encode("latin-1")})),
@@ -959,7 +946,7 @@ def measure(settings: Settings) -> dict:
     return {"goals": GOALS, "categories": CATEGORIES, "cases": rows, "counts": counts,
             "environment": {"T": "a fresh temporary folder per case (cwd, HOME=$T/home)",
                             "MLFLOW_TRACKING_URI": "sqlite:///$T/mlflow.db", "DTR_TORCH_THREADS": "1",
-                            "HF_HUB_OFFLINE": "1", "CI": "true", "convert": "--output-dir $T/runs",
+                            "HF_HUB_OFFLINE": "1", "CI": "true", "stdin": "closed", "convert": "--output-dir $T/runs",
                             "fault runs": "dtr " + " ".join(FAULT_RUN) + " --output-dir $T/runs"}}
 
 
@@ -987,11 +974,9 @@ def markdown(result: dict) -> str:
                             sum(r["verdict"] == "FAIL" for r in mine), sum(r["verdict"] == "skipped" for r in mine)])
     lines += [harness.markdown_table(["category", "cases", "pass", "fail", "skipped"], summary), "",
               "Goals:", ""] + [f"- **{goal}**: {text}" for goal, text in result["goals"].items()] + [
-              "", f"Every case runs in a fresh folder `$T`: {result['environment']['T']}, `MLFLOW_TRACKING_URI="
-              f"{result['environment']['MLFLOW_TRACKING_URI']}`, `DTR_TORCH_THREADS=1`, `HF_HUB_OFFLINE=1`, "
-              "`CI=true`, stdin closed; `convert` cases also get `--output-dir $T/runs` (not shown). The fault runs: "
-              f"`{result['environment']['fault runs']}`. *written*: paths new under `$T` (`~` changed, `-` removed).",
-              ""]
+              "", "Every case (docs/RELIABILITY.md): " + "; ".join(f"{key}: `{value}`" for key, value in
+                                                                  result["environment"].items())
+              + ". *written*: paths new under `$T` (`~` changed, `-` removed).", ""]
     headers = ["case", "command", "dtr did (first `error:` line, else first stderr line)", "exit", "lines",
                "seconds", "written", "verdict"]
     for key, title in result["categories"].items():
@@ -1018,16 +1003,10 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def all_pass(result: dict) -> bool:
-    return result["counts"]["FAIL"] == 0
-
-
 BENCH = harness.Benchmark("reliability", Settings, measure, markdown, presets={"quick": {"subset": "quick"}},
-                          check=check, ok=all_pass, description=__doc__.split("\n\n")[0])
-
-
-def main(argv: list[str] | None = None) -> int:
-    return harness.main(BENCH, argv)
+                          check=check, ok=lambda result: result["counts"]["FAIL"] == 0,
+                          description=__doc__.split("\n\n")[0])
+main = BENCH.main
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ app = typer.Typer(
 )
 
 # Command modules, imported on start; each registers its commands on `app`.
-COMMAND_MODULES = ["hybridize", "evaluate", "bench", "convert", "ui"]
+COMMAND_MODULES = ["hybridize", "heal", "evaluate", "bench", "convert", "ui"]
 
 VERBOSE_ENV = "DTR_VERBOSE"
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130

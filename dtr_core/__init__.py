@@ -2,7 +2,7 @@
 
 One folder per phase of the method, next to the pieces they share:
 
-- `distill/`: phase 1, blockwise local distillation (corpus, capture of the teacher, training of students);
+- `distill/`: phase 1, blockwise local distillation (corpus, the streamed teacher, training of students in blocks);
 - `search/`: phase 2, greedy replacement (decisions, scorer, evaluators, acceptance, baselines, and the
   whole method as one listing in `search/reference.py`);
 - `hybrid/`: hybrid models (surgery, model classes, decode cache, build, export);

@@ -12,11 +12,11 @@ empty folder; anything else raises `NotADtrArtifact` (a `FileExistsError`) namin
 unless the caller passes `overwrite=True` (`dtr hybridize --overwrite`). Folders written before the
 marker existed are recognised by the completion file dtr always wrote last into them:
 `dtr_export.json` (exported hybrids, `runs/<id>/hybrids/<role>`), a `meta.json` or `manifest.json`
-holding both a `format` and a `key` field (students `runs/<id>/students/layer_007`, captures
-`runs/<id>/activations`), or a `config.json` whose `model_type` starts with `dtr_` (a hybrid saved by
+holding both a `format` and a `key` field (students `runs/<id>/students/layer_007`, and the stored
+activation captures of earlier dtr versions), or a `config.json` whose `model_type` starts with `dtr_` (a hybrid saved by
 `dtr hybridize`). So resumed runs and re-runs into an earlier output keep working without `overwrite`.
 
-Reuse by key: every stage whose result is a record on disk (a capture's `manifest.json`, a student's
+Reuse by key: every stage whose result is a record on disk (a student's
 `meta.json`, an export's `dtr_export.json`, an evaluation, a greedy candidate) goes through
 `reuse_or_compute`: the stored record is returned when its `key` (a hash of everything that decides the
 result) matches and its files are intact, else the result is computed again and written atomically.

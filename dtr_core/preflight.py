@@ -53,30 +53,32 @@ class ModelFacts:
     num_layers: int
     hidden_size: int
     num_params: int
+    max_positions: int | None = None  # max_position_embeddings: the longest distillation sequence it takes
 
 
 # --- disk -----------------------------------------------------------------------------------------
 
-ACTIVATION_BYTES = 4  # captured inputs and outputs are stored as float32 (dtr_core.distill.capture's default)
 SAVED_BYTES = 4  # students and exported hybrids are saved in float32 (load_model's default dtype)
 REPORTS_BYTES = 16 * 2**20  # json, plots, the per-candidate records: a few MB; 16 MB of slack
+# A block checkpoint holds each live student's weights and AdamW's two moments (3 copies), and the next one is
+# written beside it before the old one goes (2 checkpoints at once).
+CHECKPOINT_COPIES = 2 * 3
 
 
-def estimate_disk_bytes(tokens: int, num_layers: int, hidden_size: int, num_params: int) -> int:
-    """Bytes a fresh conversion writes into its run folder (an estimate, on the high side).
+def estimate_disk_bytes(num_layers: int, hidden_size: int, num_params: int) -> int:
+    """Bytes a fresh conversion writes into its run folder (an estimate, on the high side). Distillation streams
+    the teacher, so nothing here grows with the token budget.
 
-        activations = tokens x num_layers x hidden_size x 2 (inputs and outputs) x 4 bytes
         students    = num_layers x 4 x hidden_size^2 x 4 bytes   (q, k, v, o at full width, per layer)
+        checkpoints = 6 x students                                (weights + 2 AdamW moments, twice)
         hybrids     = 2 x num_params x 4 bytes                    (M_best and M_opt folders)
-        total       = activations + students + hybrids + 16 MB of reports
+        total       = students + checkpoints + hybrids + 16 MB of reports
 
-    SmolLM2-135M with the default budget (8192 tokens, 30 layers, hidden 576, 135M parameters):
-    1.13 GB + 0.16 GB + 1.08 GB + 16 MB = about 2.4 GB.
+    SmolLM2-135M (30 layers, hidden 576, 135M parameters): 0.16 GB + 0.96 GB + 1.08 GB + 16 MB = about 2.2 GB.
     """
-    activations = tokens * num_layers * hidden_size * 2 * ACTIVATION_BYTES
     students = num_layers * 4 * hidden_size * hidden_size * SAVED_BYTES
     hybrids = 2 * num_params * SAVED_BYTES
-    return activations + students + hybrids + REPORTS_BYTES
+    return students + CHECKPOINT_COPIES * students + hybrids + REPORTS_BYTES
 
 
 def folder_bytes(path: str | Path) -> int:
@@ -117,8 +119,7 @@ def check_output_dir(path: str | Path, needed_bytes: int = 0) -> None:
     free = shutil.disk_usage(probe).free
     if free < needed_bytes:
         raise ValueError(f"output_dir {path}: the run needs about {_gb(needed_bytes)} of disk and {probe} has "
-                         f"{_gb(free)} free; free some space, choose another --output-dir, or lower "
-                         "--distill-tokens")
+                         f"{_gb(free)} free; free some space or choose another --output-dir")
 
 
 # --- model sources --------------------------------------------------------------------------------
@@ -143,7 +144,7 @@ def check_model_source(source: str, trust_remote_code: bool = False, check_value
             source_fields = source
         fields = RANDOM_CONFIG_FIELDS[source_fields][1]
         return ModelFacts(source, "builtin", fields["num_hidden_layers"], fields["hidden_size"],
-                          _config_params(fields))
+                          _config_params(fields), fields.get("max_position_embeddings"))
     path = Path(source).expanduser()
     if path.exists():
         return check_model_folder(path, trust_remote_code=trust_remote_code, check_values=check_values,
@@ -183,7 +184,7 @@ def check_model_folder(folder: str | Path, trust_remote_code: bool = False, chec
         check_finite(files, name=name)
     check_config_loads(folder, trust_remote_code=trust_remote_code, name=name)  # last: it imports transformers
     return ModelFacts(name, "folder", int(raw.get("num_hidden_layers") or 0), int(raw.get("hidden_size") or 0),
-                      num_params)
+                      num_params, raw.get("max_position_embeddings"))
 
 
 def check_config(folder: Path, trust_remote_code: bool = False, name: str | None = None) -> dict:
@@ -217,10 +218,17 @@ def check_config_loads(folder: Path, trust_remote_code: bool = False, name: str 
     import dtr_core.hybrid  # noqa: F401  registers dtr_<family> with AutoConfig
 
     try:
-        AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as error:  # noqa: BLE001 - transformers raises several types, all about this file
         raise ValueError(f"config.json of model {name or folder} does not load with AutoConfig "
                          f"({_first_line(error)}); re-save the model with save_pretrained") from None
+    if getattr(config, "dtr_layer_mixers", None) is not None:  # a saved hybrid: its students' format
+        from dtr_core.mixers import MixerConfig
+
+        try:
+            MixerConfig.from_dict(config.dtr_mixer_config)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"model {name or folder}: {_first_line(error)}") from None
 
 
 def check_architecture(model_type: object, name: str) -> None:
@@ -369,7 +377,8 @@ def check_hub_model(repo_id: str, trust_remote_code: bool = False, check_values:
                        for f in (SAFETENSORS_SINGLE, SAFETENSORS_INDEX))
         if complete:
             facts = check_model_folder(snapshot, trust_remote_code, check_values, source=repo_id)
-            return ModelFacts(repo_id, "hub", facts.num_layers, facts.hidden_size, facts.num_params)
+            return ModelFacts(repo_id, "hub", facts.num_layers, facts.hidden_size, facts.num_params,
+                              facts.max_positions)
     offline = hub_offline()
     unreachable = None if offline else _hub_reachable()
     if offline or unreachable:
@@ -396,7 +405,8 @@ def check_hub_model(repo_id: str, trust_remote_code: bool = False, check_values:
         raise ValueError(f"could not fetch the config of model '{repo_id}' from the hub ({_first_line(error)}); "
                          "check the network or pass a local save_pretrained folder") from None
     raw = check_config(Path(config_path).parent, trust_remote_code=trust_remote_code, name=repo_id)
-    return ModelFacts(repo_id, "hub", raw["num_hidden_layers"], raw["hidden_size"], _config_params(raw))
+    return ModelFacts(repo_id, "hub", raw["num_hidden_layers"], raw["hidden_size"], _config_params(raw),
+                      raw.get("max_position_embeddings"))
 
 
 def _config_params(config: dict) -> int:

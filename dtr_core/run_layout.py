@@ -3,8 +3,8 @@
 Artifact layout of one conversion (docs/DESIGN.md), every file written atomically:
 ```
 runs/<run_id>/config.json                     the validated parameters (JSON)
-runs/<run_id>/activations/                    dtr_core.distill.capture (manifest.json written last)
 runs/<run_id>/students/layer_007/             dtr_core.distill.training (meta.json written last)
+runs/<run_id>/students/block_007-013/         dtr_core.distill.checkpoint (while that block trains)
 runs/<run_id>/greedy/candidates/r03_l007.json one scored candidate of round 3 (resume inside a round)
 runs/<run_id>/greedy/round_03.json            a finished round (dtr_core.search.decisions.RoundRecord)
 runs/<run_id>/greedy/trajectory.json          the search's answer (GreedyResult)
@@ -63,10 +63,6 @@ class RunLayout:
     @property
     def config(self) -> Path:
         return self.root / "config.json"
-
-    @property
-    def activations(self) -> Path:
-        return self.root / "activations"
 
     @property
     def students(self) -> Path:

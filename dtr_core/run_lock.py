@@ -49,17 +49,23 @@ def _holder(folder: Path) -> str:
     return "pid unknown"
 
 
-@contextlib.contextmanager
-def run_folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
-    """Hold the lock of run folder `folder` (created if needed) for the block; `RunInUse` if it is taken."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def _acquire(folder: Path) -> FileLock:
+    """The lock of run folder `folder`, taken without waiting; `RunInUse` naming the holder if it is taken."""
     lock = FileLock(folder / LOCK_NAME, blocking=False, thread_local=False)
     try:
         lock.acquire()
     except Timeout:
         raise RunInUse(f"run {folder.name} is in use by another dtr process ({_holder(folder)}); wait for it to "
                        "finish, or pass another --run-id") from None
+    return lock
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold the lock of run folder `folder` (created if needed) for the block; `RunInUse` if it is taken."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = _acquire(folder)
     try:
         write_json(folder / HOLDER_NAME, {"pid": os.getpid(), "host": socket.gethostname(),
                                           "started": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -78,10 +84,4 @@ def check_free(folder: str | os.PathLike) -> None:
     folder = Path(folder)
     if not (folder / LOCK_NAME).is_file():
         return
-    lock = FileLock(folder / LOCK_NAME, blocking=False, thread_local=False)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise RunInUse(f"run {folder.name} is in use by another dtr process ({_holder(folder)}); wait for it to "
-                       "finish, or pass another --run-id") from None
-    lock.release()
+    _acquire(folder).release()

@@ -4,15 +4,15 @@ It follows the numbered listing of `dtr_core/search/reference.py` (and chooses t
 
     0. parameters validated before any work; one MLflow parent run with the full config
     1. P_base: the teacher on the task's validation split (search) and test split (report)
-    2. phase 1 (sub-flow `distill`): capture the teacher once; distil every layer as its own task, in parallel
+    2. phase 1 (sub-flow `distill`): the teacher streams the corpus; a block of layers' students per task, in parallel
     3. phase 2 (sub-flow `replace`): greedy replacement, every candidate of a round its own task
     4. export M_best and M_opt as hybrid folders; score both on validation and test
     5. measure prefill/decode speed and cache size of teacher, M_best, M_opt (sub-flow `benchmark`)
     6. plots, summary, and — only now that everything succeeded — register M_best and M_opt in MLflow
 
 Resume: the run folder is named by a hash of the parameters that decide the result, so the same parameters
-land in the same folder; completed captures, layers, candidates, exports and evaluations are reused by
-content key. `summary.json` is written last: a folder without it is an unfinished run.
+land in the same folder; completed layers, candidates, exports and evaluations are reused by content key
+(a distillation block killed mid-way resumes from its checkpoint). `summary.json` is written last: a folder without it is an unfinished run.
 One process per run folder: the flow holds `runs/<run_id>/.lock` (`dtr_core/run_lock.py`) from before its
 first write until it ends; a second conversion of the same run id stops at once with one line. The folder
 records its MLflow parent run (`mlflow_run.json`): a resumed run reattaches to it, and a finished run that
@@ -39,6 +39,7 @@ from dtr_core.run_layout import RunLayout
 from dtr_core.run_lock import run_folder_lock
 from flows.benchmark import benchmark as benchmark_flow
 from flows.distill import distill as distill_flow
+from flows.heal import heal as heal_flow
 from flows.replace import replace as replace_flow
 from flows.runners import dask_cluster, make_task_runner, shared_api
 from tasks.context import RunContext
@@ -48,6 +49,7 @@ from tasks.params import (
     AcceptanceParams,
     ConvertParams,
     DistillBudget,
+    HealParams,
     MixerName,
     RunnerParams,
     SpeedParams,
@@ -82,6 +84,7 @@ def convert(
     seed: int = DEFAULTS.seed,
     runner: RunnerParams = DEFAULTS.runner,
     speed: SpeedParams = DEFAULTS.speed,
+    heal: HealParams = DEFAULTS.heal,
     tracking: TrackingParams = DEFAULTS.tracking,
     output_dir: str = DEFAULTS.output_dir,
     run_id: str | None = DEFAULTS.run_id,
@@ -92,7 +95,7 @@ def convert(
     try:
         params = ConvertParams(model=model, task=task, mixer=mixer, distill=distill, tolerance=tolerance,
                                acceptance=acceptance, max_layers=max_layers, seed=seed, runner=runner, speed=speed,
-                               tracking=tracking, output_dir=output_dir, run_id=run_id)
+                               heal=heal, tracking=tracking, output_dir=output_dir, run_id=run_id)
     except ValidationError as error:
         raise ValueError(one_line(error)) from None
     check_params_once(params)  # 0. bad parameters: one line, before any work (skipped when the CLI just checked)
@@ -143,6 +146,8 @@ def _steps(params: ConvertParams, ctx: RunContext, started: float) -> dict[str, 
     plots_task(str(ctx.layout.reports), trajectory, layer_results, str(ctx.layout.trajectory), ctx.tracking)
     roles = {"best": trajectory["best_layers"], "opt": trajectory["opt_layers"]}
     paths, evals = export_and_score(params, ctx, trajectory, roles, teacher_eval)  # 4
+    if params.heal.enabled:
+        roles.update(heal_opt(params, ctx, roles["opt"], paths, evals))  # 4b
     speeds = measure_speeds(params, ctx, paths)  # 5
     summary = summarise(params, ctx, trajectory, layer_results, evals, speeds, paths)  # 6
     if params.tracking.register_models:
@@ -164,7 +169,8 @@ def score_teacher(params: ConvertParams, ctx: RunContext) -> dict[str, Any]:
 
 
 def distill_and_replace(params: ConvertParams, ctx: RunContext) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """2. phase 1 (one task per layer) and 3. phase 2 (one task per candidate), on one runner (one Dask cluster)."""
+    """2. phase 1 (one task per block of layers) and 3. phase 2 (one task per candidate), on one runner (one Dask
+    cluster)."""
     with dask_cluster(params.runner) as dask_address:
         layer_results = distill_flow.with_options(task_runner=make_task_runner(params.runner, dask_address))(
             model=params.model, budget=params.distill, mixer=params.mixer, seed=params.seed, run_dir=ctx.run_dir,
@@ -201,6 +207,21 @@ def export_and_score(params: ConvertParams, ctx: RunContext, trajectory: dict[st
     return paths, evals
 
 
+def heal_opt(params: ConvertParams, ctx: RunContext, layers: list[int], paths: dict[str, str],
+             evals: dict[str, Any]) -> dict[str, list[int]]:
+    """4b. heal M_opt end to end (sub-flow `heal`): an extra model, `healed`; {} when there is nothing to heal or
+    the heal failed (the run keeps the unhealed models)."""
+    if not layers:
+        get_run_logger().info("heal: M_opt has no linear layer; nothing to heal")
+        return {}
+    healed = heal_flow(layers=list(layers), model=params.model, task=params.task, mixer=params.mixer,
+                       run_dir=ctx.run_dir, heal=params.heal, seed=params.seed, tracking=ctx.tracking)
+    if healed["status"] != "ok":
+        return {}
+    paths["healed"], evals["healed"] = healed["path"], healed["eval"]
+    return {"healed": list(layers)}
+
+
 def measure_speeds(params: ConvertParams, ctx: RunContext, paths: dict[str, str]) -> dict[str, dict[str, Any]]:
     """5. speed at a long context, the models' repeats interleaved in this process."""
     distinct = ["teacher", "best"] + (["opt"] if not os.path.samefile(paths["opt"], paths["best"]) else [])
@@ -209,6 +230,8 @@ def measure_speeds(params: ConvertParams, ctx: RunContext, paths: dict[str, str]
                               speed=params.speed)
     speeds = dict(zip(distinct, measured))
     speeds.setdefault("opt", speeds["best"])
+    if "healed" in paths:
+        speeds["healed"] = speeds["opt"]  # the same architecture as M_opt, only other weights: the same speed
     write_json(ctx.layout.reports / "speed.json", measured)
     return speeds
 

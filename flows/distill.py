@@ -1,12 +1,19 @@
-"""Sub-flow `distill`: phase 1 of DtR on one model — capture the teacher once, then distil every layer's
-student as its own task, in parallel (blockwise local distillation: layers are independent).
+"""Sub-flow `distill`: phase 1 of DtR on one model — the layers split into blocks of consecutive layers, one
+task per block, run in parallel; each block streams the teacher over the corpus and trains its students
+together (blockwise local distillation: the layers never depend on each other's students).
 
 Usable alone (`distill(model=..., run_dir=...)`) or from `convert`, which passes its task runner and MLflow
-parent run. Completed layers (same content hash) are reused, so a killed run continues where it stopped.
+parent run. Completed layers (same key) are reused and a killed block resumes from its checkpoint, so a
+killed run continues where it stopped.
+
+Cost, logged to MLflow as `distill.teacher_layer_forwards_per_token`: teacher layer-forwards per training
+token and per layer trained (`dtr_core.distill.block.teacher_layer_forwards`): 1 with one block of every
+layer, (L + 1) / 2 with one block per layer; `layers_per_task` trades it against parallel tasks.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -15,25 +22,22 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from dtr_core.distill.block import split_into_blocks, teacher_layer_forwards
 from dtr_core.run_layout import RunLayout, slug
 from flows.runners import parallel_threads
-from tasks.capture import capture_task
+from tasks import runtime
 from tasks.context import RunContext
-from tasks.distill import distill_layer_task
+from tasks.distill import block_name, distill_block_task, eta_text
 from tasks.params import ConvertParams, DistillBudget, MixerName, RunnerParams
 from tasks.runtime import serial_threads
 from tasks.tracking import Tracking
 
-
-def eta_text(seconds_done: float, done: int, total: int) -> str:
-    if done == 0:
-        return "?"
-    left = seconds_done / done * (total - done)
-    return f"{int(left // 60)}m{int(left % 60):02d}s"
+__all__ = ["distill", "eta_text"]
 
 
 @flow(name="distill", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=False,
-      description="DtR phase 1: capture teacher activations, distil one linear-attention student per layer")
+      description="DtR phase 1: stream the teacher, distil one linear-attention student per layer, a block of "
+                  "layers per task")
 def distill(
     model: str = ConvertParams.model_fields["model"].default,
     budget: DistillBudget = DistillBudget(),
@@ -46,31 +50,43 @@ def distill(
     """Returns the `LayerResult` dicts of every layer, sorted by layer."""
     logger = get_run_logger()
     ctx = RunContext(model=model, run_dir=str(run_dir), mixer=mixer, tracking=tracking, threads=serial_threads())
-    # 1. teacher activations: what each layer's attention receives and returns (teacher forcing)
-    capture = capture_task(ctx, budget)
-    layers = capture["layers"]
-    logger.info("phase 1: %d tokens captured (%s); distilling %d layers", capture["num_tokens"],
-                "reused" if capture["reused"] else f"{capture['seconds']:.0f}s", len(layers))
-    # 2. one student per layer, independently: every layer is its own task
-    futures = distill_layer_task.map(unmapped(ctx.with_threads(parallel_threads(runner))), layers,
-                                     unmapped(budget.distill_config(seed)))
-    return _collect(futures, layers, ctx.layout)
+    config = budget.distill_config(seed)
+    # 1. the blocks: consecutive layers that share one teacher forward per step
+    num_layers = runtime.num_layers(model)
+    blocks = split_into_blocks(num_layers, budget.layers_per_task or math.ceil(num_layers / runner.workers))
+    forwards = teacher_layer_forwards(blocks)
+    logger.info("phase 1: distilling %d layers in %d blocks of up to %d, %d steps of %d tokens per layer "
+                "(%d tokens), %.2f teacher layer-forwards per training token and layer", num_layers, len(blocks),
+                len(blocks[0]), config.steps, config.tokens_per_step, config.steps * config.tokens_per_step, forwards)
+    if tracking is not None:
+        tracking.log_metrics({"distill.teacher_layer_forwards_per_token": forwards, "distill.blocks": len(blocks),
+                              "distill.steps": config.steps, "distill.tokens_per_layer":
+                                  config.steps * config.tokens_per_step})
+    # 2. every block is its own task: the teacher streams the corpus, the block's students train on it
+    futures = distill_block_task.map(unmapped(ctx.with_threads(parallel_threads(runner))), blocks,
+                                     unmapped(config), unmapped(budget.corpus))
+    return _collect(futures, blocks, ctx.layout)
 
 
-def _collect(futures, layers: list[int], layout: RunLayout) -> list[dict[str, Any]]:
-    """The layers' results as they finish, with progress (a Prefect progress artifact, log lines with an ETA)."""
+def _collect(futures, blocks: list[list[int]], layout: RunLayout) -> list[dict[str, Any]]:
+    """The layers' results as their blocks finish, with progress (a Prefect progress artifact, log lines with an
+    ETA)."""
     logger = get_run_logger()
     progress = create_progress_artifact(0.0, key=f"distill-progress-{slug(layout.root.name, 40)}",
                                         description=f"layers distilled in {layout.root.name}")
+    total = sum(len(block) for block in blocks)
     started = time.perf_counter()
-    results = []
+    results: list[dict[str, Any]] = []
     for future in as_completed(futures):
-        result = future.result()
-        results.append(result)
-        update_progress_artifact(progress, 100.0 * len(results) / len(layers))
-        logger.info("distilled %d/%d layers (layer %d: %s, normalised loss %s)%s, ETA %s", len(results), len(layers),
-                    result["layer"], "reused" if result["reused"] else result["status"],
-                    "-" if result["normalized_loss"] is None else f"{result['normalized_loss']:.3f}",
-                    "" if result["status"] == "ok" else f" FAILED: {result['reason']}",
-                    eta_text(time.perf_counter() - started, len(results), len(layers)))
+        block_results = future.result()
+        results.extend(block_results)
+        update_progress_artifact(progress, 100.0 * len(results) / total)
+        for result in block_results:
+            logger.info("distilled layer %d: %s, normalised loss %s%s", result["layer"],
+                        "reused" if result["reused"] else result["status"],
+                        "-" if result["normalized_loss"] is None else f"{result['normalized_loss']:.3f}",
+                        "" if result["status"] == "ok" else f" FAILED: {result['reason']}")
+        logger.info("distilled %d/%d layers (block %s done), ETA %s", len(results), total,
+                    block_name([r["layer"] for r in block_results]),
+                    eta_text(time.perf_counter() - started, len(results), total))
     return sorted(results, key=lambda r: r["layer"])

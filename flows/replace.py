@@ -26,6 +26,7 @@ from dtr_core.distill.training import read_layer_results
 from dtr_core.search.decisions import CandidateScore, RoundRecord, greedy_replace
 from flows.distill import eta_text
 from flows.runners import parallel_threads
+from tasks import runtime
 from tasks.candidates import score_candidate_task
 from tasks.context import RunContext
 from tasks.evaluate import evaluate_task
@@ -66,7 +67,7 @@ def replace(
                      threads=parallel_threads(runner))
     layout = ctx.layout
     # 1. the candidates: every successfully distilled layer
-    num_layers = int(read_json(layout.activations / "manifest.json")["num_model_layers"])
+    num_layers = runtime.num_layers(model)
     layer_results = read_layer_results(layout.students)
     available = sorted(layer for layer, result in layer_results.items() if result.ok)
     if not available:

@@ -68,25 +68,11 @@ def check_tracking_uri(uri: str, timeout: float = TIMEOUT_S) -> None:
 def _check_mlflow_server(uri: str, shown: str, timeout: float) -> None:
     base = uri.rstrip("/")
     fix = "start it with `dtr ui up` or unset MLFLOW_TRACKING_URI to use the local sqlite store"
-    try:
-        status, _ = _get(base + "/health", timeout)
-    except (OSError, urllib.error.URLError) as error:
-        reason = redact(str(getattr(error, "reason", error)))
-        raise ValueError(f"MLflow tracking server {shown} is unreachable ({reason}); {fix}") from None
-    if status in (401, 403):
-        raise ValueError(f"MLflow tracking server {shown} refused the credentials (HTTP {status}); set "
-                         "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN")
+    status, _ = _get_from_server(base + "/health", shown, timeout, fix)
     if status != 200:
         raise ValueError(f"{shown} is not an MLflow tracking server (GET /health: HTTP {status}); check the "
                          f"address and port, or {fix}")
-    try:
-        status, body = _get(base + "/api/2.0/mlflow/experiments/search?max_results=1", timeout)
-    except (OSError, urllib.error.URLError) as error:
-        reason = redact(str(getattr(error, "reason", error)))
-        raise ValueError(f"MLflow tracking server {shown} is unreachable ({reason}); {fix}") from None
-    if status in (401, 403):
-        raise ValueError(f"MLflow tracking server {shown} refused the credentials (HTTP {status}); set "
-                         "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN")
+    status, body = _get_from_server(base + "/api/2.0/mlflow/experiments/search?max_results=1", shown, timeout, fix)
     try:
         answer = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -95,6 +81,19 @@ def _check_mlflow_server(uri: str, shown: str, timeout: float) -> None:
         raise ValueError(f"{shown} is not an MLflow tracking server (its experiments API answered HTTP {status} "
                          f"{'with JSON' if isinstance(answer, dict) else 'without JSON'}); check the address "
                          f"and port, or {fix}")
+
+
+def _get_from_server(url: str, shown: str, timeout: float, fix: str) -> tuple[int, bytes]:
+    """`_get` on the tracking server `shown`: one line when it is unreachable or refuses the credentials."""
+    try:
+        status, body = _get(url, timeout)
+    except (OSError, urllib.error.URLError) as error:
+        reason = redact(str(getattr(error, "reason", error)))
+        raise ValueError(f"MLflow tracking server {shown} is unreachable ({reason}); {fix}") from None
+    if status in (401, 403):
+        raise ValueError(f"MLflow tracking server {shown} refused the credentials (HTTP {status}); set "
+                         "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN")
+    return status, body
 
 
 def _check_database_driver(uri: str, shown: str) -> None:

@@ -30,8 +30,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dtr_core.distill.config import (CAPTURE_SEQ_LEN, CAPTURE_TOKENS, CORPUS, RANDOM_TEACHER_MAX_NORMALIZED_LOSS,
-                                     DistillConfig)
+from dtr_core.distill.config import (CORPUS, RANDOM_TEACHER_MAX_NORMALIZED_LOSS, SEQ_LEN, TOKENS, DistillConfig,
+                                     check_seq_lens)
+from dtr_core.heal.config import HealConfig
 
 MixerName = Literal["gated_deltanet", "gla", "jetblock"]  # = sorted(dtr_core.mixers.MIXERS) (tested)
 RunnerKind = Literal["threads", "processes", "dask"]
@@ -107,30 +108,74 @@ class TaskParams(_Params):
 
 
 class DistillBudget(_Params):
-    """Phase 1 budget: how many teacher tokens to capture and how long to train each layer's student."""
+    """Phase 1 budget: the corpus the teacher streams, how many tokens each layer's student trains on, and how
+    the layers are grouped into tasks (a block of consecutive layers shares one teacher forward per step)."""
 
     corpus: str = Field(CORPUS, description="Distillation text: 'bbc' (built in), a .txt/.jsonl/.parquet/.csv "
                         "file or folder, or hf:<dataset>[:<config>]:<split>")
-    tokens: int = Field(CAPTURE_TOKENS, ge=16, description="Teacher tokens captured for distillation (all layers share them)")
-    seq_len: int = Field(CAPTURE_SEQ_LEN, ge=8, le=8192, description="Tokens per captured sequence")
-    steps: int = Field(DistillConfig.steps, ge=1, description="Optimiser steps per layer")
+    tokens: int = Field(TOKENS, ge=1, description="Training tokens per layer, streamed from the corpus (repeated "
+                        "when it is shorter); disk and memory do not grow with it (1e8 is fine)")
+    seq_len: int | list[int] = Field(SEQ_LEN, description="Tokens per training sequence, or a mix of lengths "
+                                     "taken in turn step by step (e.g. 256,1024), each step batch_size x the "
+                                     "first length tokens")
+    steps: int | None = Field(None, ge=1, description="Optimiser steps per layer; None: tokens / (batch_size x "
+                              "seq_len) (given, it overrides tokens)")
     lr: float = Field(DistillConfig.lr, gt=0, le=1.0, description="AdamW peak learning rate (warm-up 10% of steps, cosine decay)")
-    batch_size: int = Field(DistillConfig.batch_size, ge=1, description="Sequences per optimiser step")
+    batch_size: int = Field(DistillConfig.batch_size, ge=1, description="Sequences of the first seq_len per optimiser step")
+    eval_sequences: int = Field(DistillConfig.eval_sequences, ge=1, description="Sequences at the start of the "
+                                "stream held out for the normalised loss (never trained on)")
+    layers_per_task: int | None = Field(None, ge=1, description="Consecutive layers distilled together by one "
+                                        "task (one teacher forward per step for all); None: layers / workers")
+    checkpoint_every_steps: int = Field(DistillConfig.checkpoint_every_steps, ge=1, description="A block of "
+                                        "layers checkpoints its training every this many steps (or minutes, "
+                                        "whichever comes first); a killed run resumes from there")
+    checkpoint_every_minutes: float = Field(DistillConfig.checkpoint_every_minutes, gt=0, allow_inf_nan=False,
+                                            description="A block of layers checkpoints its training every "
+                                            "this many minutes (or steps, whichever comes first)")
     max_normalized_loss: float = Field(DistillConfig.max_normalized_loss, gt=0, allow_inf_nan=False, description="A student whose held-out "
                                        "normalised loss (MSE / variance of the teacher's output; 1.0 = no better "
                                        "than predicting the mean) is at or above this is marked failed and never "
                                        "offered to the search")
 
-    @model_validator(mode="after")
-    def _two_sequences(self) -> DistillBudget:
-        if self.tokens // self.seq_len < 2:
-            raise ValueError(f"tokens ({self.tokens}) must hold at least 2 sequences of seq_len {self.seq_len} "
-                             "(one to train on, one held out)")
-        return self
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _whole_number(cls, value: Any) -> Any:
+        """Accept 1e8 (a float or the text "1e8") when it is a whole number."""
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in ".eE") else int(value)
+            except ValueError:
+                return value  # pydantic names the problem
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+
+    @field_validator("seq_len", mode="before")
+    @classmethod
+    def _lengths(cls, value: Any) -> Any:
+        """"256,1024" (the CLI) is the list [256, 1024]; one length stays an int."""
+        if isinstance(value, str) and "," in value:
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("seq_len")
+    @classmethod
+    def _positive_lengths(cls, value: int | list[int]) -> int | list[int]:
+        lengths = value if isinstance(value, list) else [value]
+        if not lengths or any(n < 1 for n in lengths):
+            raise ValueError(f"sequence lengths must be >= 1, got {value}")
+        return value
+
+    @property
+    def seq_lens(self) -> tuple[int, ...]:
+        return tuple(self.seq_len) if isinstance(self.seq_len, list) else (self.seq_len,)
 
     def distill_config(self, seed: int) -> DistillConfig:
-        return DistillConfig.for_steps(self.steps, batch_size=self.batch_size, lr=self.lr, seed=seed,
-                                       max_normalized_loss=self.max_normalized_loss)
+        return DistillConfig.for_tokens(self.tokens, self.steps, batch_size=self.batch_size, seq_lens=self.seq_lens,
+                                        eval_sequences=self.eval_sequences, lr=self.lr, seed=seed,
+                                        max_normalized_loss=self.max_normalized_loss,
+                                        checkpoint_every_steps=self.checkpoint_every_steps,
+                                        checkpoint_every_minutes=self.checkpoint_every_minutes)
 
 
 class ToleranceParams(_Params):
@@ -198,6 +243,23 @@ class TrackingParams(_Params):
         return value
 
 
+class HealParams(_Params):
+    """The heal stage after the search: the M_opt hybrid trained end to end towards the teacher (an extra model,
+    `hybrids/healed`, alias `healed`)."""
+
+    enabled: bool = Field(False, description="Heal M_opt after the search (KL to the teacher's next-token "
+                          "distribution; the students train, every other weight stays as it is)")
+    corpus: str = Field(CORPUS, description="Healing text: the same sources as distill.corpus")
+    steps: int = Field(HealConfig.steps, ge=1, description="Optimiser steps")
+    batch_size: int = Field(HealConfig.batch_size, ge=1, description="Sequences per step")
+    seq_len: int = Field(HealConfig.seq_len, ge=2, le=8192, description="Tokens per sequence")
+    lr: float = Field(HealConfig.lr, gt=0, le=1.0, description="AdamW peak learning rate (warm-up 10% of "
+                      "steps, cosine decay)")
+
+    def config(self, seed: int) -> HealConfig:
+        return HealConfig(steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=self.lr, seed=seed)
+
+
 class ConvertParams(_Params):
     """Everything a conversion depends on (the flow `convert` takes these fields as its parameters)."""
 
@@ -214,6 +276,7 @@ class ConvertParams(_Params):
     seed: int = Field(0, ge=0, description="Seed of distillation and bootstrap")
     runner: RunnerParams = Field(default_factory=RunnerParams)
     speed: SpeedParams = Field(default_factory=SpeedParams)
+    heal: HealParams = Field(default_factory=HealParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
     output_dir: str = Field("runs", description="Where run folders go (runs/<run_id>/...)")
     run_id: str | None = Field(None, description="Run folder name (letters, digits, '.', '_', '-'; at most 100); "
@@ -257,7 +320,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
         "model": "tiny-llama",
         "task": {"validation_limit": 24, "test_limit": 24},
-        "distill": {"tokens": 1024, "seq_len": 64, "steps": 8, "lr": 1e-3,
+        "distill": {"tokens": 8 * 4 * 64, "seq_len": 64, "lr": 1e-3,
                     "max_normalized_loss": RANDOM_TEACHER_MAX_NORMALIZED_LOSS},  # a random model: see there
         "max_layers": None,
         "speed": {"context_len": 256, "decode_tokens": 8, "repeats": 1},
@@ -315,6 +378,8 @@ def check_params(params: ConvertParams) -> None:
         raise ValueError(f"runner.dask_address is set but runner.kind is '{params.runner.kind}'; use kind 'dask'")
     _check_task_name(params.task)
     _check_corpus_exists(params.distill.corpus)
+    if params.heal.enabled:
+        _check_corpus_exists(params.heal.corpus)
     params.tolerance.build()
     params.acceptance.build(params.seed)
     if params.tracking.register_models:
@@ -326,11 +391,14 @@ def check_params(params: ConvertParams) -> None:
     RunLayout(run_dir).check_owned()
     _check_task_data(params.task)
     _check_corpus_data(params.distill.corpus)
+    if params.heal.enabled:
+        _check_corpus_data(params.heal.corpus)
+        check_seq_lens([params.heal.seq_len], facts.max_positions)
     check_tracking_uri(resolve_tracking_uri(params.tracking.tracking_uri))
     if params.runner.dask_address is not None:
         check_dask_address(params.runner.dask_address)
-    needed = preflight.estimate_disk_bytes(params.distill.tokens, facts.num_layers, facts.hidden_size,
-                                           facts.num_params)
+    check_seq_lens(params.distill.seq_lens, facts.max_positions)
+    needed = preflight.estimate_disk_bytes(facts.num_layers, facts.hidden_size, facts.num_params)
     preflight.check_output_dir(params.output_dir, max(0, needed - preflight.folder_bytes(run_dir)))
 
 
@@ -371,10 +439,19 @@ def _check_corpus_exists(corpus: str) -> None:
 
 
 def _check_corpus_data(corpus: str) -> None:
+    """A corpus file or folder must give its first document (a hub corpus is read when the run starts)."""
     if corpus != "bbc":
         from dtr_core.distill.corpus import load_corpus
 
-        load_corpus(corpus)
+        if corpus.startswith("hf:"):
+            load_corpus(corpus)
+            return
+        try:
+            next(iter(load_corpus(corpus)))
+        except StopIteration:
+            raise ValueError(f"distillation corpus {corpus!r} holds no text; use a corpus with documents") from None
+        except OSError as error:
+            raise ValueError(f"distillation corpus {corpus!r} cannot be read ({error.strerror or error})") from None
 
 
 def _builtin_tasks() -> set[str]:

@@ -1,7 +1,7 @@
 """Task: log M_best and M_opt as MLflow pyfunc models on the parent run and register them.
 
 Registered as `dtr-<model>-<task>` (one version per distinct model: when M_opt is M_best, one version carries
-both aliases), with aliases `best` and `opt` pointing at them
+both aliases), with aliases `best` and `opt` (and `healed`, M_opt healed end to end, when healing ran) pointing at them
 (`latest` and `v<digits>` are reserved by MLflow). This is the flow's last step: only a run that got here
 registers anything. Both models are logged before either is registered; if registering fails half way,
 the versions already created (and the registered model, if this run created it) are deleted again.
@@ -27,7 +27,7 @@ from tasks.tracking import Tracking, retry
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("best", "opt")
+ROLES = ("best", "opt", "healed")
 HASH_TAG = "dtr.weights_sha256"
 RESERVED_ALIASES = ("latest",)
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "tokenizers==0.23.3", "safetensors==0.8.0",

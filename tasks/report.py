@@ -1,7 +1,7 @@
 """Tasks that report a conversion: plots + trajectory to MLflow, the summary (JSON, MLflow metrics, Prefect
 markdown artifact), and the pure functions that build the summary table (also used by `dtr convert`).
 
-Summary rows: teacher, M_best, M_opt — linear layers, validation and test score, decoding cache size at the
+Summary rows: teacher, M_best, M_opt (and M_healed, M_opt healed end to end, when healing ran) — linear layers, validation and test score, decoding cache size at the
 benchmark context, measured prefill and decode speedups vs the teacher. `failed_layers` lists the layers whose
 student failed (never offered to the search), each with its reason; the markdown names them under the table.
 """
@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.tracking import Tracking
 
-ROLES = (("teacher", "teacher"), ("best", "M_best"), ("opt", "M_opt"))
+ROLES = (("teacher", "teacher"), ("best", "M_best"), ("opt", "M_opt"), ("healed", "M_healed"))
 
 
 @task(name="plots", cache_policy=NO_CACHE)
@@ -42,10 +42,13 @@ def plots_task(reports_dir: str, trajectory: dict[str, Any], layer_results: list
 def summary_rows(trajectory: dict[str, Any], evals: dict[str, dict[str, Any]], speeds: dict[str, dict[str, Any]],
                  paths: dict[str, str]) -> list[dict[str, Any]]:
     """teacher / M_best / M_opt rows. `evals[role][split]` are EvalResult dicts, `speeds[role]` SpeedResult dicts."""
-    layers = {"teacher": [], "best": trajectory["best_layers"], "opt": trajectory["opt_layers"]}
+    layers = {"teacher": [], "best": trajectory["best_layers"], "opt": trajectory["opt_layers"],
+              "healed": trajectory["opt_layers"]}
     base = speeds["teacher"]
     rows = []
     for role, name in ROLES:
+        if role not in evals:  # M_healed: only when healing ran and succeeded
+            continue
         speed = speeds[role]
         rows.append({
             "model": name,
@@ -110,7 +113,7 @@ def publish_summary_task(summary: dict[str, Any], summary_file: str, tracking: T
     if tracking is not None:
         metrics: dict[str, float] = {"seconds": summary["seconds"]}
         for row in summary["rows"]:
-            prefix = {"teacher": "teacher", "M_best": "best", "M_opt": "opt"}[row["model"]]
+            prefix = {name: role for role, name in ROLES}[row["model"]]
             metrics.update({f"{prefix}_validation": row["validation"], f"{prefix}_test": row["test"],
                             f"{prefix}_cache_mb": row["cache_bytes"] / 2**20})
             if prefix != "teacher":

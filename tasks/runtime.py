@@ -7,7 +7,7 @@ sequential; each holds a copy of the model and the round's hidden states).
 
 Threads: torch's intra-op pool oversubscribes 2 cores when several tasks run at once (and spins badly on
 a busy machine), so a task that runs in parallel with others uses one torch thread (`torch_threads(1)`);
-the serial steps (capture, export, speed) use `serial_threads()`, the machine's cores.
+the serial steps (export, speed) use `serial_threads()`, the machine's cores.
 """
 
 from __future__ import annotations
@@ -88,6 +88,13 @@ def teacher(source: str):
     from dtr_core.models import load_model
 
     return cached(("model", source), lambda: load_model(source))
+
+
+def num_layers(source: str) -> int:
+    """The decoder layers of a model source, from its config (the model is not loaded)."""
+    from dtr_core.preflight import check_model_source
+
+    return cached(("num_layers", source), lambda: check_model_source(source, check_values=False).num_layers)
 
 
 def task(task_params: TaskParams):

@@ -30,6 +30,18 @@ def _deterministic_torch():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module: tiny matmuls with 2 threads on a busy 2-core machine spin 20-60x slower.
+
+    A module uses it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_llama():
     from dtr_core.models import load_model

@@ -64,7 +64,7 @@ def test_own_folders_and_empty_folders_are_replaced(tmp_path):
 @pytest.mark.parametrize("name, content, recognised", [
     ("dtr_export.json", {"key": "k"}, True),                          # runs/<id>/hybrids/best
     ("meta.json", {"format": 1, "key": "k", "status": "ok"}, True),    # runs/<id>/students/layer_007
-    ("manifest.json", {"format": 1, "key": "k", "layers": [0]}, True),  # runs/<id>/activations
+    ("manifest.json", {"format": 1, "key": "k", "layers": [0]}, True),  # an older run's activations capture
     ("config.json", {"model_type": "dtr_llama"}, True),               # an earlier `dtr hybridize --out`
     ("meta.json", {"title": "my photos"}, False),
     ("manifest.json", "not an object", False),
@@ -135,7 +135,7 @@ def test_remove_temporaries_deletes_only_what_killed_atomic_writes_left(tmp_path
     (run / "students" / ".layer_001.tmp-ab12cd34").mkdir(parents=True)
     (run / "students" / ".layer_001.tmp-ab12cd34" / "weights.safetensors").write_bytes(b"x")
     (run / ".summary.json.tmp-0123abcd").write_text("{")
-    (run / ".activations.old-deadbeef").mkdir()
+    (run / "students" / "block_000-001" / ".checkpoint.old-deadbeef").mkdir(parents=True)
     keep = [run / ".lock", run / ".lock.json", run / "students" / "notes.tmp-ab12cd34", run / ".hidden"]
     for path in keep:
         path.write_text("keep")
@@ -143,7 +143,7 @@ def test_remove_temporaries_deletes_only_what_killed_atomic_writes_left(tmp_path
         remove_temporaries(run)  # not marked as dtr's: nothing is touched
     write_marker(run, kind="run")
     removed = remove_temporaries(run)
-    assert sorted(p.name for p in removed) == [".activations.old-deadbeef", ".layer_001.tmp-ab12cd34",
+    assert sorted(p.name for p in removed) == [".checkpoint.old-deadbeef", ".layer_001.tmp-ab12cd34",
                                                  ".summary.json.tmp-0123abcd"]
     assert all(path.read_text() == "keep" for path in keep)
     assert not (run / "students" / ".layer_001.tmp-ab12cd34").exists()

@@ -86,8 +86,8 @@ def test_students_are_reused_and_report_rerenders(tiny_run, tmp_path, capsys):
     model, tokenizer = load_model("tiny-llama")
     first = placements.ensure_students(model, tokenizer, "tiny-llama", "gated_deltanet", tmp_path, [1, 3], 512, 32, 2)
     again = placements.ensure_students(model, tokenizer, "tiny-llama", "gated_deltanet", tmp_path, [1, 3], 512, 32, 2)
-    assert first["distilled"] == [1, 3] and first["reused"] == [] and not first["capture_reused"]
-    assert again["distilled"] == [] and again["reused"] == [1, 3] and again["capture_reused"]
+    assert first["distilled"] == [1, 3] and first["reused"] == [] and first["teacher_ran"]
+    assert again["distilled"] == [] and again["reused"] == [1, 3] and not again["teacher_ran"]
     assert again["dir"] == first["dir"] == str(tmp_path / "tiny-llama-gated_deltanet-t512-s32-n2" / "students")
 
     before = (out / "placements.md").read_text()

@@ -262,8 +262,8 @@ def test_last_line_stays_last_after_prefects_temporary_server_and_home_stays_cle
     home.mkdir()
     result = run_raising(tmp_path, """
         import logging
-        from dtr.commands.convert import keep_prefect_state_in_cache
-        keep_prefect_state_in_cache()  # what `dtr convert` does before it imports Prefect
+        from dtr.commands.convert import embedded_prefect_settings
+        embedded_prefect_settings()  # what `dtr convert` does before it imports Prefect
         from prefect import flow
         import matplotlib.pyplot
         logging.getLogger("httpx").setLevel(logging.WARNING)  # as `dtr convert` sets it: a line per API request
@@ -285,20 +285,21 @@ def test_last_line_stays_last_after_prefects_temporary_server_and_home_stays_cle
 ])
 def test_prefect_state_moves_to_the_cache_only_without_a_users_prefect_setup(tmp_path, monkeypatch, setup,
                                                                              keeps_prefect_home):
-    from dtr.commands.convert import keep_prefect_state_in_cache
+    from dtr.commands.convert import embedded_prefect_settings
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("DTR_CACHE_DIR", str(tmp_path / "cache"))
-    for name in ("PREFECT_API_URL", "PREFECT_HOME"):
+    for name in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"):
         monkeypatch.delenv(name, raising=False)
     for name, value in setup.items():
         if name == "dot_prefect":
             (tmp_path / ".prefect").mkdir()
         else:
             monkeypatch.setenv(name, value)
-    keep_prefect_state_in_cache()
+    embedded_prefect_settings()
     assert (os.environ.get("PREFECT_HOME") == str(tmp_path / "cache" / "prefect")) != keeps_prefect_home
     assert (tmp_path / "cache" / "prefect").is_dir() != keeps_prefect_home
+    assert os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "120"
 
 
 def test_a_failure_outside_any_command_is_one_line(tmp_path):

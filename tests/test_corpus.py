@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dtr_core.distill.corpus import bbc_held_out_uids, load_corpus, token_chunks
+from dtr_core.distill.corpus import Corpus, bbc_held_out_uids, load_corpus, tokenizer_fingerprint
 from dtr_core.evaluation import datasets_builtin, get_task
 from dtr_core.models import byte_tokenizer
 
@@ -52,37 +52,68 @@ def test_bad_sources_raise_one_line():
         load_corpus("hf:only-a-name")
 
 
-def test_token_chunks_pack_with_bos_between_documents():
-    tokenizer = byte_tokenizer()
+def _stream(docs, tokenizer):
     bos = tokenizer.bos_token_id
+    return [t for doc in docs for t in [bos] + tokenizer(doc, add_special_tokens=False)["input_ids"]]
+
+
+def test_rows_pack_documents_with_bos_between_them(tmp_path):
+    tokenizer = byte_tokenizer()
     docs = ["abc", "defgh", "ij", "klmnopq"]
-    chunks = token_chunks(docs, tokenizer, seq_len=5, token_budget=12)
-    assert chunks.shape == (2, 5) and chunks.dtype == torch.long
-    stream = []
-    for doc in docs:
-        stream += [bos] + tokenizer(doc, add_special_tokens=False)["input_ids"]
-    assert chunks.flatten().tolist() == stream[:10]
+    (tmp_path / "docs").mkdir()
+    for i, doc in enumerate(docs):
+        (tmp_path / "docs" / f"{i}.txt").write_text(doc)
+    rows = Corpus(str(tmp_path / "docs"), tokenizer).rows()
+    first, second = rows.take(2, 5), rows.take(1, 3)
+    assert first.shape == (2, 5) and first.dtype == torch.long and second.shape == (1, 3)
+    assert first.flatten().tolist() + second.flatten().tolist() == _stream(docs, tokenizer)[:13]
+    assert rows.position == 13
 
 
-def test_token_chunks_read_only_what_the_budget_needs_and_run_out_gracefully():
+def test_rows_seek_to_a_position_deterministically(tmp_path):
     tokenizer = byte_tokenizer()
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog " * 20)
+    corpus = Corpus(str(tmp_path / "text.txt"), tokenizer)
+    rows = corpus.rows()
+    rows.take(3, 16)
+    expected = rows.take(2, 32)
+    assert torch.equal(corpus.rows(48).take(2, 32), expected)
+
+
+def test_rows_read_only_the_documents_they_need(tmp_path, monkeypatch):
+    tokenizer = byte_tokenizer()
+    (tmp_path / "docs").mkdir()
+    for i in range(200):
+        (tmp_path / "docs" / f"{i:03d}.txt").write_text("x" * 9)
     read = []
-
-    def documents():
-        for i in range(1000):
-            read.append(i)
-            yield "x" * 9
-
-    assert token_chunks(documents(), tokenizer, seq_len=10, token_budget=30).shape == (3, 10)
-    assert len(read) == 3
-    assert token_chunks(["abcdefghi"] * 2, tokenizer, seq_len=10, token_budget=100).shape == (2, 10)
+    original = datasets_builtin.read_text
+    monkeypatch.setattr(datasets_builtin, "read_text", lambda path: read.append(path) or original(path))
+    corpus = Corpus(str(tmp_path / "docs"), tokenizer)
+    read.clear()
+    assert corpus.rows().take(3, 10).shape == (3, 10)
+    assert len(read) == 3  # 10 tokens a document (BOS + 9)
 
 
-def test_token_chunks_errors():
+def test_a_short_corpus_repeats_with_a_warning_naming_the_epoch(tmp_path, caplog):
     tokenizer = byte_tokenizer()
-    with pytest.raises(ValueError, match="token_budget \\(0\\) must be at least seq_len"):
-        token_chunks(["abc"], tokenizer, seq_len=4, token_budget=0)
-    with pytest.raises(ValueError, match="less than one row"):
-        token_chunks([], tokenizer, seq_len=4, token_budget=8)
-    with pytest.raises(ValueError, match="less than one row"):
-        token_chunks(["", "  "], tokenizer, seq_len=4, token_budget=8)
+    (tmp_path / "short.txt").write_text("abcdefghi")  # 10 tokens with the BOS
+    rows = Corpus(str(tmp_path / "short.txt"), tokenizer).rows()
+    with caplog.at_level("WARNING", logger="dtr_core.distill.corpus"):
+        block = rows.take(3, 10)
+    assert torch.equal(block[0], block[1]) and torch.equal(block[1], block[2])
+    assert "repeats: epoch 2" in caplog.text and "repeats: epoch 3" in caplog.text
+    assert str(tmp_path / "short.txt") in caplog.text
+
+
+def test_a_corpus_without_text_raises(tmp_path):
+    (tmp_path / "empty.jsonl").write_text('{"text": " "}\n{"text": ""}\n')
+    rows = Corpus(str(tmp_path / "empty.jsonl"), byte_tokenizer()).rows()
+    with pytest.raises(ValueError, match="holds no text"):
+        rows.take(1, 4)
+
+
+def test_tokenizer_fingerprint_tells_tokenizers_apart():
+    other = byte_tokenizer()
+    other.add_tokens(["<extra>"])
+    assert tokenizer_fingerprint(byte_tokenizer()) == tokenizer_fingerprint(byte_tokenizer())
+    assert tokenizer_fingerprint(byte_tokenizer()) != tokenizer_fingerprint(other)

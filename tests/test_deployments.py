@@ -69,7 +69,8 @@ def test_the_default_profile_is_the_parameter_models_defaults():
     assert build_params("default") == ConvertParams()
     defaults = ConvertParams()
     assert (defaults.distill.steps, defaults.distill.lr, defaults.distill.tokens, defaults.distill.seq_len) == (
-        40, 3e-3, 8192, 256)
+        None, 3e-3, 40 * 4 * 256, 256)
+    assert defaults.distill.distill_config(seed=0).steps == 40
     assert (defaults.task.validation_limit, defaults.task.test_limit, defaults.max_layers,
             defaults.speed.repeats) == (100, 300, 4, 3)
 
@@ -95,11 +96,15 @@ def test_distill_budget_and_benchmarks_share_the_core_distillation_defaults():
     from tasks.params import DistillBudget
 
     budget = DistillBudget()
-    assert (budget.steps, budget.lr, budget.batch_size, budget.max_normalized_loss) == (
-        DistillConfig.steps, DistillConfig.lr, DistillConfig.batch_size, DistillConfig.max_normalized_loss)
+    config = budget.distill_config(seed=0)
+    assert (config.steps, budget.lr, budget.batch_size, budget.eval_sequences, budget.max_normalized_loss) == (
+        DistillConfig.steps, DistillConfig.lr, DistillConfig.batch_size, DistillConfig.eval_sequences,
+        DistillConfig.max_normalized_loss)
+    assert (budget.checkpoint_every_steps, budget.checkpoint_every_minutes) == (
+        DistillConfig.checkpoint_every_steps, DistillConfig.checkpoint_every_minutes)
     assert DISTILL == {"distill_tokens": budget.tokens, "distill_seq_len": budget.seq_len,
-                       "distill_steps": budget.steps} and DISTILL_BATCH == budget.batch_size
-    assert distill_config(budget.steps) == budget.distill_config(seed=0)
+                       "distill_steps": config.steps} and DISTILL_BATCH == budget.batch_size
+    assert distill_config(config.steps) == config == distill_config(None)
 
 
 def test_no_secrets_or_absolute_paths_in_the_deployment_file():
@@ -117,7 +122,8 @@ def test_convert_parameters_render_as_a_typed_form():
     definitions = schema["definitions"]
     assert schema["properties"]["mixer"]["enum"] == ["gated_deltanet", "gla", "jetblock"]
     distill = definitions["DistillBudget"]["properties"]
-    assert distill["steps"]["description"] and distill["steps"]["minimum"] == 1
+    assert distill["tokens"]["description"] and distill["tokens"]["minimum"] == 1
+    assert distill["steps"]["description"] and {"minimum": 1, "type": "integer"} in distill["steps"]["anyOf"]
     assert definitions["RunnerParams"]["properties"]["kind"]["enum"] == ["threads", "processes", "dask"]
     assert definitions["ToleranceParams"]["properties"]["mode"]["enum"] == ["relative", "absolute"]
     assert definitions["AcceptanceParams"]["properties"]["mode"]["enum"] == ["point", "bootstrap"]

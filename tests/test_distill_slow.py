@@ -1,4 +1,5 @@
-"""Phase 1 on the real smollm2-135m: capture, distil two layers, swap them in, evaluate (minutes on CPU)."""
+"""Phase 1 on the real smollm2-135m: distil two layers on the streamed teacher, swap them in, evaluate (minutes on
+CPU)."""
 
 from __future__ import annotations
 
@@ -8,35 +9,32 @@ import time
 
 import pytest
 
-from dtr_core.distill.capture import capture_activations
-from dtr_core.distill.training import DistillConfig, distill_layer, load_students
+from dtr_core.distill.block import distill_block
+from dtr_core.distill.config import DistillConfig
+from dtr_core.distill.training import load_students
 
 logger = logging.getLogger(__name__)
 
 LAYERS = [4, 12]
 SEQ_LEN = 256
-TOKEN_BUDGET = 64 * SEQ_LEN  # 16k tokens: small, but enough to show the students learning
 MIXER = "gated_deltanet"  # the fastest student to train on CPU (gla's backward is ~2x slower)
-CONFIG = DistillConfig(steps=60)
+CONFIG = DistillConfig(steps=60, seq_lens=(SEQ_LEN,))  # 60 x 4 x 256 = 61k training tokens per layer
 
 
 @pytest.mark.slow
 def test_smollm2_distil_two_layers_then_evaluate(tmp_path, record_property):
-    from dtr_core.distill.corpus import load_corpus, token_chunks
+    from dtr_core.distill.corpus import Corpus
     from dtr_core.evaluation import evaluate
     from dtr_core.models import load_model
     from dtr_core.hybrid.surgery import restore_layers, swap_layers
 
     model, tokenizer = load_model("smollm2-135m")
-    token_ids = token_chunks(load_corpus("bbc"), tokenizer, SEQ_LEN, TOKEN_BUDGET)
-    manifest = capture_activations(model, token_ids, tmp_path / "activations", layers=LAYERS,
-                                   metadata={"corpus": "bbc", "token_budget": TOKEN_BUDGET})
-    record_property("capture_tokens_per_second", manifest["tokens_per_second"])
-    logger.info("capture: %d tokens, %.1f s, %.0f tok/s (layers %s, stops after the last)",
-                manifest["num_tokens"], manifest["seconds"], manifest["tokens_per_second"], LAYERS)
-
-    for layer in LAYERS:
-        result = distill_layer(model, layer, tmp_path / "activations", MIXER, CONFIG, tmp_path / "students")
+    started = time.perf_counter()
+    results = distill_block(model, LAYERS, MIXER, CONFIG, Corpus("bbc", tokenizer), tmp_path / "students")
+    seconds = time.perf_counter() - started
+    record_property("distill_tokens_per_second", CONFIG.steps * CONFIG.tokens_per_step / seconds)
+    for result in results:
+        layer = result.layer
         record_property(f"distill_seconds_layer_{layer}", result.seconds)
         logger.info("layer %d: normalised loss %.3f -> %.3f in %.1f s", layer,
                     result.initial_normalized_loss, result.normalized_loss, result.seconds)

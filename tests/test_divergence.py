@@ -1,8 +1,8 @@
 """Divergent students fail with their loss and the threshold, are never searched, and corrupted students heal.
 
-A tiny in-code teacher (tiny-llama, 4 layers) and a 20 x 32-token capture. At the default budget here
-(40 steps, lr 1e-2) layers 1-3 reach held-out normalised losses of 0.37-0.84; at lr 1.0 they train to
-finite weights with losses of 36-390: no non-finite loss, so only the loss threshold catches them.
+A tiny in-code teacher (tiny-llama, 4 layers) distilled on a small text corpus (sequences of 32 tokens). At
+lr 1.0 its students train to finite weights with large losses: no non-finite loss, so only the loss
+threshold catches them.
 """
 
 from __future__ import annotations
@@ -17,24 +17,21 @@ from safetensors.torch import load_file
 
 from dtr_core.search.acceptance import Tolerance
 from dtr_core.artifacts import read_json
-from dtr_core.distill.capture import capture_activations
-from dtr_core.distill.training import DistillConfig, distill_layer, load_students, read_layer_results
+from distill_support import write_corpus
+from dtr_core.distill.block import distill_block
+from dtr_core.distill.config import DistillConfig
+from dtr_core.distill.corpus import Corpus
+from dtr_core.distill.training import load_students, read_layer_results
 from dtr_core.evaluation.tasks import ClassificationTask, Example
 from dtr_core.mixers import MIXERS
 from dtr_core.search.greedy_search import encode_split, run_greedy_search
 
-N, T = 20, 32
-FAST = DistillConfig(steps=40, batch_size=4, log_every=5, max_eval_sequences=4)
+T = 32
+FAST = DistillConfig.for_steps(40, batch_size=4, seq_lens=(T,), eval_sequences=4, lr=1e-2)
 HOT = replace(FAST, lr=1.0)  # diverges on the tiny teacher with finite weights
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls with 2 threads on a busy 2-core machine spin far slower than with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matmuls: one thread is fastest
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +47,17 @@ def teacher(teacher_and_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def activations(teacher, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("activations")
-    token_ids = torch.randint(0, 256, (N, T), generator=torch.Generator().manual_seed(2))
-    capture_activations(teacher, token_ids, directory, batch_size=8)
-    return directory
+def corpus(teacher_and_tokenizer, tmp_path_factory):
+    return Corpus(write_corpus(tmp_path_factory.mktemp("corpus") / "text.txt"), teacher_and_tokenizer[1])
 
 
-def test_learning_rate_1_fails_naming_the_loss_and_the_threshold(teacher, activations, tmp_path):
-    result = distill_layer(teacher, 1, activations, "gla", HOT, tmp_path)
+def distill_layer(teacher, layer, corpus, mixer, config, folder, **kwargs):
+    """One layer as its own block."""
+    return distill_block(teacher, [layer], mixer, config, corpus, folder, **kwargs)[0]
+
+
+def test_learning_rate_1_fails_naming_the_loss_and_the_threshold(teacher, corpus, tmp_path):
+    result = distill_layer(teacher, 1, corpus, "gla", HOT, tmp_path)
     assert result.status == "failed" and not result.ok
     assert math.isfinite(result.normalized_loss) and result.normalized_loss >= 1.0
     assert f"normalised loss {result.normalized_loss:.4g}" in result.reason
@@ -72,32 +71,32 @@ def test_learning_rate_1_fails_naming_the_loss_and_the_threshold(teacher, activa
 
 
 @pytest.mark.parametrize("mixer", sorted(MIXERS))
-def test_default_threshold_keeps_good_students(teacher, activations, tmp_path, mixer):
+def test_default_threshold_keeps_good_students(teacher, corpus, tmp_path, mixer):
     assert DistillConfig().max_normalized_loss == FAST.max_normalized_loss == 1.0
-    results = [distill_layer(teacher, layer, activations, mixer, FAST, tmp_path) for layer in (1, 2, 3)]
+    results = [distill_layer(teacher, layer, corpus, mixer, FAST, tmp_path) for layer in (1, 2, 3)]
     assert all(r.ok and r.reason is None and r.normalized_loss < 1.0 for r in results)
     assert sorted(load_students(tmp_path, teacher, mixer_name=mixer)) == [1, 2, 3]
 
 
-def test_threshold_rejudges_reused_students_without_training(teacher, activations, tmp_path):
-    first = distill_layer(teacher, 2, activations, "gla", FAST, tmp_path)
+def test_threshold_rejudges_reused_students_without_training(teacher, corpus, tmp_path):
+    first = distill_layer(teacher, 2, corpus, "gla", FAST, tmp_path)
     assert first.ok
     weights = tmp_path / "layer_002" / "weights.safetensors"
     stamp = weights.stat().st_mtime_ns
     calls = []
     strict = replace(FAST, max_normalized_loss=first.normalized_loss)  # "at or above" fails
-    judged = distill_layer(teacher, 2, activations, "gla", strict, tmp_path, progress=lambda *a: calls.append(a))
+    judged = distill_layer(teacher, 2, corpus, "gla", strict, tmp_path, progress=lambda *a: calls.append(a))
     assert judged.reused and calls == [] and judged.key == first.key  # the threshold is not in the key
     assert judged.status == "failed" and "at or above max_normalized_loss" in judged.reason
     assert read_layer_results(tmp_path)[2].status == "failed" and load_students(tmp_path, teacher) == {}
-    again = distill_layer(teacher, 2, activations, "gla", FAST, tmp_path, progress=lambda *a: calls.append(a))
+    again = distill_layer(teacher, 2, corpus, "gla", FAST, tmp_path, progress=lambda *a: calls.append(a))
     assert again.reused and again.ok and again.reason is None and calls == []
     assert read_layer_results(tmp_path)[2].ok and sorted(load_students(tmp_path, teacher)) == [2]
     assert weights.stat().st_mtime_ns == stamp
     # a looser threshold lets a diverged student through, still without training
-    hot = distill_layer(teacher, 3, activations, "gla", HOT, tmp_path)
+    hot = distill_layer(teacher, 3, corpus, "gla", HOT, tmp_path)
     assert not hot.ok
-    loose = distill_layer(teacher, 3, activations, "gla", replace(HOT, max_normalized_loss=1e9), tmp_path)
+    loose = distill_layer(teacher, 3, corpus, "gla", replace(HOT, max_normalized_loss=1e9), tmp_path)
     assert loose.reused and loose.ok and sorted(load_students(tmp_path, teacher)) == [2, 3]
 
 
@@ -109,10 +108,10 @@ def _toy_task() -> ClassificationTask:
                               template="{text} =", verbalisers={"x": "A", "y": "B"})
 
 
-def test_failed_layer_is_never_a_candidate(teacher_and_tokenizer, activations, tmp_path):
+def test_failed_layer_is_never_a_candidate(teacher_and_tokenizer, corpus, tmp_path):
     teacher, tokenizer = teacher_and_tokenizer
-    assert not distill_layer(teacher, 0, activations, "gla", HOT, tmp_path).ok
-    assert all(distill_layer(teacher, layer, activations, "gla", FAST, tmp_path).ok for layer in (1, 2, 3))
+    assert not distill_layer(teacher, 0, corpus, "gla", HOT, tmp_path).ok
+    assert all(distill_layer(teacher, layer, corpus, "gla", FAST, tmp_path).ok for layer in (1, 2, 3))
     results = read_layer_results(tmp_path)
     available = sorted(layer for layer, result in results.items() if result.ok)  # what flows/replace.py offers
     students = load_students(tmp_path, teacher)  # what the candidate tasks score with
@@ -134,8 +133,8 @@ def _raw_tensors(path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
 
 
 @pytest.mark.parametrize("damage", ["flip-one-byte", "truncate", "delete", "garbage-meta"])
-def test_corrupted_student_is_distilled_again_bit_for_bit(teacher, activations, tmp_path, caplog, damage):
-    first = distill_layer(teacher, 2, activations, "gated_deltanet", FAST, tmp_path)
+def test_corrupted_student_is_distilled_again_bit_for_bit(teacher, corpus, tmp_path, caplog, damage):
+    first = distill_layer(teacher, 2, corpus, "gated_deltanet", FAST, tmp_path)
     weights = tmp_path / "layer_002" / "weights.safetensors"
     original = weights.read_bytes()
     original_tensors = _raw_tensors(weights)
@@ -153,7 +152,7 @@ def test_corrupted_student_is_distilled_again_bit_for_bit(teacher, activations, 
         load_students(tmp_path, teacher)
     assert str(path) in str(refused.value)
     with caplog.at_level(logging.WARNING, logger="dtr_core.distill.training"):
-        healed = distill_layer(teacher, 2, activations, "gated_deltanet", FAST, tmp_path)
+        healed = distill_layer(teacher, 2, corpus, "gated_deltanet", FAST, tmp_path)
     assert str(path) in caplog.text
     if damage != "garbage-meta":
         assert "distill layer 2" in caplog.text
@@ -161,7 +160,7 @@ def test_corrupted_student_is_distilled_again_bit_for_bit(teacher, activations, 
     assert _raw_tensors(weights) == original_tensors  # the same seed: the uninterrupted run's weights, bit for bit
     assert {**healed.to_dict(), "seconds": 0} == {**first.to_dict(), "seconds": 0}
     assert sorted(load_students(tmp_path, teacher)) == [2]
-    assert distill_layer(teacher, 2, activations, "gated_deltanet", FAST, tmp_path).reused
+    assert distill_layer(teacher, 2, corpus, "gated_deltanet", FAST, tmp_path).reused
 
 
 def test_summary_and_plot_name_failed_layers(tmp_path):

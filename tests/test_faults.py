@@ -3,13 +3,13 @@ folder that turns read-only.
 
 Every run is `dtr convert --profile smoke` on a perplexity task (`bbc-lm`: continuous scores, and M_best
 differs from M_opt, so two hybrids are exported and registered), with a budget that makes each stage
-last long enough to be hit by polling the run folder (`BUDGET`: 32768 captured tokens make the capture
-take about a second; 48 steps about a second per layer). One uninterrupted run is the reference.
+last long enough to be hit by polling the run folder (`BUDGET`: 48 steps of 4 x 32 tokens, about a second
+per layer, one layer per task, a block checkpoint every 8 steps). One uninterrupted run is the reference.
 
 - killed at a stage (the whole process group, so the temporary Prefect server dies too) and run again with
   the same command: the re-run exits 0 with the reference's search trajectory and scores, bit-identical
   hybrid tensors, one registered version per distinct hybrid, and no MLflow run left RUNNING;
-- the disk fills up while layers distil: exit 1, one `error:` line naming the folder and "no space", the
+- the disk fills up while layers distil (after a block's first checkpoint): exit 1, one `error:` line naming the folder and "no space", the
   MLflow run FAILED; the run folder, copied to a roomy disk, resumes to the reference's result;
 - the run folder turns read-only while layers distil: exit 1, one `error:` line, the MLflow run FAILED.
 
@@ -26,23 +26,23 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from pipeline_support import cli_env, wait_for
 
 # 12 `dtr convert` processes of 30-70 s each (every one starts its own Prefect server): 9-14 minutes on the
 # project's 2-core machine, past the default selection's budget
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 DTR = Path(sys.executable).parent / "dtr"
 RUN_ID = "faults"
 NUM_LAYERS = 4  # tiny-llama
-BUDGET = ["--profile", "smoke", "--task", "bbc-lm", "--distill-tokens", "32768", "--seq-len", "32",
-          "--steps", "48", "--val-limit", "16", "--test-limit", "16", "--context-len", "64", "--decode-tokens", "4"]
+BUDGET = ["--profile", "smoke", "--task", "bbc-lm", "--distill-tokens", str(48 * 4 * 32), "--seq-len", "32",
+          "--layers-per-task", "1", "--checkpoint-every-steps", "8", "--val-limit", "16", "--test-limit", "16",
+          "--context-len", "64", "--decode-tokens", "4"]
 MODEL_NAME = "dtr-tiny-llama-bbc-lm"
 POLL = 0.02  # seconds between looks at the run folder; every stage window is ~50x longer
 
@@ -50,10 +50,7 @@ POLL = 0.02  # seconds between looks at the run folder; every stage window is ~5
 # --- running dtr convert -----------------------------------------------------------------------------------
 
 def _env(uri: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DTR_TORCH_THREADS": "1", "CI": "true",
-           "MLFLOW_TRACKING_URI": uri}
-    env.pop("PREFECT_API_URL", None)  # the CLI runs its own temporary Prefect server, as a user's would
-    return env
+    return cli_env(CI="true", MLFLOW_TRACKING_URI=uri)
 
 
 @dataclass
@@ -135,14 +132,7 @@ def _kill_group(process: subprocess.Popen) -> list[int]:
 
 
 def _wait_for(predicate: Callable[[], bool], seconds: float, process: subprocess.Popen | None = None) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        if process is not None and process.poll() is not None:
-            return False
-        time.sleep(POLL)
-    return False
+    return wait_for(predicate, seconds, process, poll=POLL)
 
 
 # --- what a finished run holds -----------------------------------------------------------------------------
@@ -248,8 +238,13 @@ def _exported(run: Path) -> list[Path]:
     return list(run.glob("hybrids/*/dtr_export.json"))
 
 
-def _in_capture(run: Path) -> bool:
-    return any(run.glob(".activations.tmp-*")) and not (run / "activations" / "manifest.json").exists()
+def _checkpoints(run: Path) -> list[Path]:
+    return list(run.glob("students/block_*/checkpoint/state.json"))
+
+
+def _in_first_blocks(run: Path) -> bool:
+    """A block has checkpointed mid-training and no layer is written yet."""
+    return bool(_checkpoints(run)) and not _metas(run)
 
 
 def _in_distillation(run: Path) -> bool:
@@ -284,7 +279,7 @@ class Outcome:
 def _kill_in(space: Workspace, stage: str) -> dict[str, Any]:
     """Start the run, SIGKILL its process group once `stage` is under way; what the folder held then."""
     run, db = space.run, space.root / "mlflow.db"
-    predicates = {"capture": _in_capture, "distillation": _in_distillation, "search": _in_search,
+    predicates = {"mid-block": _in_first_blocks, "distillation": _in_distillation, "search": _in_search,
                   "export": _in_export}
     survivors: list[int] = []
     process = space.start()
@@ -305,7 +300,7 @@ def _kill_in(space: Workspace, stage: str) -> dict[str, Any]:
     space.attempts[process.attempt].returncode = process.returncode
     return {"metas": len(_metas(run)), "candidates": len(list(run.glob("greedy/candidates/*.json"))),
             "trajectory": (run / "greedy" / "trajectory.json").exists(), "exported": len(_exported(run)),
-            "manifest": (run / "activations" / "manifest.json").exists(), "summary": (run / "summary.json").exists(),
+            "checkpoints": len(_checkpoints(run)), "summary": (run / "summary.json").exists(),
             "versions": _versions(db), "parent": _parent_status(space.uri, run), "leftovers": _leftovers(run)}
 
 
@@ -329,7 +324,7 @@ def _hold_when_registered(db: Path, process: subprocess.Popen, survivors: list[i
         connection.close()
 
 
-STAGES = ["capture", "distillation", "search", "export", "registration"]
+STAGES = ["mid-block", "distillation", "search", "export", "registration"]
 
 
 @pytest.fixture(scope="module", params=STAGES)
@@ -344,11 +339,10 @@ def test_kill_lands_in_its_stage(killed):
     """The folder at the kill shows the stage really was under way (the other checks mean something)."""
     state, stage = killed.at_kill, killed.stage
     assert not state["summary"]
-    if stage == "capture":
-        assert not state["manifest"] and state["metas"] == 0
-        assert any(name.startswith(".activations.tmp-") for name in state["leftovers"])
+    if stage == "mid-block":
+        assert state["checkpoints"] > 0 and state["metas"] == 0
     elif stage == "distillation":
-        assert state["manifest"] and 0 < state["metas"] < NUM_LAYERS and state["candidates"] == 0
+        assert 0 < state["metas"] < NUM_LAYERS and state["candidates"] == 0
     elif stage == "search":
         assert state["metas"] == NUM_LAYERS and state["candidates"] > 0 and not state["trajectory"]
     elif stage == "export":
@@ -377,7 +371,7 @@ def test_killed_run_is_not_finished_in_mlflow(killed, request):
 
 def test_killed_run_leaves_no_temporary_files_once_resumed(killed, request):
     """Once resumed, the run folder holds no temporary file or folder of an atomic write, the killed attempt's
-    included (a capture's is the size of the activations)."""
+    included."""
     assert killed.rerun.returncode == 0, killed.rerun.stderr[-3000:]
     assert _leftovers(killed.space.run) == []
 
@@ -427,11 +421,11 @@ def _error_lines(done: subprocess.CompletedProcess) -> list[str]:
 
 
 def _run_until_fault(space: Workspace, fault: Callable[[], None]) -> tuple[subprocess.CompletedProcess, str]:
-    """Start the run, call `fault` once the capture is complete (layers distil next), wait for the run to end;
-    its exit code and output, and the MLflow parent run's status."""
+    """Start the run, call `fault` once a block has checkpointed mid-training (its next checkpoint or its layers
+    are the next writes), wait for the run to end; its exit code and output, and the MLflow parent run's status."""
     process = space.start()
     try:
-        assert _wait_for(lambda: (space.run / "activations" / "manifest.json").exists(), 300, process), \
+        assert _wait_for(lambda: bool(_checkpoints(space.run)), 300, process), \
             (space.root / "err-0.txt").read_text()[-3000:]
         fault()
         done = space.finish(process, timeout=300)
@@ -442,11 +436,12 @@ def _run_until_fault(space: Workspace, fault: Callable[[], None]) -> tuple[subpr
 
 @pytest.fixture(scope="module")
 def disk_full(tmp_path_factory) -> dict[str, Any]:
-    """A run whose tmpfs output folder fills up once the capture is written, so the layers' students find no
-    space; then its run folder copied to a roomy disk and run again there, on the same MLflow store."""
+    """A run whose tmpfs output folder fills up once a block has checkpointed, so its next checkpoint and the
+    layers' students find no space; then its run folder copied to a roomy disk and run again there, on the same
+    MLflow store."""
     root = tmp_path_factory.mktemp("disk-full")
     space = Workspace(root, root / "small")
-    # the capture (67 MB) and the preflight's disk estimate fit; the test fills the rest once it is written
+    # the preflight's disk estimate fits; the test fills the rest once a block has checkpointed
     _mount_tmpfs(space.output_dir, 96)
     try:
         failed, parent = _run_until_fault(space, lambda: _fill(space.output_dir))
@@ -482,7 +477,7 @@ def test_run_stopped_by_a_full_disk_resumes_on_a_roomy_one(disk_full, reference)
 
 @pytest.fixture(scope="module")
 def read_only(tmp_path_factory) -> dict[str, Any]:
-    """A run whose folder turns read-only once the capture is written: the folder is bind-mounted read-only
+    """A run whose folder turns read-only once a block has checkpointed: the folder is bind-mounted read-only
     over itself (a read-only remount of the whole tmpfs is refused while the run holds files open for writing,
     and chmod does not stop root)."""
     space = Workspace(tmp_path_factory.mktemp("read-only"))

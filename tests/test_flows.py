@@ -22,7 +22,7 @@ def conversion(prefect_harness, tmp_path_factory):
 
     runtime.clear()
     tmp_path = tmp_path_factory.mktemp("convert")
-    params = tiny_params(tmp_path)
+    params = tiny_params(tmp_path, heal={"enabled": True, "steps": 8, "batch_size": 2, "seq_len": 32, "lr": 3e-3})
     summary = run_convert(params)
     return params, summary
 
@@ -35,7 +35,8 @@ def test_run_folder_is_complete(conversion):
     layout = RunLayout(summary["run_dir"])
     assert layout.summary.is_file() and read_json(layout.summary)["run_id"] == summary["run_id"]
     assert read_json(layout.config)["model"] == "tiny-llama"
-    assert (layout.activations / "manifest.json").is_file()
+    # students only: no stored activations, no block checkpoint left once its layers are written
+    assert sorted(p.name for p in layout.root.iterdir() if p.name.startswith("activations")) == []
     assert sorted(p.name for p in layout.students.iterdir()) == [f"layer_{i:03d}" for i in range(4)]
     trajectory = read_json(layout.trajectory)
     assert len(trajectory["rounds"]) == summary["rounds"] >= 1
@@ -71,6 +72,8 @@ def test_mlflow_parent_child_runs_and_metrics(conversion):
                  "layers_swapped", "opt_kv_cache_reduction", "opt_decode_speedup", "best_prefill_speedup",
                  "round_best_score"):
         assert name in metrics, name
+    # 2 workers: blocks of layers 0-1 and 2-3, (2 + 4) teacher layer-forwards per token for 4 layers
+    assert metrics["distill.teacher_layer_forwards_per_token"] == 1.5
     history = client.get_metric_history(parent.info.run_id, "round_best_score")
     assert [m.step for m in history] == list(range(summary["rounds"]))
 
@@ -149,7 +152,7 @@ def test_flow_chooses_the_same_layers_as_the_reference_listing(conversion, tmp_p
     from transformers import AutoTokenizer
 
     from dtr_core.artifacts import read_json
-    from dtr_core.distill.corpus import load_corpus, token_chunks
+    from dtr_core.distill.corpus import Corpus
     from dtr_core.evaluation import get_task
     from dtr_core.models import load_model
     from dtr_core.search.reference import run_reference
@@ -158,9 +161,8 @@ def test_flow_chooses_the_same_layers_as_the_reference_listing(conversion, tmp_p
     trajectory = read_json(summary["run_dir"] + "/greedy/trajectory.json")
     teacher, _ = load_model(params.model)
     tokenizer = AutoTokenizer.from_pretrained(summary["rows"][1]["path"])  # the run's own tokenizer
-    token_ids = token_chunks(load_corpus(params.distill.corpus), tokenizer, params.distill.seq_len,
-                             params.distill.tokens)
-    reference = run_reference(teacher, tokenizer, token_ids, get_task(params.task.name), params.mixer, tmp_path,
+    reference = run_reference(teacher, tokenizer, Corpus(params.distill.corpus, tokenizer),
+                              get_task(params.task.name), params.mixer, tmp_path,
                               params.distill.distill_config(params.seed), tolerance=params.tolerance.value,
                               limit=params.task.validation_limit)
     assert trajectory["swap_order"] == reference["swap_order"]
@@ -224,3 +226,39 @@ def test_m_opt_equal_to_m_best_is_one_folder_and_one_registered_version(conversi
     assert len(versions) == 1 and versions[0].tags["dtr.role"] == "best,opt"
     assert {client.get_model_version_by_alias("dtr-alias", role).version for role in ("best", "opt")} == {
         versions[0].version}
+
+
+def test_healed_m_opt_is_an_extra_model_whose_frozen_weights_are_m_opts(conversion):
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from dtr_core.heal.training import student_parameters
+    from dtr_core.hybrid.export import read_export_info
+    from dtr_core.models import load_model
+    from dtr_core.run_layout import RunLayout
+
+    params, summary = conversion
+    rows = {row["model"]: row for row in summary["rows"]}
+    assert rows["M_opt"]["num_linear"] >= 1, "the tiny conversion must commit a layer for healing to run"
+    healed_dir = RunLayout(summary["run_dir"]).hybrid("healed")
+    info = read_export_info(healed_dir)
+    heal = info["metadata"]["heal"]
+    assert heal["status"] == "ok" and heal["steps"] == 8 and info["linear_layers"] == rows["M_opt"]["linear_layers"]
+    assert rows["M_healed"]["linear_layers"] == rows["M_opt"]["linear_layers"]
+    assert rows["M_healed"]["path"] == str(healed_dir)
+    opt, _ = load_model(rows["M_opt"]["path"])
+    healed, _ = load_model(str(healed_dir))
+    students = set(student_parameters(opt))
+    changed = [name for name, tensor in opt.state_dict().items()
+               if not torch.equal(healed.state_dict()[name], tensor)]
+    assert changed and set(changed) <= students  # only students moved; every frozen weight is M_opt's
+
+    client = MlflowClient(tracking_uri=params.tracking.tracking_uri, registry_uri=params.tracking.tracking_uri)
+    [heal_run] = runs_by_kind(client, summary["mlflow"]["run_id"])["heal"]
+    assert heal_run.info.status == "FINISHED" and "heal_kl" in heal_run.data.metrics
+    parent = client.get_run(summary["mlflow"]["run_id"]).data.metrics
+    # (that healing lowers the KL is held in tests/test_heal.py; 8 steps on a tiny model only show the wiring)
+    assert (parent["heal_initial_kl"], parent["heal_final_kl"]) == pytest.approx((heal["initial_kl"], heal["final_kl"]))
+    assert parent["healed_test"] == rows["M_healed"]["test"]
+    version = client.get_model_version_by_alias(params.registered_name(), "healed")
+    assert "healed" in version.tags["dtr.role"]

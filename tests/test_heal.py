@@ -3,6 +3,9 @@ keeps everything else bit-identical, and puts the students back when it diverges
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -106,3 +109,47 @@ def test_bad_heal_config_is_one_line(field, value, message):
 def test_the_kl_of_the_teacher_with_itself_is_zero(teacher):
     assert held_out_kl(teacher, teacher, [next(token_batches(CONFIG))], 1.0) == pytest.approx(0.0, abs=1e-6)
     assert held_out_kl(teacher, hybrid_of(teacher), [next(token_batches(CONFIG))], 1.0) > 1e-3
+
+
+def run_dtr(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DTR_CACHE_DIR": str(tmp_path / "cache"), "DTR_TORCH_THREADS": "1"}
+    env.pop("DTR_VERBOSE", None)
+    return subprocess.run([sys.executable, "-m", "dtr.cli", *args], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, env=env)
+
+
+def test_dtr_heal_saves_a_healed_hybrid_and_refuses_what_it_cannot_heal(tmp_path, teacher):
+    from dtr_core.hybrid.build import save_hybrid
+    from dtr_core.hybrid.export import read_export_info
+    from dtr_core.models import byte_tokenizer, load_model
+
+    hybrid_dir, healed_dir = tmp_path / "hybrid", tmp_path / "healed"
+    save_hybrid(hybrid_of(teacher), byte_tokenizer(), hybrid_dir)
+    teacher_dir = tmp_path / "teacher"
+    teacher.save_pretrained(teacher_dir)
+    byte_tokenizer().save_pretrained(teacher_dir)
+
+    nothing = run_dtr(tmp_path, "heal", "--model", str(teacher_dir), "--teacher", "tiny-llama", "--out", str(healed_dir))
+    assert nothing.returncode == 2 and nothing.stderr.strip().splitlines() == [
+        f"error: --model {teacher_dir} has no linear-attention layer, so there is nothing to heal; pass a hybrid "
+        "(dtr hybridize, or runs/<id>/hybrids/opt)"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("x")
+    refused = run_dtr(tmp_path, "heal", "--model", str(hybrid_dir), "--teacher", "tiny-llama", "--out", str(mine))
+    assert refused.returncode == 2 and "did not write" in refused.stderr and (mine / "thesis.txt").read_text() == "x"
+    assert not healed_dir.exists()
+
+    done = run_dtr(tmp_path, "heal", "--model", str(hybrid_dir), "--teacher", "tiny-llama", "--out", str(healed_dir),
+                   "--steps", "20", "--seq-len", "64", "--batch-size", "2", "--lr", "3e-3")
+    assert done.returncode == 0, done.stderr
+    assert "heal: step 20/20" in done.stderr and "ETA" in done.stderr
+    info = read_export_info(healed_dir)
+    heal_record = info["metadata"]["heal"]
+    assert info["linear_layers"] == [1, 2] and heal_record["final_kl"] < heal_record["initial_kl"]
+    healed, _ = load_model(str(healed_dir))
+    original, _ = load_model(str(hybrid_dir))
+    students = set(student_parameters(original))
+    for name, tensor in original.state_dict().items():  # the frozen weights come back bit-identical from disk
+        if name not in students:
+            assert torch.equal(healed.state_dict()[name], tensor), name

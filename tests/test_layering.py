@@ -35,7 +35,7 @@ def test_no_upward_imports(package, forbidden):
 
 def test_importing_dtr_core_loads_neither_prefect_nor_mlflow():
     code = ("import sys, dtr_core, dtr_core.run_layout, dtr_core.hybrid.export, dtr_core.speed, dtr_core.distill.training, "
-            "dtr_core.search.greedy_search, dtr_core.search.decisions, dtr_core.distill.capture\n"
+            "dtr_core.search.greedy_search, dtr_core.search.decisions, dtr_core.distill.block\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'mlflow', 'prefect_dask')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,8 +1,9 @@
 """Linear-attention ops: chunked and step forms equal the naive recurrent loop.
 
 Equal on outputs, gradients (q, k, v, gates, beta, initial state) and final state, at odd sizes (T = 1,
-63, 130 with chunk 64; head dims 60/64; H = 3; B = 2), under initial-state chaining, token-by-token
-decoding and strong decay. GLA is checked in float64 (it computes in float64 for float64 inputs); the
+63, 130 with chunk 64; head dims 60/64; B = 2), with as many key/value heads as query heads (H = 3) and with
+grouped heads (H = 6 query heads sharing H_kv = 2), under initial-state chaining, token-by-token decoding and
+strong decay. GLA is checked in float64 (it computes in float64 for float64 inputs); the
 gated delta rule's chunked form (transformers' implementation) always computes in float32, so it is
 checked against a float64 loop with float32 tolerances.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -25,6 +27,9 @@ from dtr_core.ops.gated_delta_rule import (
 from dtr_core.ops.gla import chunk_gla, naive_recurrent_gla, recurrent_gla_step
 
 BATCH, HEADS = 2, 3
+GROUPED = (6, 2)  # (H, H_kv): three query heads per key/value head
+HEAD_LAYOUTS = [(HEADS, HEADS), GROUPED]
+LAYOUT_IDS = ["H3-kv3", "H6-kv2"]
 # (T, Dk, Dv, chunk_size): one token, an odd length shorter than a chunk, and three chunks with a short last.
 SIZES = [(1, 64, 64, 64), (63, 60, 60, 64), (130, 60, 64, 64), (130, 64, 60, 16)]
 SIZE_IDS = [f"T{t}-dk{dk}-dv{dv}-c{c}" for t, dk, dv, c in SIZES]
@@ -32,25 +37,38 @@ F32 = {"atol": 2e-4, "rtol": 2e-4}  # float32 math against a float64 oracle
 F64 = {"atol": 1e-10, "rtol": 1e-10}
 
 
-def gla_inputs(length, key_dim, value_dim, dtype=torch.float64, decay=None, seed=0):
+def gla_inputs(length, key_dim, value_dim, dtype=torch.float64, decay=None, seed=0, heads=(HEADS, HEADS)):
+    """q [B, T, H, Dk]; k, gk [B, T, H_kv, Dk]; v [B, T, H_kv, Dv]; initial state [B, H_kv, Dk, Dv]."""
+    query_heads, kv_heads = heads
     gen = torch.Generator().manual_seed(seed)
-    q, k = (torch.randn(BATCH, length, HEADS, key_dim, generator=gen, dtype=dtype) for _ in range(2))
-    v = torch.randn(BATCH, length, HEADS, value_dim, generator=gen, dtype=dtype)
-    gates = torch.randn(BATCH, length, HEADS, key_dim, generator=gen, dtype=dtype)
+    q = torch.randn(BATCH, length, query_heads, key_dim, generator=gen, dtype=dtype)
+    k = torch.randn(BATCH, length, kv_heads, key_dim, generator=gen, dtype=dtype)
+    v = torch.randn(BATCH, length, kv_heads, value_dim, generator=gen, dtype=dtype)
+    gates = torch.randn(BATCH, length, kv_heads, key_dim, generator=gen, dtype=dtype)
     gk = F.logsigmoid(gates) if decay is None else decay + 0.1 * gates.clamp(max=0)
-    h0 = torch.randn(BATCH, HEADS, key_dim, value_dim, generator=gen, dtype=dtype)
+    h0 = torch.randn(BATCH, kv_heads, key_dim, value_dim, generator=gen, dtype=dtype)
     return {"q": q, "k": k, "v": v, "gk": gk, "initial_state": h0}
 
 
-def gdr_inputs(length, key_dim, value_dim, dtype=torch.float64, decay=None, seed=0):
+def gdr_inputs(length, key_dim, value_dim, dtype=torch.float64, decay=None, seed=0, heads=(HEADS, HEADS)):
+    """q [B, T, H, Dk]; k [B, T, H_kv, Dk]; v [B, T, H_kv, Dv]; g, beta [B, T, H_kv]; state [B, H_kv, Dk, Dv]."""
+    query_heads, kv_heads = heads
     gen = torch.Generator().manual_seed(seed)
-    q, k = (F.normalize(torch.randn(BATCH, length, HEADS, key_dim, generator=gen, dtype=dtype), dim=-1) for _ in range(2))
-    v = torch.randn(BATCH, length, HEADS, value_dim, generator=gen, dtype=dtype)
-    gates = torch.randn(BATCH, length, HEADS, generator=gen, dtype=dtype)
+    q = F.normalize(torch.randn(BATCH, length, query_heads, key_dim, generator=gen, dtype=dtype), dim=-1)
+    k = F.normalize(torch.randn(BATCH, length, kv_heads, key_dim, generator=gen, dtype=dtype), dim=-1)
+    v = torch.randn(BATCH, length, kv_heads, value_dim, generator=gen, dtype=dtype)
+    gates = torch.randn(BATCH, length, kv_heads, generator=gen, dtype=dtype)
     g = F.logsigmoid(gates) if decay is None else decay + 0.1 * gates.clamp(max=0)
-    beta = torch.rand(BATCH, length, HEADS, generator=gen, dtype=dtype)
-    h0 = torch.randn(BATCH, HEADS, key_dim, value_dim, generator=gen, dtype=dtype)
+    beta = torch.rand(BATCH, length, kv_heads, generator=gen, dtype=dtype)
+    h0 = torch.randn(BATCH, kv_heads, key_dim, value_dim, generator=gen, dtype=dtype)
     return {"q": q, "k": k, "v": v, "g": g, "beta": beta, "initial_state": h0}
+
+
+def expanded(inputs):
+    """The same inputs with every key/value-width tensor repeated to the query heads (HF's `repeat_kv` order)."""
+    groups = inputs["q"].shape[2] // inputs["k"].shape[2]
+    return {name: x if name == "q" else x.repeat_interleave(groups, dim=1 if name == "initial_state" else 2)
+            for name, x in inputs.items()}
 
 
 def outputs_and_grads(fn, inputs, **kwargs):
@@ -76,16 +94,17 @@ def assert_all_close(actual, expected, tolerance, what=""):
 # ---------------------------------------------------------------- GLA
 
 
+@pytest.mark.parametrize("heads", HEAD_LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize(("length", "key_dim", "value_dim", "chunk"), SIZES, ids=SIZE_IDS)
-def test_chunk_gla_matches_naive_outputs_grads_state(length, key_dim, value_dim, chunk):
-    inputs = gla_inputs(length, key_dim, value_dim)
+def test_chunk_gla_matches_naive_outputs_grads_state(length, key_dim, value_dim, chunk, heads):
+    inputs = gla_inputs(length, key_dim, value_dim, heads=heads)
     expected = outputs_and_grads(naive_recurrent_gla, inputs)
     actual = outputs_and_grads(chunk_gla, inputs, chunk_size=chunk)
     assert_all_close(actual, expected, F64, "chunk_gla")
 
 
 def test_chunk_gla_long_sequences_run_in_segments(monkeypatch):
-    inputs = gla_inputs(130, 60, 64)
+    inputs = gla_inputs(130, 60, 64, heads=GROUPED)
     expected = outputs_and_grads(naive_recurrent_gla, inputs)
     monkeypatch.setattr(common, "SEGMENT_LENGTH", 32)  # 130 tokens: five segments of two chunks
     actual = outputs_and_grads(chunk_gla, inputs, chunk_size=16)
@@ -120,8 +139,9 @@ def test_gla_bfloat16_inputs_return_bfloat16_output_float32_state():
     torch.testing.assert_close(state, ref_state, atol=1e-4, rtol=1e-4)
 
 
-def test_gla_step_decoding_from_prefix_state_matches_naive():
-    inputs = gla_inputs(75, 60, 64)
+@pytest.mark.parametrize("heads", HEAD_LAYOUTS, ids=LAYOUT_IDS)
+def test_gla_step_decoding_from_prefix_state_matches_naive(heads):
+    inputs = gla_inputs(75, 60, 64, heads=heads)
     ref_output, ref_state = naive_recurrent_gla(**inputs, output_final_state=True)
     prefix = 67
     head = {name: x[:, :prefix] for name, x in inputs.items() if name != "initial_state"}
@@ -134,7 +154,7 @@ def test_gla_step_decoding_from_prefix_state_matches_naive():
 
 
 def test_gla_step_without_state_starts_from_zeros():
-    inputs = gla_inputs(1, 60, 64)
+    inputs = gla_inputs(1, 60, 64, heads=GROUPED)
     del inputs["initial_state"]
     output, state = recurrent_gla_step(**inputs, state=None)
     ref_output, ref_state = naive_recurrent_gla(**inputs, output_final_state=True)
@@ -143,7 +163,7 @@ def test_gla_step_without_state_starts_from_zeros():
 
 
 def test_gla_initial_state_chaining_equals_full_run():
-    inputs = gla_inputs(130, 60, 64)
+    inputs = gla_inputs(130, 60, 64, heads=GROUPED)
     full_output, full_state = chunk_gla(**inputs, output_final_state=True)
     split = 61
     first = {name: x[:, :split] for name, x in inputs.items() if name != "initial_state"}
@@ -156,7 +176,7 @@ def test_gla_initial_state_chaining_equals_full_run():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_gla_strong_decay_stays_finite_and_matches(dtype):
-    inputs = gla_inputs(130, 64, 64, dtype=dtype, decay=-20.0)
+    inputs = gla_inputs(130, 64, 64, dtype=dtype, decay=-20.0, heads=GROUPED)
     reference = {name: x.double() for name, x in inputs.items()}
     expected = outputs_and_grads(naive_recurrent_gla, reference)
     actual = outputs_and_grads(chunk_gla, inputs)
@@ -170,6 +190,8 @@ def test_gla_rejects_bad_shapes_and_chunk():
         chunk_gla(**inputs, chunk_size=48)
     with pytest.raises(ValueError, match="same shape"):
         chunk_gla(inputs["q"], inputs["k"], inputs["v"], inputs["gk"][..., :10])
+    with pytest.raises(ValueError, match="q's 3 heads must be a multiple of k's 2 heads"):
+        chunk_gla(inputs["q"], *(x[:, :, :2] for x in (inputs["k"], inputs["v"], inputs["gk"])))
     with pytest.raises(ValueError, match="one token"):
         recurrent_gla_step(inputs["q"], inputs["k"], inputs["v"], inputs["gk"], None)
     with pytest.raises(ValueError, match="state must be"):
@@ -179,9 +201,10 @@ def test_gla_rejects_bad_shapes_and_chunk():
 # ---------------------------------------------------------------- gated delta rule
 
 
+@pytest.mark.parametrize("heads", HEAD_LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize(("length", "key_dim", "value_dim", "chunk"), SIZES, ids=SIZE_IDS)
-def test_chunk_gated_delta_rule_matches_naive_outputs_grads_state(length, key_dim, value_dim, chunk):
-    inputs = gdr_inputs(length, key_dim, value_dim)
+def test_chunk_gated_delta_rule_matches_naive_outputs_grads_state(length, key_dim, value_dim, chunk, heads):
+    inputs = gdr_inputs(length, key_dim, value_dim, heads=heads)
     expected = outputs_and_grads(naive_recurrent_gated_delta_rule, inputs)
     actual = outputs_and_grads(chunk_gated_delta_rule, inputs, chunk_size=chunk)
     assert actual[1].dtype == torch.float64  # float64 inputs are computed in float64
@@ -189,7 +212,7 @@ def test_chunk_gated_delta_rule_matches_naive_outputs_grads_state(length, key_di
 
 
 def test_chunk_gated_delta_rule_long_sequences_run_in_segments(monkeypatch):
-    inputs = gdr_inputs(130, 60, 64)
+    inputs = gdr_inputs(130, 60, 64, heads=GROUPED)
     expected = outputs_and_grads(naive_recurrent_gated_delta_rule, inputs)
     monkeypatch.setattr(common, "SEGMENT_LENGTH", 32)
     actual = outputs_and_grads(chunk_gated_delta_rule, inputs, chunk_size=16)
@@ -206,8 +229,9 @@ def test_gated_delta_rule_float32_inputs_and_scale():
     torch.testing.assert_close(state, ref_state.float(), **F32)
 
 
-def test_gated_delta_rule_step_decoding_from_prefix_state_matches_naive():
-    inputs = gdr_inputs(75, 60, 64)
+@pytest.mark.parametrize("heads", HEAD_LAYOUTS, ids=LAYOUT_IDS)
+def test_gated_delta_rule_step_decoding_from_prefix_state_matches_naive(heads):
+    inputs = gdr_inputs(75, 60, 64, heads=heads)
     ref_output, ref_state = naive_recurrent_gated_delta_rule(**inputs, output_final_state=True)
     prefix = 67
     head = {name: x[:, :prefix] for name, x in inputs.items() if name != "initial_state"}
@@ -220,7 +244,7 @@ def test_gated_delta_rule_step_decoding_from_prefix_state_matches_naive():
 
 
 def test_gated_delta_rule_initial_state_chaining_equals_full_run():
-    inputs = gdr_inputs(130, 60, 64)
+    inputs = gdr_inputs(130, 60, 64, heads=GROUPED)
     full_output, full_state = chunk_gated_delta_rule(**inputs, output_final_state=True)
     split = 61
     first = {name: x[:, :split] for name, x in inputs.items() if name != "initial_state"}
@@ -232,7 +256,7 @@ def test_gated_delta_rule_initial_state_chaining_equals_full_run():
 
 
 def test_gated_delta_rule_strong_decay_stays_finite_and_matches():
-    inputs = gdr_inputs(130, 64, 64, decay=-20.0)
+    inputs = gdr_inputs(130, 64, 64, decay=-20.0, heads=GROUPED)
     expected = outputs_and_grads(naive_recurrent_gated_delta_rule, inputs)
     actual = outputs_and_grads(chunk_gated_delta_rule, inputs)
     assert all(torch.isfinite(x).all() for x in (actual[0], actual[1], *actual[2].values()))
@@ -241,10 +265,25 @@ def test_gated_delta_rule_strong_decay_stays_finite_and_matches():
 
 def test_gated_delta_rule_rejects_bad_shapes():
     inputs = gdr_inputs(10, 60, 64)
-    with pytest.raises(ValueError, match=r"g and beta must be \[B, T, H\]"):
+    with pytest.raises(ValueError, match=r"g and beta must be \[B, T, H_kv\]"):
         chunk_gated_delta_rule(**{**inputs, "g": inputs["g"][..., None]})
     with pytest.raises(ValueError, match="one token"):
         recurrent_gated_delta_rule_step(inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"], None)
+
+
+# ---------------------------------------------------------------- grouped heads
+
+
+@pytest.mark.parametrize("op", ["gla", "gated_delta_rule"])
+def test_grouped_heads_equal_the_same_op_with_key_value_heads_repeated(op):
+    """Sharing a key/value head (and its state) between G query heads computes what G copies of it compute."""
+    inputs = (gla_inputs if op == "gla" else gdr_inputs)(70, 60, 64, heads=GROUPED)
+    chunk = chunk_gla if op == "gla" else chunk_gated_delta_rule
+    output, state = chunk(**inputs, output_final_state=True, chunk_size=16)
+    ref_output, ref_state = chunk(**expanded(inputs), output_final_state=True, chunk_size=16)
+    assert state.shape == (BATCH, GROUPED[1], 60, 64) and output.shape == (BATCH, 70, GROUPED[0], 64)
+    torch.testing.assert_close(output, ref_output, **F64)
+    torch.testing.assert_close(state, ref_state.view(BATCH, GROUPED[1], 3, 60, 64)[:, :, 0], **F64)
 
 
 # ---------------------------------------------------------------- dispatch
@@ -303,6 +342,41 @@ def test_front_doors_on_cpu_use_the_torch_chunk_forms():
     ref_output, ref_state = chunk_gated_delta_rule(**inputs, output_final_state=True)
     torch.testing.assert_close(output, ref_output, atol=0, rtol=0)
     torch.testing.assert_close(state, ref_state, atol=0, rtol=0)
+
+
+def fake_fla_modules(monkeypatch):
+    """Stand-ins for fla's kernels that, like fla 0.6.0's, take one head count for q, k, v and the gates
+    (our torch chunked forms underneath), installed as `fla.ops.gla` / `fla.ops.gated_delta_rule`."""
+    def one_head_count(op):
+        def kernel(q, k, v, *, g, beta=None, scale=None, initial_state=None, output_final_state=False,
+                   use_qk_l2norm_in_kernel=False):
+            assert q.shape[2] == k.shape[2] == v.shape[2] == g.shape[2], "fla takes one head count"
+            assert initial_state is None or initial_state.shape[1] == q.shape[2]
+            gates = (g,) if beta is None else (g, beta)
+            return op(q, k, v, *gates, scale=scale, initial_state=initial_state,
+                      output_final_state=output_final_state)
+        return kernel
+
+    for name, attribute, op in (("fla.ops.gla", "chunk_gla", chunk_gla),
+                                ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule", chunk_gated_delta_rule)):
+        module = types.ModuleType(name)
+        setattr(module, attribute, one_head_count(op))
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setitem(sys.modules, "fla", types.ModuleType("fla"))
+    monkeypatch.setitem(sys.modules, "fla.ops", types.ModuleType("fla.ops"))
+    monkeypatch.setattr(dispatch, "select_backend", lambda device, requested="auto": "fla")
+
+
+@pytest.mark.parametrize("op", ["gla", "gated_delta_rule"])
+def test_fla_path_repeats_key_value_heads_and_reads_back_each_groups_state(op, monkeypatch):
+    # float32: the fla path hands fla a float32 initial state, as fla wants
+    inputs = (gla_inputs if op == "gla" else gdr_inputs)(70, 60, 64, dtype=torch.float32, heads=GROUPED)
+    expected = outputs_and_grads(chunk_gla if op == "gla" else chunk_gated_delta_rule, inputs)
+    fake_fla_modules(monkeypatch)
+    front_door = dispatch.gla if op == "gla" else dispatch.gated_delta_rule
+    actual = outputs_and_grads(front_door, inputs, backend="fla")
+    assert actual[1].shape == (BATCH, GROUPED[1], 60, 64)
+    assert_all_close(actual, expected, F32, f"fla path {op}")
 
 
 def test_cpu_paths_never_import_triton_or_fla():

@@ -18,7 +18,10 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-BATCH, HEADS = 2, 3
+BATCH = 2
+# (H, H_kv): as many key/value heads as query heads, and three query heads per key/value head (the fla path
+# repeats k, v, the gates and the state to the query heads, and reads the state back from each group's first)
+HEAD_LAYOUTS = {"H3-kv3": (3, 3), "H6-kv2": (6, 2)}
 # relative L2 error ||fla - ref|| / ||ref||; the reference is our torch chunked form in float32
 TOLERANCE = {torch.float32: 5e-3, torch.bfloat16: 2e-2}
 DTYPE_IDS = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -64,32 +67,36 @@ def check(actual, expected, tolerance):
         assert relative_error(grad, ref_grads[name]) < tolerance, f"d{name}"
 
 
+@pytest.mark.parametrize("layout", HEAD_LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("length", [63, 130, 1000])
-def test_fla_chunk_gla_matches_torch(dtype, length):
+def test_fla_chunk_gla_matches_torch(dtype, length, layout):
+    heads, kv_heads = HEAD_LAYOUTS[layout]
     gen = torch.Generator(device="cuda").manual_seed(length)
     inputs = {
-        "q": torch.randn(BATCH, length, HEADS, 64, generator=gen, device="cuda"),
-        "k": torch.randn(BATCH, length, HEADS, 64, generator=gen, device="cuda"),
-        "v": torch.randn(BATCH, length, HEADS, 64, generator=gen, device="cuda"),
-        "gk": F.logsigmoid(torch.randn(BATCH, length, HEADS, 64, generator=gen, device="cuda")) / 16,
-        "initial_state": torch.randn(BATCH, HEADS, 64, 64, generator=gen, device="cuda"),
+        "q": torch.randn(BATCH, length, heads, 64, generator=gen, device="cuda"),
+        "k": torch.randn(BATCH, length, kv_heads, 64, generator=gen, device="cuda"),
+        "v": torch.randn(BATCH, length, kv_heads, 64, generator=gen, device="cuda"),
+        "gk": F.logsigmoid(torch.randn(BATCH, length, kv_heads, 64, generator=gen, device="cuda")) / 16,
+        "initial_state": torch.randn(BATCH, kv_heads, 64, 64, generator=gen, device="cuda"),
     }
     actual, expected = run_both(dispatch.gla, inputs, dtype)
     check(actual, expected, TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("layout", HEAD_LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("length", [63, 130, 1000])
-def test_fla_chunk_gated_delta_rule_matches_torch(dtype, length):
+def test_fla_chunk_gated_delta_rule_matches_torch(dtype, length, layout):
+    heads, kv_heads = HEAD_LAYOUTS[layout]
     gen = torch.Generator(device="cuda").manual_seed(length)
     inputs = {
-        "q": F.normalize(torch.randn(BATCH, length, HEADS, 64, generator=gen, device="cuda"), dim=-1),
-        "k": F.normalize(torch.randn(BATCH, length, HEADS, 64, generator=gen, device="cuda"), dim=-1),
-        "v": torch.randn(BATCH, length, HEADS, 64, generator=gen, device="cuda"),
-        "g": F.logsigmoid(torch.randn(BATCH, length, HEADS, generator=gen, device="cuda") + 2),
-        "beta": torch.rand(BATCH, length, HEADS, generator=gen, device="cuda"),
-        "initial_state": torch.randn(BATCH, HEADS, 64, 64, generator=gen, device="cuda"),
+        "q": F.normalize(torch.randn(BATCH, length, heads, 64, generator=gen, device="cuda"), dim=-1),
+        "k": F.normalize(torch.randn(BATCH, length, kv_heads, 64, generator=gen, device="cuda"), dim=-1),
+        "v": torch.randn(BATCH, length, kv_heads, 64, generator=gen, device="cuda"),
+        "g": F.logsigmoid(torch.randn(BATCH, length, kv_heads, generator=gen, device="cuda") + 2),
+        "beta": torch.rand(BATCH, length, kv_heads, generator=gen, device="cuda"),
+        "initial_state": torch.randn(BATCH, kv_heads, 64, 64, generator=gen, device="cuda"),
     }
     actual, expected = run_both(dispatch.gated_delta_rule, inputs, dtype)
     check(actual, expected, TOLERANCE[dtype])

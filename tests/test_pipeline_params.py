@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,13 @@ pytestmark = pytest.mark.usefixtures("fresh_runtime_cache")
     ({"mixer": "mamba"}, "mixer"),
     ({"runner": {"kind": "ray"}}, "runner.kind"),
     ({"runner": {"workers": 0}}, "runner.workers"),
-    ({"distill": {"tokens": 40, "seq_len": 32}}, "at least 2 sequences"),
+    ({"distill": {"tokens": 0}}, "distill.tokens"),
+    ({"distill": {"tokens": -5}}, "distill.tokens"),
+    ({"distill": {"tokens": "many"}}, "distill.tokens"),
+    ({"distill": {"seq_len": 0}}, "distill.seq_len"),
+    ({"distill": {"seq_len": "64,0"}}, "distill.seq_len"),
+    ({"distill": {"layers_per_task": 0}}, "distill.layers_per_task"),
+    ({"distill": {"eval_sequences": 0}}, "distill.eval_sequences"),
     ({"task": {"validation_limit": 0}}, "task.validation_limit"),
     ({"acceptance": {"confidence": 1.5}}, "acceptance.confidence"),
     ({"max_layers": -1}, "max_layers"),
@@ -41,6 +48,8 @@ def test_pydantic_rejects_with_one_line(tmp_path, overrides, message):
     ({"task": {"data_file": "/nonexistent/data.csv"}}, "needs verbalisers"),
     ({"task": {"data_file": "/nonexistent/data.csv", "verbalisers": {"a": " yes", "b": " no"}}}, "does not exist"),
     ({"distill": {"corpus": "/nonexistent/corpus.txt"}}, "corpus"),
+    ({"distill": {"seq_len": 8192}}, "above the model's max_position_embeddings (4096)"),
+    ({"distill": {"seq_len": "64,5000"}}, "sequence length 5000 is above"),
     ({"tolerance": {"mode": "relative", "value": 1.5}}, "relative tolerance"),
     ({"runner": {"kind": "threads", "dask_address": "tcp://127.0.0.1:8786"}}, "dask_address"),
     ({"tracking": {"tracking_uri": "http://127.0.0.1:9"}}, "unreachable"),
@@ -53,6 +62,31 @@ def test_check_params_rejects_with_one_line(tmp_path, overrides, message):
         check_params(tiny_params(tmp_path, **overrides))
     text = str(error.value)
     assert message in text and "\n" not in text
+
+
+def test_unreadable_or_empty_corpus_is_one_line(tmp_path):
+    from tasks.params import check_params
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": " "}\n')
+    unreadable = tmp_path / "locked.txt"
+    unreadable.write_text("text")
+    unreadable.chmod(0)
+    cases = [(empty, "holds no text"), (tmp_path / "table.xlsx", "is not one of")]
+    (tmp_path / "table.xlsx").write_text("x")
+    if os.geteuid() != 0:  # root reads any file
+        cases.append((unreadable, "cannot be read"))
+    for corpus, message in cases:
+        with pytest.raises(ValueError) as error:
+            check_params(tiny_params(tmp_path, distill={"corpus": str(corpus)}))
+        assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_budget_in_tokens_accepts_1e8_and_a_length_mix(tmp_path):
+    params = tiny_params(tmp_path, distill={"tokens": "1e8", "seq_len": "32,64", "steps": None})
+    assert params.distill.tokens == 10**8 and params.distill.seq_lens == (32, 64)
+    config = params.distill.distill_config(seed=0)
+    assert config.steps == 10**8 // (4 * 32) and config.sequences_at(1) == (2, 64)  # 781,250 steps of 128
 
 
 def test_flow_rejects_before_any_work(tmp_path, prefect_harness):
@@ -88,7 +122,7 @@ def test_cli_help_documents_every_flow_parameter():
                    "--distill-tokens", "--seq-len", "--steps", "--lr", "--tolerance-mode", "--tolerance",
                    "--acceptance", "--max-layers", "--seed", "--runner", "--workers", "--dask-address",
                    "--context-len", "--tracking-uri", "--experiment", "--register", "--output-dir", "--run-id",
-                   "--profile", "--max-normalized-loss"):
+                   "--profile", "--max-normalized-loss", "--layers-per-task"):
         assert option in result.output, option
 
 

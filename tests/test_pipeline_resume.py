@@ -21,30 +21,35 @@ def _registered_names(client) -> list[str]:
 
 
 def test_failed_runs_register_nothing_and_resume(tmp_path, monkeypatch):
+    import dtr_core.distill.block
     import dtr_core.search.scorer
-    import dtr_core.distill.training
     from dtr_core.artifacts import read_json
     from dtr_core.run_layout import RunLayout
     from flows.convert import run_convert
 
-    params = tiny_params(tmp_path)
+    params = tiny_params(tmp_path, distill={"checkpoint_every_steps": 10})
     layout = RunLayout(tmp_path / "runs" / params.resolved_run_id())
     client = mlflow_client(params)
 
-    # 1. the run dies while distilling layer 2
-    real_distill = dtr_core.distill.training.distill_layer
+    # 1. the run dies at step 25 of the block of layers 2-3 (2 workers: blocks 0-1 and 2-3), after its
+    # checkpoint of step 20
+    real_distill = dtr_core.distill.block.distill_block
 
-    def distill_dies_on_layer_2(model, layer_idx, *args, **kwargs):
-        if layer_idx == 2:
-            raise RuntimeError("simulated crash in layer 2")
-        return real_distill(model, layer_idx, *args, **kwargs)
+    def distill_dies_in_block_2_3(model, layers, *args, **kwargs):
+        if 2 in layers:
+            def crash(step, *rest):
+                if step >= 25:
+                    raise RuntimeError("simulated crash in layers 2-3")
+            kwargs["progress"] = crash
+        return real_distill(model, layers, *args, **kwargs)
 
-    monkeypatch.setattr(dtr_core.distill.training, "distill_layer", distill_dies_on_layer_2)
+    monkeypatch.setattr(dtr_core.distill.block, "distill_block", distill_dies_in_block_2_3)
     with pytest.raises(Exception, match="simulated crash"):
         run_convert(params)
     monkeypatch.undo()
     assert not layout.summary.exists() and not (layout.root / "hybrids").exists()
-    assert sorted(p.parent.name for p in layout.students.glob("*/meta.json")) == ["layer_000", "layer_001", "layer_003"]
+    assert sorted(p.parent.name for p in layout.students.glob("*/meta.json")) == ["layer_000", "layer_001"]
+    assert read_json(layout.students / "block_002-003" / "checkpoint" / "state.json")["step"] == 20
     assert not list(layout.root.rglob(".*tmp-*")), "a temporary file or folder was left behind"
     assert _registered_names(client) == []
     first = client.search_runs([client.get_experiment_by_name("dtr-test").experiment_id],
@@ -66,6 +71,8 @@ def test_failed_runs_register_nothing_and_resume(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert {p.parent.name: p.stat().st_mtime_ns for p in layout.students.glob("*/meta.json")
             if p.parent.name in trained_at} == trained_at, "completed layers were trained again"
+    # the block of layers 2-3 resumed from its checkpoint and finished; the checkpoint is gone
+    assert (layout.students / "layer_003" / "meta.json").is_file() and not (layout.students / "block_002-003").exists()
     assert layout.round(0).is_file() and not layout.summary.exists()
     assert _registered_names(client) == []
     round0 = sorted(layout.greedy.glob("candidates/r00_*.json"))

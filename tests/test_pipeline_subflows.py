@@ -19,8 +19,11 @@ def test_distill_replace_evaluate_benchmark_alone(tmp_path):
 
     run_dir = tmp_path / "run"
     task = TaskParams(**TINY["task"])
-    results = distill(model="tiny-llama", budget=DistillBudget(**TINY["distill"]), run_dir=str(run_dir))
+    # blocks of 3 consecutive layers: layers 0-2 and 3
+    results = distill(model="tiny-llama", budget=DistillBudget(**TINY["distill"], layers_per_task=3),
+                      run_dir=str(run_dir))
     assert [r["layer"] for r in results] == [0, 1, 2, 3] and all(r["status"] == "ok" for r in results)
+    assert sorted(p.name for p in RunLayout(run_dir).students.iterdir()) == [f"layer_{i:03d}" for i in range(4)]
 
     trajectory = replace(model="tiny-llama", task=task, run_dir=str(run_dir), max_layers=2)
     layout = RunLayout(run_dir)

@@ -4,37 +4,26 @@ students) must choose the same swap order, M_best and M_opt, with the same score
 
 from __future__ import annotations
 
-import random
-
 import pytest
-import torch
 
 from dtr_core.search.acceptance import Tolerance
-from dtr_core.distill.training import DistillConfig, load_students, read_layer_results
+from distill_support import write_corpus
+from pipeline_support import toy_texts
+from dtr_core.distill.config import DistillConfig
+from dtr_core.distill.corpus import Corpus
+from dtr_core.distill.training import load_students, read_layer_results
 from dtr_core.evaluation.tasks import ClassificationTask, Example, LanguageModelingTask
 from dtr_core.models import load_model
 from dtr_core.search.reference import run_reference
 from dtr_core.search.greedy_search import encode_split, run_greedy_search
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls with 2 threads on a busy 2-core machine spin far slower than with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _texts(n, seed):
-    rng = random.Random(seed)
-    return [" ".join("".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 6))) for _ in range(rng.randint(3, 9)))
-            for _ in range(n)]  # fmt: skip
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matmuls: one thread is fastest
 
 
 def toy_tasks():
-    cls_examples = [Example(uid=f"c{i}", text=t, label="x" if i % 3 else "y") for i, t in enumerate(_texts(60, 0))]
-    lm_examples = [Example(uid=f"d{i}", text=t) for i, t in enumerate(_texts(24, 1))]
+    cls_examples = [Example(uid=f"c{i}", text=t, label="x" if i % 3 else "y") for i, t in enumerate(toy_texts(60, 0))]
+    lm_examples = [Example(uid=f"d{i}", text=t) for i, t in enumerate(toy_texts(24, 1))]
     return [
         ClassificationTask(name="toy-cls", load=lambda: cls_examples, validation_size=40, test_size=4,
                            template="{text} =", verbalisers={"x": "A", "y": "B"}),
@@ -46,19 +35,21 @@ def toy_tasks():
 def distilled(tmp_path_factory):
     """tiny-llama with students distilled by the reference's own steps 1-2 (shared by the tests below)."""
     model, tokenizer = load_model("tiny-llama")
-    token_ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    work_dir = tmp_path_factory.mktemp("dtr-reference")
+    corpus = Corpus(write_corpus(work_dir / "corpus.txt"), tokenizer)
     # 4 steps leave the students worse than predicting the mean; the verdict threshold is off so that every
     # layer stays a candidate (the search, not the students' quality, is under test)
-    config = DistillConfig(steps=4, batch_size=2, warmup_steps=1, log_every=1, max_normalized_loss=1e9)
-    return model, tokenizer, token_ids, config, tmp_path_factory.mktemp("dtr-reference")
+    config = DistillConfig(steps=4, batch_size=2, seq_lens=(32,), eval_sequences=2, warmup_steps=1, log_every=1,
+                           max_normalized_loss=1e9)
+    return model, tokenizer, corpus, config, work_dir
 
 
 @pytest.mark.parametrize("task_index", [0, 1], ids=["accuracy", "perplexity"])
 @pytest.mark.parametrize("tolerance", [0.05, 0.5])
 def test_optimised_path_matches_reference(distilled, task_index, tolerance):
-    model, tokenizer, token_ids, config, work_dir = distilled
+    model, tokenizer, corpus, config, work_dir = distilled
     task = toy_tasks()[task_index]
-    reference = run_reference(model, tokenizer, token_ids, task, "gla", work_dir, config, tolerance=tolerance)
+    reference = run_reference(model, tokenizer, corpus, task, "gla", work_dir, config, tolerance=tolerance)
 
     students = load_students(work_dir / "students", model)
     assert sorted(students) == [0, 1, 2, 3]

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from test_reference import distilled, toy_tasks  # noqa: F401  (a fixture: tiny-llama with students distilled)
-from test_search import _one_thread, six_layer_llama, students_for, toy_classification, toy_lm  # noqa: F401
+from test_search import six_layer_llama, students_for, toy_classification, toy_lm
 
 from dtr_core.search import layerwise
 from dtr_core.search.acceptance import Tolerance
@@ -21,6 +21,8 @@ from dtr_core.search.reference import run_reference
 from dtr_core.search.scorer import CommittedHybrid, RoundScorer, rejected
 from dtr_core.search.greedy_search import PlainEvaluator, encode_split
 from dtr_core.hybrid.surgery import attention_module, decoder_layers
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ what the plain search chooses."""
 from __future__ import annotations
 
 import copy
-import random
 
 import pytest
 import torch
+from pipeline_support import toy_texts
 from transformers import AutoModelForCausalLM
 
 from dtr_core.search import layerwise
@@ -20,13 +20,7 @@ from dtr_core.models import TINY_CONFIGS, byte_tokenizer, load_model
 from dtr_core.search.greedy_search import FastEvaluator, PlainEvaluator, encode_split, run_greedy_search
 from dtr_core.hybrid.surgery import attention_module, restore_layers, swap_layers
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls with 2 threads on a busy 2-core machine spin 20-60x slower than with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- fixtures: a 6-layer tiny Llama, perturbed students, toy tasks ------------------------------------
@@ -56,14 +50,8 @@ def students_for(model, layers, noise=(0.0, 0.02, 0.05, 0.1, 0.2, 0.4), exact=()
     return students
 
 
-def _texts(n, seed):
-    rng = random.Random(seed)
-    return [" ".join("".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 6))) for _ in range(rng.randint(3, 9)))
-            for _ in range(n)]  # fmt: skip
-
-
 def toy_classification(verbalisers=None):
-    texts = _texts(40, 0)
+    texts = toy_texts(40, 0)
     examples = [Example(uid=f"c{i}", text=t, label="x" if i % 2 else "y") for i, t in enumerate(texts)]
     return ClassificationTask(
         name="toy-cls", load=lambda: examples, validation_size=24, test_size=4, template="{text} =",
@@ -72,7 +60,7 @@ def toy_classification(verbalisers=None):
 
 
 def toy_lm():
-    examples = [Example(uid=f"d{i}", text=t) for i, t in enumerate(_texts(20, 1))]
+    examples = [Example(uid=f"d{i}", text=t) for i, t in enumerate(toy_texts(20, 1))]
     return LanguageModelingTask(name="toy-lm", load=lambda: examples, validation_size=8, test_size=4, max_tokens=40)
 
 

@@ -15,27 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline_support import mlflow_client, tiny_params
+from pipeline_support import cli_env, mlflow_client, tiny_params, wait_for
 
-ROOT = Path(__file__).resolve().parents[1]
 DTR = Path(sys.executable).parent / "dtr"
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DTR_TORCH_THREADS": "1", **extra}
-    env.pop("PREFECT_API_URL", None)  # the CLI runs its own embedded Prefect, as a user's would
-    return env
-
-
-def _wait_for(predicate, seconds: float, process: subprocess.Popen | None = None) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        if process is not None and process.poll() is not None:
-            return False
-        time.sleep(0.1)
-    return False
 
 
 def _free_port() -> int:
@@ -57,11 +39,11 @@ def test_run_folder_lock_refuses_a_second_process_and_survives_sigkill(tmp_path)
     from dtr_core.run_lock import RunInUse, run_folder_lock
 
     folder = tmp_path / "runs" / "tiny-run"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLD_LOCK), str(folder)], env=_env(),
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLD_LOCK), str(folder)], env=cli_env(),
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        second = subprocess.run([sys.executable, "-c", textwrap.dedent(HOLD_LOCK), str(folder)], env=_env(),
+        second = subprocess.run([sys.executable, "-c", textwrap.dedent(HOLD_LOCK), str(folder)], env=cli_env(),
                                 capture_output=True, text=True, timeout=60)
         assert second.returncode != 0 and "locked" not in second.stdout
         assert f"run tiny-run is in use by another dtr process (pid {holder.pid}, started " in second.stderr
@@ -87,7 +69,7 @@ def test_convert_refuses_a_run_folder_in_use_before_any_mlflow_run(tmp_path):
 
     params = tiny_params(tmp_path, tracking={"register_models": False})
     folder = tmp_path / "runs" / params.resolved_run_id()
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLD_LOCK), str(folder)], env=_env(),
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLD_LOCK), str(folder)], env=cli_env(),
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -117,13 +99,13 @@ def test_new_sqlite_store_is_created_once_by_concurrent_processes(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     start_at = time.time() + 8  # after every interpreter has imported mlflow
     processes = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(CREATE_PARENT), uri, str(start_at),
-                                   f"run-{i}"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                                   f"run-{i}"], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for i in range(3)]
     outputs = [process.communicate(timeout=240) for process in processes]
     for process, (out, err) in zip(processes, outputs):
         assert process.returncode == 0, err[-3000:]
     fourth = subprocess.run([sys.executable, "-c", textwrap.dedent(CREATE_PARENT), uri, "0", "run-3"], cwd=tmp_path,
-                            env=_env(), capture_output=True, text=True, timeout=240)
+                            env=cli_env(), capture_output=True, text=True, timeout=240)
     assert fourth.returncode == 0, fourth.stderr[-3000:]
     from mlflow.tracking import MlflowClient
 
@@ -180,7 +162,7 @@ def test_store_failure_is_one_line_and_marking_failed_is_bounded(tmp_path):
         print(json.dumps({{k: os.environ[k] for k in {sorted(BOUNDED_HTTP)!r}}}, sort_keys=True))
     """
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env={
-        k: v for k, v in _env().items() if not k.startswith("MLFLOW_HTTP_REQUEST")}, cwd=tmp_path,
+        k: v for k, v in cli_env().items() if not k.startswith("MLFLOW_HTTP_REQUEST")}, cwd=tmp_path,
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
@@ -262,12 +244,12 @@ def test_killed_cli_run_is_reattached_and_its_orphans_repaired(tmp_path):
     from dtr_core.artifacts import read_json
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = _env(MLFLOW_TRACKING_URI=uri)
+    env = cli_env(MLFLOW_TRACKING_URI=uri)
     args = _smoke_args(tmp_path, "--no-register", "--steps", "30")
     process = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     try:
-        assert _wait_for(lambda: any((tmp_path / "runs").glob("*/students/layer_*/meta.json")), 300, process)
+        assert wait_for(lambda: any((tmp_path / "runs").glob("*/students/layer_*/meta.json")), 300, process)
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the CLI and everything it started
         process.wait()
@@ -296,7 +278,7 @@ def _start_mlflow_server(tmp_path: Path, port: int) -> subprocess.Popen:
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--default-artifact-root", str(tmp_path / "server-artifacts")],
-        cwd=tmp_path, env={**_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=subprocess.DEVNULL,
+        cwd=tmp_path, env={**cli_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, start_new_session=True)
 
     def healthy() -> bool:
@@ -308,7 +290,7 @@ def _start_mlflow_server(tmp_path: Path, port: int) -> subprocess.Popen:
         except OSError:
             return False
 
-    assert _wait_for(healthy, 90, server), "mlflow server did not start"
+    assert wait_for(healthy, 90, server), "mlflow server did not start"
     return server
 
 
@@ -316,10 +298,10 @@ def test_tracking_server_killed_mid_run_fails_fast_with_one_line(tmp_path):
     port = _free_port()
     server = _start_mlflow_server(tmp_path, port)
     args = _smoke_args(tmp_path, "--no-register", "--steps", "30")
-    process = subprocess.Popen(args, cwd=tmp_path, env=_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}"),
+    process = subprocess.Popen(args, cwd=tmp_path, env=cli_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}"),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        assert _wait_for(lambda: any((tmp_path / "runs").glob("*/activations/manifest.json")), 300, process)
+        assert wait_for(lambda: any((tmp_path / "runs").glob("*/students/layer_*/meta.json")), 300, process)
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
         killed = time.monotonic()
@@ -336,4 +318,4 @@ def test_tracking_server_killed_mid_run_fails_fast_with_one_line(tmp_path):
     assert len(errors) == 1 and errors[0].startswith(f"error: MLflow store http://127.0.0.1:{port} failed")
     assert "resume" in errors[0]
     assert len(err.splitlines()) < 300, f"{len(err.splitlines())} lines"
-    assert list((tmp_path / "runs").glob("*/activations/manifest.json"))  # the work done stays for resume
+    assert list((tmp_path / "runs").glob("*/students/layer_*/meta.json"))  # the work done stays for resume

@@ -83,14 +83,18 @@ def _quiet_libraries(verbose: bool) -> None:
     hf_logging.disable_progress_bar()
 
 
-def keep_prefect_state_in_cache() -> None:
-    """Embedded Prefect keeps its database under `$DTR_CACHE_DIR/prefect`, not in the user's home.
+def embedded_prefect_settings() -> None:
+    """Settings for Prefect's embedded server, made before Prefect is imported (it reads them then).
 
-    A user's own Prefect setup wins: nothing changes when PREFECT_HOME or PREFECT_API_URL is set, or when
-    ~/.prefect exists (the user's profiles live there). Called before Prefect is imported, which reads it.
+    - Its database lives under `$DTR_CACHE_DIR/prefect`, not in the user's home. A user's own Prefect setup
+      wins: nothing changes when PREFECT_HOME or PREFECT_API_URL is set, or when ~/.prefect exists (the
+      user's profiles live there).
+    - It may take 120 s to start instead of Prefect's 20: the first start migrates a fresh database, which
+      took longer than 20 s on a busy 2-core machine and failed the run.
     """
     from dtr_core.models import cache_dir
 
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if {"PREFECT_HOME", "PREFECT_API_URL"} & set(os.environ) or (Path.home() / ".prefect").exists():
         return
     home = cache_dir() / "prefect"
@@ -153,8 +157,11 @@ def convert_command(
     test_limit: int | None = typer.Option(None, "--test-limit", help=_help("task.test_limit")),
     mixer: str | None = typer.Option(None, "--mixer", help=_help("mixer") + ": gated_deltanet, gla or jetblock"),
     corpus: str | None = typer.Option(None, "--corpus", help=_help("distill.corpus")),
-    tokens: int | None = typer.Option(None, "--distill-tokens", help=_help("distill.tokens")),
-    seq_len: int | None = typer.Option(None, "--seq-len", help=_help("distill.seq_len")),
+    tokens: str | None = typer.Option(None, "--distill-tokens", help=_help("distill.tokens") + " (e.g. 40960 or 1e8)"),
+    seq_len: str | None = typer.Option(None, "--seq-len", help=_help("distill.seq_len")),
+    layers_per_task: int | None = typer.Option(None, "--layers-per-task", help=_help("distill.layers_per_task")),
+    checkpoint_every_steps: int | None = typer.Option(None, "--checkpoint-every-steps",
+                                                      help=_help("distill.checkpoint_every_steps")),
     steps: int | None = typer.Option(None, "--steps", help=_help("distill.steps")),
     lr: float | None = typer.Option(None, "--lr", help=_help("distill.lr")),
     distill_batch_size: int | None = typer.Option(None, "--distill-batch-size", help=_help("distill.batch_size")),
@@ -173,6 +180,11 @@ def convert_command(
     context_len: int | None = typer.Option(None, "--context-len", help=_help("speed.context_len")),
     decode_tokens: int | None = typer.Option(None, "--decode-tokens", help=_help("speed.decode_tokens")),
     speed_repeats: int | None = typer.Option(None, "--speed-repeats", help=_help("speed.repeats")),
+    heal: bool | None = typer.Option(None, "--heal/--no-heal", help=_help("heal.enabled")),
+    heal_steps: int | None = typer.Option(None, "--heal-steps", help=_help("heal.steps")),
+    heal_lr: float | None = typer.Option(None, "--heal-lr", help=_help("heal.lr")),
+    heal_seq_len: int | None = typer.Option(None, "--heal-seq-len", help=_help("heal.seq_len")),
+    heal_corpus: str | None = typer.Option(None, "--heal-corpus", help=_help("heal.corpus")),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help=_help("tracking.tracking_uri")),
     experiment: str | None = typer.Option(None, "--experiment", help=_help("tracking.experiment")),
     register_models: bool | None = typer.Option(None, "--register/--no-register",
@@ -195,11 +207,14 @@ def convert_command(
                  "template": template, "verbalisers": _verbalisers(verbaliser),
                  "validation_limit": validation_limit, "test_limit": test_limit},
         "distill": {"corpus": corpus, "tokens": tokens, "seq_len": seq_len, "steps": steps, "lr": lr,
-                    "batch_size": distill_batch_size, "max_normalized_loss": max_normalized_loss},
+                    "batch_size": distill_batch_size, "layers_per_task": layers_per_task,
+                    "checkpoint_every_steps": checkpoint_every_steps,
+                    "max_normalized_loss": max_normalized_loss},
         "tolerance": {"mode": tolerance_mode, "value": tolerance},
         "acceptance": {"mode": acceptance, "confidence": confidence, "resamples": resamples},
         "runner": {"kind": runner, "workers": workers, "dask_address": dask_address},
         "speed": {"context_len": context_len, "decode_tokens": decode_tokens, "repeats": speed_repeats},
+        "heal": {"enabled": heal, "steps": heal_steps, "lr": heal_lr, "seq_len": heal_seq_len, "corpus": heal_corpus},
         "tracking": {"tracking_uri": tracking_uri, "experiment": experiment, "register_models": register_models,
                      "model_name": model_name},
     }
@@ -224,7 +239,7 @@ def convert_command(
     write_marker(log_path.parent.parent, kind="run")
     log_file = attach_log_file(log_path)
     start_work(log_file.parent.parent)
-    keep_prefect_state_in_cache()
+    embedded_prefect_settings()
     from flows.convert import run_convert  # imports prefect and mlflow, which set up their logging on import
 
     typer.echo(f"dtr convert: {params.model} for '{params.task.label}' (profile {profile}, mixer {params.mixer}, "

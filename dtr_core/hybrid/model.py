@@ -3,11 +3,13 @@
 A hybrid of family `f` (llama, qwen2, qwen3, mistral) is a `Dtr<F>ForCausalLM` with model_type
 `dtr_<f>`: the family's own model class whose config adds
     dtr_layer_mixers: ["full", "gated_deltanet", "full", ...]   # one entry per layer
-    dtr_mixer_config: {"use_rope": true, ...}                   # MixerConfig of the students
+    dtr_mixer_config: {"use_rope": true, ..., "student_format": 2}  # MixerConfig of the students
 `import dtr_core.hybrid` registers these with `AutoConfig` / `AutoModelForCausalLM`, so
 `AutoModelForCausalLM.from_pretrained(dir)` loads a saved hybrid without `trust_remote_code`, and
 `save_pretrained` writes safetensors. `forward(use_cache=True)` and `generate()` use `HybridCache`:
-a KV cache for full layers and a fixed-size recurrent state for linear ones.
+a KV cache for full layers and a fixed-size recurrent state for linear ones. A hybrid whose students were
+saved by an earlier dtr (no `student_format` in `dtr_mixer_config`: expanded key/value heads, another weight
+layout) is refused on loading with one line naming the fix.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from transformers import (
 from dtr_core.mixers.state_cache import FULL, HybridCache
 from dtr_core.families import HYBRID_PREFIX, base_model_type, get_family
 from dtr_core.mixers import LinearMixer, MixerConfig, build_student, get_mixer_class
+from dtr_core.mixers.base import earlier_format_message
 from dtr_core.hybrid.surgery import decoder_layers, swap_layers
 
 
@@ -48,7 +51,12 @@ class HybridMixin:
             raise ValueError(
                 f"dtr_layer_mixers has {len(layer_map)} entries but the model has {self.config.num_hidden_layers} layers"
             )
-        mixer_config = MixerConfig.from_dict(self.config.dtr_mixer_config)
+        saved = self.config.dtr_mixer_config
+        if saved is not None and "student_format" not in saved and any(kind != FULL for kind in layer_map):
+            raise ValueError(earlier_format_message(
+                f"this {self.config.model_type} hybrid",
+                "build it again with the same `dtr convert` or `dtr hybridize` command"))
+        mixer_config = MixerConfig.from_dict(saved)
         students = {
             layer_idx: build_student(kind, self.config, layer_idx, mixer_config)
             for layer_idx, kind in enumerate(layer_map)

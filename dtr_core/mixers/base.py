@@ -1,4 +1,4 @@
-"""What every linear-attention student shares: teacher-shaped projections, RoPE, the output path, cache I/O.
+"""What every linear-attention student shares: one fused input projection, RoPE, the output path, cache I/O.
 
 A student is a drop-in replacement for a decoder layer's attention module: it takes what the HF
 decoder layer passes (`hidden_states`, `position_embeddings`, `attention_mask`, `cache`, ...) and
@@ -8,16 +8,42 @@ returns `(output, None)` like the teacher. Subclasses implement `mix(...)`: the 
 Decisions the DtR paper leaves open, taken here (and why):
 - q/k/v/o are copied from the teacher (as RADLADS, LoLCATs, Mamba-in-the-Llama do): the student
   starts from the teacher's feature spaces, and distillation only has to learn the mixing.
-- GQA: every query head gets its own key/value head, copied from the teacher's shared one
-  (`repeat_interleave` over groups, the order HF's `repeat_kv` uses). The linear state is per head,
-  so sharing would force heads to share one memory.
+- GQA: k, v and the recurrent state keep the teacher's key/value head count (`num_key_value_heads`);
+  query head h reads key/value head h // groups (the order of HF's `repeat_kv`). The gates that feed the
+  state update (decays, write strength) are per key/value head too. At initialisation this is the same
+  function as giving every query head its own copy of its key/value head (tested), at a fraction of the
+  cost. SmolLM2-135M (9 query heads, 3 key/value heads, head dim 64), per linear layer, batch 1:
+  recurrent state 9 x 64 x 64 x 4 = 147,456 bytes expanded, 3 x 64 x 64 x 4 = 49,152 bytes grouped (the
+  state update's compute shrinks by the same factor 3); parameters below, against the teacher attention's
+  0.88M (the rest over it: the output gate, 0.11M, and the mixers' gates).
+- The output gate is per key/value head (one gate of `num_key_value_heads * head_dim` channels, each
+  shared by the query heads of its group): it has the width of the value projection, as the gate of fla's
+  `GatedDeltaNet` (`g_proj: hidden -> value_dim`), keeps the identity at initialisation, and costs a third
+  of a per-query-head gate on SmolLM2 (110K parameters instead of 332K, read at every decoded token).
+- One fused input projection `in_proj`: rows [q | k | v | output gate | the mixer's own inputs (decay
+  and write-strength logits, the low-rank gate's and kernel generator's down projections)], one GEMM per
+  token where there were four to seven; its bias is zero where the teacher has none. The q and k heads stay
+  side by side, so SiLU, RoPE and the L2 norm run once on both. Per decoded token and linear layer (aten ops
+  under `TorchDispatchMode`, SmolLM2-135M's shape, one token after an 8-token prefill, default options;
+  `python tests/mixer_op_count.py`; `tests/test_mixers.py` holds the new counts as a ceiling):
+      mixer            aten ops       linear layers (GEMMs incl. the state's bmm)   parameters
+      GLA              91 -> 67       7 -> 3  (8 -> 4)                              1.68M -> 1.01M
+      gated DeltaNet   120 -> 84      7 -> 2  (9 -> 4)                              1.67M -> 1.00M
+      JetBlock         152 -> 100     9 -> 3  (12 -> 5)                             1.71M -> 1.04M
+  (before: expanded key/value heads, separate projections; after: grouped and fused.)
 - RoPE is kept by default (`MixerConfig.use_rope`): q/k are rotated exactly as the teacher does, so
   copied projections see the features they were trained with. Set `use_rope=False` for NoPE.
 - Qwen3's per-head q/k RMSNorms are copied and applied before RoPE, as in the teacher.
 - Linear attention's output has no softmax normalisation, so each head's output goes through an
   RMSNorm before `o_proj`, as in GLA / Gated DeltaNet / JetBlock. Its weight starts at 1; distillation
-  then rescales it once (`scale_output`) so the output matches the teacher's scale; a sigmoid output gate
-  `2 * sigmoid(g_proj(x))` with zero-initialised `g_proj` starts as exactly the identity.
+  then rescales it once (`scale_output`) so the output matches the teacher's scale. The output gate
+  (`MixerConfig.gate`) starts as exactly the identity: "sigmoid" is `2 * sigmoid(g)` with g = 0 at init;
+  "swish_norm" is the published swish-gated RMSNorm `rmsnorm(o) * silu(g)` with g = 1.2785 at init
+  (`silu(1.2785) = 1`).
+- Published options (`MixerConfig`): `qk_activation="silu"` (SiLU on q/k, as published Gated DeltaNet),
+  `short_conv=True` (a causal depthwise convolution of width 4 on q, k and v, as fla's
+  `ShortConvolution`, initialised to the identity; its last 3 inputs live in the decode cache) and, for
+  JetBlock, `value_kernel="channel"` (a dynamic kernel per value channel instead of per head).
 - Decay gates start near "no decay" (per-step decay ~0.999); see each mixer.
 - Padding: students ignore `attention_mask`. Right padding is safe (causal: pads come after real
   tokens); left-padded batches are not supported for linear layers.
@@ -29,42 +55,79 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from dtr_core.mixers.state_cache import recurrent_layer
 from dtr_core.families import get_family
+from dtr_core.mixers.state_cache import SHORT_CONV_STATE, conv_window, recurrent_layer
 from dtr_core.ops.common import DEFAULT_CHUNK_SIZE
 
 IMPLEMENTATIONS = ("chunk", "naive")
+# 2: key/value heads at the teacher's count, one fused input projection. 1 (before): key/value heads
+# expanded to the query heads, separate projections; such students and hybrids are refused (`from_dict`).
+STUDENT_FORMAT = 2
+GATES = ("sigmoid", "swish_norm")
+QK_ACTIVATIONS = ("none", "silu")
+VALUE_KERNELS = ("head", "channel")
+SHORT_CONV_SIZE = 4  # width of the optional short convolution on q/k/v (fla's `ShortConvolution` default)
+SWISH_IDENTITY = 1.278464542761074  # silu(x) = 1: the "swish_norm" gate's bias at init, so it starts as identity
+
+
+def earlier_format_message(what: str, fix: str = "distil it again with the same `dtr convert` command") -> str:
+    """The one line that refuses a student or hybrid saved by an earlier dtr, naming the fix."""
+    return (f"{what} was saved by an earlier dtr (students with expanded key/value heads, student format 1; this "
+            f"dtr reads format {STUDENT_FORMAT}); {fix}")
 
 
 @dataclass(frozen=True)
 class MixerConfig:
     use_rope: bool = True  # keep the teacher's rotary embedding on q/k (see module docstring)
     conv_size: int = 4  # JetBlock dynamic convolution width (Jet-Nemotron uses 4)
+    value_kernel: str = "head"  # JetBlock: one dynamic kernel per key/value "head", or per value "channel"
+    gate: str = "sigmoid"  # output gate: "sigmoid" (2 sigmoid(g)) or "swish_norm" (silu(g)); both start as identity
+    qk_activation: str = "none"  # "silu": SiLU on q and k, as published Gated DeltaNet
+    short_conv: bool = False  # causal depthwise convolution (width 4) on q, k, v, as published GLA/GDN/JetBlock
     chunk_size: int = DEFAULT_CHUNK_SIZE  # chunk length of the chunked parallel form (PyTorch backend)
     backend: str = "auto"  # "auto": fla kernels on CUDA when installed, else PyTorch; or "torch" / "fla"
+    student_format: int = STUDENT_FORMAT  # the weight layout a saved student was written in
 
     def __post_init__(self) -> None:
+        if self.student_format != STUDENT_FORMAT:
+            raise ValueError(earlier_format_message("this student") if self.student_format < STUDENT_FORMAT else
+                             f"student format {self.student_format} is newer than this dtr's ({STUDENT_FORMAT}); "
+                             f"update dtr")
         if self.conv_size < 1:
             raise ValueError(f"conv_size must be >= 1, got {self.conv_size}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.backend not in ("auto", "torch", "fla"):
             raise ValueError(f"backend must be one of auto, torch, fla; got '{self.backend}'")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {', '.join(GATES)}; got '{self.gate}'")
+        if self.value_kernel not in VALUE_KERNELS:
+            raise ValueError(f"value_kernel must be one of {', '.join(VALUE_KERNELS)}; got '{self.value_kernel}'")
+        if self.qk_activation not in QK_ACTIVATIONS:
+            raise ValueError(f"qk_activation must be one of {', '.join(QK_ACTIVATIONS)}; got '{self.qk_activation}'")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def defining_dict(self) -> dict:
-        """The fields that define the student's function: `chunk_size` and `backend` only choose how it is
-        computed (the same result up to rounding), so a trained student stays valid when they change."""
+        """The fields that define the student's function (the student format included, so a student of another
+        weight layout never matches): `chunk_size` and `backend` only choose how it is computed (the same
+        result up to rounding), so a trained student stays valid when they change."""
         return {name: value for name, value in asdict(self).items() if name not in ("chunk_size", "backend")}
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "MixerConfig":
-        return cls(**(values or {}))
+        """A saved config (`to_dict`); None gives the defaults. A saved dict without `student_format` was
+        written by an earlier dtr, whose students have another weight layout: ValueError naming the fix."""
+        if values is None:
+            return cls()
+        if "student_format" not in values:
+            raise ValueError(earlier_format_message("this student"))
+        return cls(**values)
 
 
 def attention_shape(config: PretrainedConfig) -> tuple[int, int, int]:
@@ -72,6 +135,14 @@ def attention_shape(config: PretrainedConfig) -> tuple[int, int, int]:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return config.hidden_size, heads, head_dim
+
+
+def key_value_heads(config: PretrainedConfig) -> int:
+    """The teacher's key/value head count (`num_attention_heads` without GQA)."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if config.num_attention_heads % heads:
+        raise ValueError(f"{config.num_attention_heads} attention heads are not a multiple of {heads} key/value heads")
+    return heads
 
 
 def projection_biases(config: PretrainedConfig) -> tuple[bool, bool]:
@@ -119,43 +190,67 @@ class LinearMixer(nn.Module):
         self.mixer_config = mixer_config or MixerConfig()
         self.layer_idx = layer_idx
         self.hidden_size, self.num_heads, self.head_dim = attention_shape(config)
+        self.num_kv_heads = key_value_heads(config)
+        self.groups = self.num_heads // self.num_kv_heads
         self.impl = "chunk"  # "naive": the per-token reference loop (tests); never a training flag
-        qkv_bias, o_bias = projection_biases(config)
-        width = self.num_heads * self.head_dim
-        self.q_proj = nn.Linear(self.hidden_size, width, bias=qkv_bias)
-        self.k_proj = nn.Linear(self.hidden_size, width, bias=qkv_bias)
-        self.v_proj = nn.Linear(self.hidden_size, width, bias=qkv_bias)
-        self.o_proj = nn.Linear(width, self.hidden_size, bias=o_bias)
+        _, o_bias = projection_biases(config)
+        kv_width = self.num_kv_heads * self.head_dim
+        # rows of the fused input projection, in order; q, k, v first so the short convolution reads one slice
+        self.input_widths = {"q": self.num_heads * self.head_dim, "k": kv_width, "v": kv_width, "gate": kv_width,
+                             **self.mixer_input_widths()}
+        self.in_proj = nn.Linear(self.hidden_size, sum(self.input_widths.values()), bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, self.hidden_size, bias=o_bias)
         self.qk_norm = get_family(config).qk_norm
         if self.qk_norm:
             self.q_norm = HeadRMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = HeadRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.o_norm = HeadRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-        self.g_proj = nn.Linear(self.hidden_size, width, bias=True)
-        nn.init.zeros_(self.g_proj.weight)
-        nn.init.zeros_(self.g_proj.bias)
+        if self.mixer_config.short_conv:
+            kernel = torch.zeros(self.qkv_width, SHORT_CONV_SIZE)
+            kernel[:, -1] = 1.0  # tap on the current token: the convolution starts as the identity
+            self.short_conv = nn.Parameter(kernel)  # (channels of q, k, v; width), depthwise
+        with torch.no_grad():
+            nn.init.zeros_(self.in_proj.bias)
+            self.in_proj.weight[self.input_rows("gate")].zero_()
+            if self.mixer_config.gate == "swish_norm":
+                self.in_proj.bias[self.input_rows("gate")].fill_(SWISH_IDENTITY)
+
+    def mixer_input_widths(self) -> dict[str, int]:
+        """The mixer's own rows of `in_proj` (name -> width), read by `mix` from `inputs[name]`."""
+        return {}
+
+    @property
+    def qkv_width(self) -> int:
+        return self.input_widths["q"] + self.input_widths["k"] + self.input_widths["v"]
+
+    def input_rows(self, name: str) -> slice:
+        """The rows of `in_proj.weight` (and entries of its bias) that compute input `name`."""
+        start = 0
+        for key, width in self.input_widths.items():
+            if key == name:
+                return slice(start, start + width)
+            start += width
+        raise KeyError(name)
 
     # --- initialisation from the teacher ---------------------------------------------------------
 
     @torch.no_grad()
     def copy_from_teacher(self, teacher_attention: nn.Module) -> None:
-        """Copy q/k/v/o (and q/k norms) from the teacher attention, expanding GQA key/value heads."""
-        kv_heads = teacher_attention.k_proj.out_features // self.head_dim
-        groups = self.num_heads // kv_heads
-        self.q_proj.load_state_dict(teacher_attention.q_proj.state_dict())
+        """Copy q/k/v into their rows of `in_proj`, o into `o_proj` (and the q/k norms) from the teacher attention."""
+        for name in ("q", "k", "v"):
+            source, rows = getattr(teacher_attention, f"{name}_proj"), self.input_rows(name)
+            target = self.in_proj.weight[rows]
+            if source.weight.shape != target.shape:
+                raise ValueError(f"teacher {name}_proj is {tuple(source.weight.shape)}; this student expects "
+                                 f"{tuple(target.shape)} ({self.num_heads} heads, {self.num_kv_heads} key/value heads)")
+            target.copy_(source.weight)
+            bias = self.in_proj.bias[rows]
+            bias.copy_(source.bias) if source.bias is not None else bias.zero_()
+            torch.testing.assert_close(self.in_proj.weight[rows], source.weight, rtol=0, atol=0)
         self.o_proj.load_state_dict(teacher_attention.o_proj.state_dict())
-        for name in ("k_proj", "v_proj"):
-            source, target = getattr(teacher_attention, name), getattr(self, name)
-            weight = source.weight.view(kv_heads, self.head_dim, self.hidden_size)
-            target.weight.copy_(weight.repeat_interleave(groups, dim=0).reshape_as(target.weight))
-            if source.bias is not None:
-                bias = source.bias.view(kv_heads, self.head_dim)
-                target.bias.copy_(bias.repeat_interleave(groups, dim=0).reshape_as(target.bias))
-            torch.testing.assert_close(target.weight[: self.head_dim], source.weight[: self.head_dim])
         if self.qk_norm:
             self.q_norm.weight.copy_(teacher_attention.q_norm.weight)
             self.k_norm.weight.copy_(teacher_attention.k_norm.weight)
-        torch.testing.assert_close(self.q_proj.weight, teacher_attention.q_proj.weight)
 
     @torch.no_grad()
     def scale_output(self, factor: float) -> None:
@@ -164,22 +259,48 @@ class LinearMixer(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------------
 
-    def project_qkv(
-        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def short_convolution(self, qkv: torch.Tensor, layer_cache) -> torch.Tensor:
+        """Causal depthwise convolution of the q/k/v channels: (B, T, C) -> (B, T, C); the last
+        `SHORT_CONV_SIZE - 1` inputs are kept in the cache's conv state `SHORT_CONV_STATE`."""
+        padded = conv_window(layer_cache, qkv.transpose(1, 2), SHORT_CONV_STATE, SHORT_CONV_SIZE)  # (B, C, 3 + T)
+        out = F.conv1d(padded, self.short_conv.unsqueeze(1), groups=qkv.shape[-1])  # (B, C, T)
+        return out.transpose(1, 2).contiguous()
+
+    def project(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None, layer_cache
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """One GEMM, then q (B, T, H, D), k and v (B, T, H_kv, D), the output gate's logits (B, T, H_kv * D)
+        and the mixer's own inputs {name: (B, T, width)}.
+
+        On q/k, in order: the short convolution (option), the teacher's q/k norms (Qwen3), SiLU (option), RoPE
+        (as the teacher: after its norms), the mixer's feature map (`qk_features`)."""
         batch, length, _ = hidden_states.shape
-        shape = (batch, length, self.num_heads, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape)  # (B, T, H, D)
-        k = self.k_proj(hidden_states).view(shape)
-        v = self.v_proj(hidden_states).view(shape)
+        projected = self.in_proj(hidden_states)  # (B, T, sum of input widths)
+        qkv_width, qk_width = self.qkv_width, self.input_widths["q"] + self.input_widths["k"]
+        qkv = projected[..., :qkv_width]
+        if self.mixer_config.short_conv:
+            qkv = self.short_convolution(qkv, layer_cache)
+        names = list(self.input_widths)[3:]
+        inputs = dict(zip(names, projected[..., qkv_width:].split([self.input_widths[n] for n in names], dim=-1)))
+        # q and k side by side as one (B, T, H + H_kv, D) view: activation, RoPE and features run once
+        qk = qkv[..., :qk_width].view(batch, length, -1, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=2)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
+        if self.mixer_config.qk_activation == "silu":
+            qk = F.silu(qk)
         if self.mixer_config.use_rope:
             if position_embeddings is None:
                 raise ValueError("use_rope=True needs position_embeddings (cos, sin) from the decoder")
             cos, sin = position_embeddings
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return q, k, v
+            qk = apply_rope(qk, cos, sin)
+        q, k = self.qk_features(qk).split([self.num_heads, self.num_kv_heads], dim=2)
+        v = qkv[..., qk_width:].view(batch, length, self.num_kv_heads, self.head_dim)
+        return q, k, v, inputs["gate"], inputs
+
+    def qk_features(self, qk: torch.Tensor) -> torch.Tensor:
+        """The mixer's feature map on q and k together, (B, T, H + H_kv, D); the identity here."""
+        return qk
 
     def forward(
         self,
@@ -191,38 +312,46 @@ class LinearMixer(nn.Module):
     ) -> tuple[torch.Tensor, None]:
         cache = cache if cache is not None else kwargs.get("past_key_values")
         batch, length, _ = hidden_states.shape
-        q, k, v = self.project_qkv(hidden_states, position_embeddings)
         layer_cache = recurrent_layer(cache, self.layer_idx) if cache is not None else None
+        q, k, v, gate, inputs = self.project(hidden_states, position_embeddings, layer_cache)
         state = None
         if layer_cache is not None and layer_cache.is_recurrent_states_initialized[0]:
             state = layer_cache.recurrent_states[0]
-        o, new_state = self.mix(hidden_states, q, k, v, state=state, cache=cache)  # o: (B, T, H, D)
-        if cache is not None:
+        o, new_state = self.mix(q, k, v, inputs, state, layer_cache)  # o: (B, T, H, D)
+        if layer_cache is not None:
             layer_cache.update_recurrent_state(new_state)
             layer_cache.seen_tokens = getattr(layer_cache, "seen_tokens", 0) + length
-        gate = 2.0 * torch.sigmoid(self.g_proj(hidden_states)).view_as(o)
-        o = self.o_norm(o) * gate
+        # one gate per key/value channel, shared by the group's query heads: (B, T, H_kv, 1, D)
+        gate = gate.view(batch, length, self.num_kv_heads, 1, self.head_dim)
+        gate = F.silu(gate) if self.mixer_config.gate == "swish_norm" else 2.0 * torch.sigmoid(gate)
+        o = self.o_norm(o.view(batch, length, self.num_kv_heads, self.groups, self.head_dim)) * gate
         return self.o_proj(o.reshape(batch, length, -1)), None
 
     def mix(
         self,
-        hidden_states: torch.Tensor,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
+        inputs: dict[str, torch.Tensor],
         state: torch.Tensor | None,
-        cache=None,
+        layer_cache=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token mixing on (B, T, H, D) tensors; returns (output (B, T, H, D), final state (B, H, D, D))."""
+        """Token mixing: q (B, T, H, D), k and v (B, T, H_kv, D), the mixer's own `inputs` {name: (B, T, width)}
+        -> (output (B, T, H, D), final state (B, H_kv, D, D))."""
         raise NotImplementedError
 
     def state_bytes(self, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
         """Bytes of the fixed-size state this layer keeps while decoding.
 
-        The recurrent state is always kept in float32 (the ops accumulate in float32, whatever the
-        model dtype); `dtype` is the model's dtype, used by states stored in it (JetBlock's conv state).
+        The recurrent state (B, H_kv, D, D) is always kept in float32 (the ops accumulate in float32, whatever
+        the model dtype); `dtype` is the model's dtype, that of the convolution states (the short convolution's
+        last `SHORT_CONV_SIZE - 1` q/k/v inputs, JetBlock's last values).
         """
-        return batch_size * self.num_heads * self.head_dim * self.head_dim * 4
+        total = batch_size * self.num_kv_heads * self.head_dim * self.head_dim * 4
+        if self.mixer_config.short_conv:
+            element = torch.empty((), dtype=dtype).element_size()
+            total += batch_size * self.qkv_width * (SHORT_CONV_SIZE - 1) * element
+        return total
 
 
 def inverse_softplus(value: float) -> float:

@@ -1,23 +1,29 @@
 """The hybrid cache: a KV cache for full-attention layers, a fixed-size state for linear layers.
 
 Built on transformers' own `DynamicCache` and `LinearAttentionLayer` (the cache Qwen3-Next and other
-hybrids use): a linear layer keeps its recurrent state (and JetBlock its last `conv_size - 1` values)
-instead of a growing key/value list. `RecurrentStateLayer` also counts the tokens it has seen, so a
-model whose every layer is linear still knows its position for RoPE.
+hybrids use): a linear layer keeps its recurrent state (state 0), JetBlock its last `conv_size - 1`
+values (conv state `VALUE_CONV_STATE`) and a student with the short convolution its last q/k/v inputs (conv
+state `SHORT_CONV_STATE`), instead of a growing key/value list. `RecurrentStateLayer` also counts the tokens
+it has seen, so a model whose every layer is linear still knows its position for RoPE.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin, LinearAttentionLayer
 
 FULL = "full"  # the layer-map entry of a layer that keeps its softmax attention
+VALUE_CONV_STATE = 0  # conv state index of JetBlock's dynamic value convolution
+SHORT_CONV_STATE = 1  # conv state index of the short convolution on q/k/v
+STATES_PER_LAYER = 2  # state slots of a linear layer: the recurrent state uses slot 0, the conv states both
 
 
 class RecurrentStateLayer(LinearAttentionLayer):
     """`LinearAttentionLayer` that also counts the tokens it has absorbed."""
 
-    def __init__(self, number_of_states: int = 1, **kwargs):
+    def __init__(self, number_of_states: int = STATES_PER_LAYER, **kwargs):
         super().__init__(number_of_states=number_of_states, **kwargs)
         self.seen_tokens = 0
 
@@ -63,3 +69,16 @@ def recurrent_layer(cache: DynamicCache, layer_idx: int) -> LinearAttentionLayer
         layer = RecurrentStateLayer()
         cache.layers[layer_idx] = layer
     return layer
+
+
+def conv_window(layer_cache: LinearAttentionLayer | None, channels_first: torch.Tensor, state_idx: int,
+                width: int) -> torch.Tensor:
+    """What a causal convolution of `width` taps reads for `channels_first` (B, C, T): (B, C, width - 1 + T),
+    the previous `width - 1` inputs (zeros at the start of a sequence or without a cache) then these ones.
+    With a cache, its conv state `state_idx` keeps the last `width - 1` inputs for the next call."""
+    past = width - 1
+    if layer_cache is None or past == 0:
+        return F.pad(channels_first, (past, 0))
+    had_past = layer_cache.has_previous_state[state_idx]
+    window = layer_cache.update_conv_state(channels_first, state_idx=state_idx, conv_kernel_size=past)
+    return window if had_past else F.pad(channels_first, (past, 0))

@@ -3,10 +3,12 @@
 Tensor layout, everywhere in this package: `[B, T, H, D]` (batch, time, heads, head dim), as in
 flash-linear-attention (`fla.ops`). Hugging Face attention is `[B, H, T, D]`; the mixers convert once.
 
-Every op returns `(output [B, T, H, Dv], final_state [B, H, Dk, Dv] | None)`. Gates are in log space
-(`<= 0`), `scale` defaults to `Dk ** -0.5`, and an optional `initial_state [B, H, Dk, Dv]` continues a
-sequence. Math runs in float32 (float64 inputs in float64); outputs are cast back to the input dtype, states
-are returned in the compute dtype.
+Grouped heads (GQA): q has `H` heads; k, v, the gates and the state have `H_kv` heads, `H` a multiple of
+`H_kv`, and query head `h` reads key/value head `h // (H / H_kv)` (HF's `repeat_kv` order). Every op returns
+`(output [B, T, H, Dv], final_state [B, H_kv, Dk, Dv] | None)`. Gates are in log space (`<= 0`), `scale`
+defaults to `Dk ** -0.5`, and an optional `initial_state [B, H_kv, Dk, Dv]` continues a sequence. Math runs
+in float32 (float64 inputs in float64); outputs are cast back to the input dtype, states are returned in the
+compute dtype.
 
 Each recurrence comes in three forms that tests hold equal (outputs, gradients, final state):
 - `naive_recurrent_*`: a per-token Python loop, the readable oracle;
@@ -16,8 +18,9 @@ Each recurrence comes in three forms that tests hold equal (outputs, gradients, 
 Modules:
 - `gla.py`: gated linear attention (Yang et al. 2024), per-key-dim decay `gk [B, T, H, Dk]`.
 - `gated_delta_rule.py`: Gated DeltaNet (Yang et al. 2025), scalar decay `g` and write strength `beta`.
-- `common.py`: what both recurrences share: the default chunk and segment lengths, the compute dtype, the
-  state check and start, the segment loop.
+- `common.py`: what both recurrences share: the default chunk and segment lengths, the head grouping check,
+  the compute dtype, the state check and start, the outer part of each form (token loop, decoding step,
+  chunked in segments) and the chunk layout.
 - `dispatch.py`: `select_backend` and the `dispatch.gla` / `dispatch.gated_delta_rule` front doors (fla on
   CUDA, torch elsewhere). CPU code paths never import triton or fla. The front doors are not re-exported
   here: their names would shadow the `gla` / `gated_delta_rule` submodules.

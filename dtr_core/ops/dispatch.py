@@ -3,7 +3,7 @@
 `select_backend(device, requested)` returns `"fla"` only for a CUDA device with flash-linear-attention
 importable; fla is imported lazily and only when the device is CUDA, so CPU runs never import triton or
 fla. The front doors `gla(...)` and `gated_delta_rule(...)` take the same arguments as `chunk_gla` /
-`chunk_gated_delta_rule` plus `backend`, and return `(o [B, T, H, Dv], final_state [B, H, Dk, Dv] | None)`.
+`chunk_gated_delta_rule` plus `backend`, and return `(o [B, T, H, Dv], final_state [B, H_kv, Dk, Dv] | None)`.
 
 fla 0.6.0 signatures used (`[B, T, H, D]` layout, log-space gates, state `[B, H, Dk, Dv]`):
 - `fla.ops.gla.chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, ...)`;
@@ -13,6 +13,14 @@ fla 0.6.0 signatures used (`[B, T, H, D]` layout, log-space gates, state `[B, H,
   already in (0, 1) (we leave `use_beta_sigmoid_in_kernel` off); q/k are normalised by our mixers, so
   `use_qk_l2norm_in_kernel=False`.
 fla picks its own chunk size (64); `chunk_size` applies to the torch backend only.
+
+Grouped heads (q with `H` heads, k/v/gates/state with `H_kv`): fla 0.6.0's `chunk_gla` takes one head count
+for q, k, v and g, and its `chunk_gated_delta_rule` shares q/k heads among more *value* heads, not query heads
+among fewer key/value heads. So on the fla path k, v, the gates and the initial state are repeated to the `H`
+query heads (`repeat_interleave`, HF's `repeat_kv` order: one copy of each, the cheapest correct form since
+fla's kernels read only contiguous tensors), and the final state is read back from the first head of each group
+(the group's copies are identical). The kernel then does the state work of `H` heads, as before grouping; the
+torch forms and the decoding step keep it at `H_kv`.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -30,6 +39,43 @@ from dtr_core.ops.gla import chunk_gla
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "fla", "torch")
+
+
+def _repeat_kv(x: torch.Tensor | None, groups: int, dim: int) -> torch.Tensor | None:
+    """`x` with each key/value head repeated `groups` times along `dim`, in HF's `repeat_kv` order."""
+    return x if x is None or groups == 1 else x.repeat_interleave(groups, dim=dim)
+
+
+def _first_of_groups(state: torch.Tensor | None, groups: int) -> torch.Tensor | None:
+    """[B, H, Dk, Dv] -> [B, H_kv, Dk, Dv]: the state of the first query head of each group."""
+    return state if state is None or groups == 1 else state[:, ::groups].contiguous()
+
+
+def _call_fla_kernel(
+    kernel: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gates: dict[str, torch.Tensor],
+    scale: float | None,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    **options: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`kernel` (an fla chunked op) with k, v, the gates (passed by name) and the float32 initial state repeated
+    to q's `H` heads; returns (o [B, T, H, Dv] in q's dtype, final_state [B, H_kv, Dk, Dv] | None)."""
+    groups = q.shape[2] // k.shape[2]
+    output, final_state = kernel(
+        q,
+        _repeat_kv(k, groups, 2),
+        _repeat_kv(v, groups, 2),
+        **{name: _repeat_kv(gate, groups, 2) for name, gate in gates.items()},
+        scale=scale,
+        initial_state=None if initial_state is None else _repeat_kv(initial_state.float(), groups, 1),
+        output_final_state=output_final_state,
+        **options,
+    )
+    return output.to(q.dtype), _first_of_groups(final_state, groups)
 
 
 @functools.cache
@@ -88,16 +134,7 @@ def gla(
         return chunk_gla(q, k, v, gk, scale, initial_state, output_final_state, chunk_size=chunk_size)
     from fla.ops.gla import chunk_gla as fla_chunk_gla
 
-    output, final_state = fla_chunk_gla(
-        q,
-        k,
-        v,
-        g=gk,
-        scale=scale,
-        initial_state=None if initial_state is None else initial_state.float(),
-        output_final_state=output_final_state,
-    )
-    return output.to(q.dtype), final_state
+    return _call_fla_kernel(fla_chunk_gla, q, k, v, {"g": gk}, scale, initial_state, output_final_state)
 
 
 def gated_delta_rule(
@@ -117,15 +154,8 @@ def gated_delta_rule(
         return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size)
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk_gated_delta_rule
 
-    output, final_state = fla_chunk_gated_delta_rule(
-        q,
-        k,
-        v,
-        g=g,
-        beta=beta,
-        scale=scale,
-        initial_state=None if initial_state is None else initial_state.float(),
-        output_final_state=output_final_state,
+    return _call_fla_kernel(
+        fla_chunk_gated_delta_rule,
+        q, k, v, {"g": g, "beta": beta}, scale, initial_state, output_final_state,
         use_qk_l2norm_in_kernel=False,
     )
-    return output.to(q.dtype), final_state

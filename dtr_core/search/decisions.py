@@ -240,6 +240,27 @@ def layer_cap(num_layers: int, max_layers: int | None = None, target_fraction: f
     return min(caps) if caps else None
 
 
+@dataclass
+class _SearchPath:
+    """The search so far: M's layers in commit order, the layers still full, M_best and the finished rounds."""
+
+    remaining: list[int]
+    best_score: float
+    opt_score: float
+    committed: list[int] = field(default_factory=list)
+    best_layers: tuple[int, ...] = ()
+    rounds: list[RoundRecord] = field(default_factory=list)
+    hint: dict[int, float] | None = None  # last round's scores or bounds: the next round's evaluation order
+
+    def stop_before_round(self, cap: int | None) -> str | None:
+        """Why no further round runs ("all_replaced" | "cap"), or None."""
+        if not self.remaining:
+            return "all_replaced"
+        if cap is not None and len(self.committed) >= cap:
+            return "cap"
+        return None
+
+
 def greedy_replace(
     score_candidates: ScoreCandidates | Callable[..., Mapping[int, CandidateScore]],
     num_layers: int,
@@ -266,92 +287,96 @@ def greedy_replace(
     if acceptance.mode == "bootstrap" and teacher_per_example is None:
         raise ValueError("bootstrap acceptance needs teacher_per_example")
 
-    committed: list[int] = []
-    remaining = list(available)
-    best_layers: tuple[int, ...] = ()
-    best_score = float(teacher_score)
-    opt_score = float(teacher_score)
-    rounds: list[RoundRecord] = []
-    hint: dict[int, float] | None = None
-    stop_reason = "all_replaced"
-
-    while True:
-        if not remaining:
-            stop_reason = "all_replaced"
-            break
-        if cap is not None and len(committed) >= cap:
-            stop_reason = "cap"
-            break
-        index = len(rounds)
-        if index < len(completed_rounds):
-            persisted = completed_rounds[index]
-            if persisted.committed_before != tuple(committed) or set(persisted.candidates) != set(remaining):
-                raise ValueError(
-                    f"persisted round {index} was run from committed={persisted.committed_before} with candidates "
-                    f"{sorted(persisted.candidates)}, but the search is at committed={tuple(committed)} with "
-                    f"candidates {remaining}"
-                )
-            scores = dict(persisted.candidates)
-            replayed = True
-        else:
-            scores = dict(score_candidates(tuple(committed), list(remaining), hint))
-            if set(scores) != set(remaining):
-                raise ValueError(f"score_candidates returned layers {sorted(scores)}, expected {remaining}")
-            replayed = False
-
-        chosen = select_next_layer(scores)
-        best = scores[chosen]
-        score = float(best.score)  # type: ignore[arg-type]  # the argmax is never rejected early
-        new_best = score >= best_score
-        if new_best:
-            best_layers = tuple(sorted([*committed, chosen]))
-            best_score = score
-        decision = decide(acceptance, score, p_min, best.per_example, teacher_per_example, teacher_score)
-        record = RoundRecord(
-            index=index,
-            committed_before=tuple(committed),
-            candidates={
-                layer: cand if layer == chosen else replace(cand, per_example=None) for layer, cand in scores.items()
-            },
-            chosen=chosen,
-            score=score,
-            accepted=decision.accepted,
-            lcb=decision.lcb,
-            new_best=new_best,
-        )
-        rounds.append(record)
-        logger.info(
-            "round %d: layer %d scores %.4f (P_min %.4f)%s -> %s",
-            index, chosen, score, p_min, "" if decision.lcb is None else f", LCB {decision.lcb:.4f}",
-            "commit" if decision.accepted else "stop",
-        )  # fmt: skip
+    path = _SearchPath(remaining=list(available), best_score=float(teacher_score), opt_score=float(teacher_score))
+    while (stop_reason := path.stop_before_round(cap)) is None:
+        scores, replayed = _round_scores(path, score_candidates, completed_rounds)
+        record = _decide_round(path, scores, acceptance, p_min, teacher_per_example, teacher_score)
         if on_round is not None and not replayed:
             on_round(record)
-        hint = {layer: cand.order_key for layer, cand in scores.items()}
-        if not decision.accepted:
+        if not record.accepted:
             stop_reason = "rejected"
             break
-        committed.append(chosen)
-        remaining.remove(chosen)
-        opt_score = score
+        path.committed.append(record.chosen)
+        path.remaining.remove(record.chosen)
+        path.opt_score = record.score
 
-    if len(completed_rounds) > len(rounds):
+    if len(completed_rounds) > len(path.rounds):
         logger.warning(
             "%d persisted rounds were not reached (the decisions differ from the persisted run); ignored",
-            len(completed_rounds) - len(rounds),
+            len(completed_rounds) - len(path.rounds),
         )
     return GreedyResult(
         teacher_score=float(teacher_score),
         p_min=p_min,
         tolerance=tolerance,
         acceptance=acceptance,
-        rounds=tuple(rounds),
-        best_layers=best_layers,
-        best_score=best_score,
-        opt_layers=tuple(sorted(committed)),
-        opt_score=opt_score,
-        swap_order=tuple(committed),
+        rounds=tuple(path.rounds),
+        best_layers=path.best_layers,
+        best_score=path.best_score,
+        opt_layers=tuple(sorted(path.committed)),
+        opt_score=path.opt_score,
+        swap_order=tuple(path.committed),
         stop_reason=stop_reason,
         num_layers=num_layers,
         available_layers=tuple(available),
     )
+
+
+def _round_scores(
+    path: _SearchPath, score_candidates: ScoreCandidates, completed_rounds: Sequence[RoundRecord]
+) -> tuple[dict[int, CandidateScore], bool]:
+    """(P_l for every candidate l of the next round, whether they were replayed from a persisted round)."""
+    index = len(path.rounds)
+    if index < len(completed_rounds):
+        persisted = completed_rounds[index]
+        if persisted.committed_before != tuple(path.committed) or set(persisted.candidates) != set(path.remaining):
+            raise ValueError(
+                f"persisted round {index} was run from committed={persisted.committed_before} with candidates "
+                f"{sorted(persisted.candidates)}, but the search is at committed={tuple(path.committed)} with "
+                f"candidates {path.remaining}"
+            )
+        return dict(persisted.candidates), True
+    scores = dict(score_candidates(tuple(path.committed), list(path.remaining), path.hint))
+    if set(scores) != set(path.remaining):
+        raise ValueError(f"score_candidates returned layers {sorted(scores)}, expected {path.remaining}")
+    return scores, False
+
+
+def _decide_round(
+    path: _SearchPath,
+    scores: Mapping[int, CandidateScore],
+    acceptance: Acceptance,
+    p_min: float,
+    teacher_per_example: Sequence[float] | None,
+    teacher_score: float,
+) -> RoundRecord:
+    """l* and its acceptance for one round's scores; updates M_best and the hint, appends the round to `path`."""
+    index = len(path.rounds)
+    chosen = select_next_layer(scores)
+    best = scores[chosen]
+    score = float(best.score)  # type: ignore[arg-type]  # the argmax is never rejected early
+    new_best = score >= path.best_score
+    if new_best:
+        path.best_layers = tuple(sorted([*path.committed, chosen]))
+        path.best_score = score
+    decision = decide(acceptance, score, p_min, best.per_example, teacher_per_example, teacher_score)
+    record = RoundRecord(
+        index=index,
+        committed_before=tuple(path.committed),
+        candidates={
+            layer: cand if layer == chosen else replace(cand, per_example=None) for layer, cand in scores.items()
+        },
+        chosen=chosen,
+        score=score,
+        accepted=decision.accepted,
+        lcb=decision.lcb,
+        new_best=new_best,
+    )
+    path.rounds.append(record)
+    path.hint = {layer: cand.order_key for layer, cand in scores.items()}
+    logger.info(
+        "round %d: layer %d scores %.4f (P_min %.4f)%s -> %s",
+        index, chosen, score, p_min, "" if decision.lcb is None else f", LCB {decision.lcb:.4f}",
+        "commit" if decision.accepted else "stop",
+    )  # fmt: skip
+    return record

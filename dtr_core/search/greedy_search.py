@@ -159,20 +159,18 @@ class FastEvaluator(_Evaluator):
 
     def __init__(
         self,
-        model: PreTrainedModel,
-        task: Task,
-        batches: Sequence[EncodedBatch],
-        students: Mapping[int, nn.Module],
-        split: str = "validation",
+        *evaluator_args,
         early_rejection: bool = True,
         cache_limit_bytes: int | None = DEFAULT_CACHE_LIMIT_BYTES,
         first_hint: Mapping[int, float] | None = None,
+        **evaluator_kwargs,
     ):
-        super().__init__(model, task, batches, students, split)
+        """`evaluator_args`, `evaluator_kwargs`: those of `PlainEvaluator` (model, task, batches, students, split)."""
+        super().__init__(*evaluator_args, **evaluator_kwargs)
         self.early_rejection = early_rejection
         self.cache_limit_bytes = cache_limit_bytes
         self.first_hint = dict(first_hint) if first_hint is not None else None
-        self.kept_layers = kept_layers(model, self.batches, cache_limit_bytes)
+        self.kept_layers = kept_layers(self.model, self.batches, cache_limit_bytes)
         self._committed_hybrid: CommittedHybrid | None = None
 
     def _hybrid_at(self, committed: Sequence[int]) -> CommittedHybrid:

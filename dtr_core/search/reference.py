@@ -5,10 +5,10 @@ order and the same scores on the same inputs. That path is `greedy.greedy_replac
 scored by the fast scorer `scorer.RoundScorer`, one per round: in the Prefect flow one candidate per task
 (flows/replace.py -> tasks/candidates.py -> `tasks.runtime.round_scorer`; tests/test_flows.py), in the
 library and benchmarks through `search.FastEvaluator` / `search.run_greedy_search` (tests/test_reference.py,
-tests/test_scorer.py). This listing calls the library where a step *is* the method (capture, distil,
-evaluate, swap) and nothing else: no prefix reuse, no early rejection, no resume, no parallelism.
+tests/test_scorer.py). This listing calls the library where a step *is* the method (distil, evaluate,
+swap) and nothing else: no prefix reuse, no early rejection, no parallelism.
 
-    1. capture   run the teacher once over distillation tokens; keep every layer's attention input/output
+    1. corpus    a stream of distillation token rows (the teacher is run over them, nothing is stored)
     2. distil    for every layer l independently: train a linear-attention student on layer l's teacher
                  input -> output (teacher forcing, MSE); failed layers are never offered to the search
     3. greedy    P_base = P(teacher); P_min = P_base - tolerance * |P_base|
@@ -23,11 +23,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from transformers import PreTrainedModel
 
-from dtr_core.distill.capture import capture_activations
-from dtr_core.distill.training import DistillConfig, distill_layer, load_students
+from dtr_core.distill.block import distill_block
+from dtr_core.distill.config import DistillConfig
+from dtr_core.distill.corpus import Corpus
+from dtr_core.distill.training import load_students
 from dtr_core.evaluation import Task, evaluate
 from dtr_core.hybrid.surgery import num_layers, restore_layers, swap_layers
 
@@ -35,7 +36,7 @@ from dtr_core.hybrid.surgery import num_layers, restore_layers, swap_layers
 def run_reference(
     model: PreTrainedModel,
     tokenizer,
-    token_ids: torch.Tensor,
+    corpus: Corpus,
     task: Task,
     mixer_name: str,
     work_dir: str | os.PathLike,
@@ -43,22 +44,17 @@ def run_reference(
     tolerance: float = 0.05,
     limit: int | None = None,
 ) -> dict:
-    """The whole method on `model`. `token_ids`: (N, T) distillation chunks; `tolerance`: relative (paper 0.05).
+    """The whole method on `model`. `corpus`: the distillation text's token stream; `tolerance`: relative
+    (paper 0.05).
 
     Returns {"teacher_score", "p_min", "swap_order", "best_layers", "best_score", "opt_layers", "opt_score",
     "rounds": [{"scores": {layer: score}, "chosen", "score", "accepted"}]}.
     """
-    work_dir = Path(work_dir)
-    layers = range(num_layers(model))
-
-    # 1. capture the teacher's attention inputs and outputs, every layer, one forward pass
-    activations_dir = work_dir / "activations"
-    capture_activations(model, token_ids, activations_dir)
-
-    # 2. distil every layer independently (each student sees only its own layer's teacher activations)
-    students_dir = work_dir / "students"
-    for layer in layers:
-        distill_layer(model, layer, activations_dir, mixer_name, distill_config, students_dir)
+    # 1-2. distil every layer independently: its student learns layer l's attention from the teacher's own
+    # inputs, the teacher streaming `corpus` (each student sees only its own layer's teacher activations)
+    students_dir = Path(work_dir) / "students"
+    for layer in range(num_layers(model)):
+        distill_block(model, [layer], mixer_name, distill_config, corpus, students_dir)
     students = load_students(students_dir, model)  # failed layers are left out
 
     # 3. greedy replacement, every candidate scored by a full evaluation on the validation split
@@ -69,6 +65,11 @@ def run_reference(
         finally:
             restore_layers(model, originals)
 
+    return greedy_listing(score, sorted(students), tolerance)
+
+
+def greedy_listing(score, layers: list[int], tolerance: float) -> dict:
+    """Step 3 on `score(linear_layers) -> P`: rounds until rejected or every layer in `layers` is linear."""
     p_base = score([])
     p_min = p_base - tolerance * abs(p_base)
     linear: list[int] = []  # M (in swap order); M_opt is M when the search stops
@@ -76,7 +77,7 @@ def run_reference(
     best_score = opt_score = p_base
     rounds = []
     while True:
-        candidates = [layer for layer in sorted(students) if layer not in linear]
+        candidates = [layer for layer in layers if layer not in linear]
         if not candidates:
             break
         scores = {layer: score(linear + [layer]) for layer in candidates}

@@ -1,0 +1,68 @@
+"""The heal stage of a conversion: build a searched hybrid from its students, heal it, save it as an export.
+
+`runs/<id>/hybrids/healed/` is an ordinary exported hybrid folder (`dtr_core.hybrid.export`), whose
+`dtr_export.json` also holds the `HealResult`. Its key hashes the unhealed hybrid's export key, the heal
+config and the corpus, so a rerun with the same settings reuses it. A heal that fails (it diverged) writes
+nothing: the unhealed hybrids are what the run keeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dtr_core.artifacts import hash_json, reuse_or_compute
+from dtr_core.heal.config import HealConfig
+from dtr_core.heal.training import ProgressCallback, heal
+from dtr_core.hybrid.build import build_hybrid
+from dtr_core.hybrid.export import EXPORT_INFO, export_key, read_export_info, save_export
+
+logger = logging.getLogger(__name__)
+
+HEAL_FORMAT = 1
+
+
+def heal_export(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, students_dir: str | os.PathLike,
+                layers: list[int], mixer: str, out_dir: str | os.PathLike, config: HealConfig,
+                batches: Callable[[], Iterator[torch.Tensor]], corpus: str, metadata: dict[str, Any] | None = None,
+                progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """Heal the hybrid of `teacher` with `layers` linear and save it into `out_dir`.
+
+    `batches()` opens the token stream ((B, T) LongTensors of `config.batch_size` x `config.seq_len`) from
+    `corpus`. Returns {"heal": HealResult dict, "reused": bool} plus the export record when the heal
+    succeeded (then `out_dir` holds the healed hybrid); nothing is written when it failed.
+    """
+    if not layers:
+        raise ValueError("heal needs a hybrid with at least one linear-attention layer; the search committed none")
+    out_dir = Path(out_dir)
+    key = hash_json({"format": HEAL_FORMAT, "export": export_key(teacher, students_dir, layers, mixer),
+                     "heal": config.to_dict(), "corpus": corpus})
+
+    def compute() -> dict[str, Any]:
+        hybrid = build_hybrid(teacher, layers, mixer, students_dir=students_dir)
+        result = heal(teacher, hybrid, batches(), config, progress)
+        if not result.ok:
+            return {"key": key, "heal": result.to_dict()}  # not a completion record: nothing is saved
+        return save_export(hybrid, tokenizer, out_dir, key, mixer,
+                           {**(metadata or {}), "role": "healed", "heal": result.to_dict()})
+
+    info, reused = reuse_or_compute(out_dir / EXPORT_INFO, key, compute,
+                                    read=lambda path: read_export_info(path.parent), write=False,
+                                    label="heal", log=logger)
+    heal_record = info.get("heal") or info["metadata"]["heal"]
+    return {**info, "heal": heal_record, "reused": reused}
+
+
+def corpus_batches(corpus: str, tokenizer: PreTrainedTokenizerBase, config: HealConfig) -> Iterator[torch.Tensor]:
+    """Endless (batch_size, seq_len) token batches of `corpus` (it repeats, with a warning, when it runs out)."""
+    from dtr_core.distill.corpus import Corpus
+
+    rows = Corpus(corpus, tokenizer).rows()
+    while True:
+        yield rows.take(config.batch_size, config.seq_len)
