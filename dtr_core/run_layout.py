@@ -82,6 +82,11 @@ class RunLayout:
     def trajectory(self) -> Path:
         return self.greedy / "trajectory.json"
 
+    @property
+    def heal_state(self) -> Path:
+        """The running heal's checkpoint (gone once the heal ends)."""
+        return self.root / "heal"
+
     def hybrid(self, role: str) -> Path:
         return self.root / "hybrids" / role
 

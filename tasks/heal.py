@@ -18,7 +18,7 @@ def heal_task(ctx: RunContext, layers: list[int], config: HealConfig, corpus: st
               metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     """Heal the hybrid with `layers` linear into `hybrids/<role>`; returns the export record with `heal`
     (the `HealResult` dict) and `path` (None when the heal failed and nothing was saved)."""
-    from dtr_core.heal.stage import corpus_batches, heal_export
+    from dtr_core.heal.stage import heal_export
     from dtr_core.heal.training import progress_line
 
     logger = get_run_logger()
@@ -30,8 +30,8 @@ def heal_task(ctx: RunContext, layers: list[int], config: HealConfig, corpus: st
     out_dir = ctx.layout.hybrid(role)
     with runtime.torch_threads(ctx.threads):
         teacher, tokenizer = runtime.teacher(ctx.model)
-        record = heal_export(teacher, tokenizer, ctx.layout.students, layers, ctx.mixer, out_dir, config,
-                             lambda: corpus_batches(corpus, tokenizer, config), corpus, metadata, progress)
+        record = heal_export(teacher, tokenizer, ctx.layout.students, layers, ctx.mixer, out_dir, config, corpus,
+                             ctx.layout.heal_state, metadata, progress)
     result = record["heal"]
     if ctx.tracking is not None:
         ctx.tracking.child_run(

@@ -377,9 +377,9 @@ def check_params(params: ConvertParams) -> None:
     if params.runner.dask_address is not None and params.runner.kind != "dask":
         raise ValueError(f"runner.dask_address is set but runner.kind is '{params.runner.kind}'; use kind 'dask'")
     _check_task_name(params.task)
-    _check_corpus_exists(params.distill.corpus)
+    check_corpus_exists(params.distill.corpus)
     if params.heal.enabled:
-        _check_corpus_exists(params.heal.corpus)
+        check_corpus_exists(params.heal.corpus)
     params.tolerance.build()
     params.acceptance.build(params.seed)
     if params.tracking.register_models:
@@ -432,9 +432,10 @@ def _check_task_data(task: TaskParams) -> None:
     built.split("test")
 
 
-def _check_corpus_exists(corpus: str) -> None:
+def check_corpus_exists(corpus: str) -> None:
+    """A corpus source names the built-in text, a hub dataset or an existing file or folder (one-line ValueError)."""
     if corpus != "bbc" and not corpus.startswith("hf:") and not Path(corpus).expanduser().exists():
-        raise ValueError(f"distillation corpus {corpus!r} does not exist; use 'bbc', a file or folder, "
+        raise ValueError(f"corpus {corpus!r} does not exist; use 'bbc', a file or folder, "
                          "or hf:<dataset>[:<config>]:<split>")
 
 

@@ -30,6 +30,8 @@ def heal_command(
     lr: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = HealConfig.lr,
     batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = HealConfig.batch_size,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = HealConfig.seq_len,
+    checkpoint_every_steps: Annotated[int, typer.Option(help="A checkpoint every N steps (and every 10 minutes); "
+                                                        "a killed heal run again continues from it.")] = HealConfig.checkpoint_every_steps,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out even if dtr did not write it.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="On failure, also print the traceback.")] = False,
 ) -> None:
@@ -38,7 +40,11 @@ def heal_command(
     from dtr_core.artifacts import check_replaceable
     from dtr_core.preflight import check_model_folder, check_model_source
 
-    config = HealConfig(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len)
+    from tasks.params import check_corpus_exists
+
+    config = HealConfig(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
+                        checkpoint_every_steps=checkpoint_every_steps)
+    check_corpus_exists(corpus)
     linear = linear_layers_of(model)
     check_replaceable(out, overwrite, option="--overwrite")
     check_model_folder(model)
@@ -46,10 +52,10 @@ def heal_command(
     start_work(out, option="--out")
 
     from dtr_core.artifacts import hash_json
-    from dtr_core.heal.stage import corpus_batches
+    from dtr_core.distill.corpus import Corpus
     from dtr_core.heal.training import heal, progress_line
     from dtr_core.hybrid.export import save_export
-    from dtr_core.models import load_model, model_fingerprint
+    from dtr_core.models import cache_dir, load_model, model_fingerprint
 
     teacher_model, tokenizer = load_model(teacher)
     hybrid, _ = load_model(str(model))
@@ -59,10 +65,12 @@ def heal_command(
     def progress(step: int, total: int, loss: float) -> None:
         typer.echo(progress_line(step, total, loss, time.perf_counter() - started, config), err=True)
 
-    result = heal(teacher_model, hybrid, corpus_batches(corpus, tokenizer, config), config, progress)
+    text = Corpus(corpus, tokenizer)
+    key = hash_json({"hybrid": model_fingerprint(hybrid), "teacher": model_fingerprint(teacher_model),
+                     "heal": config.defining_dict(), "corpus": text.identity})
+    result = heal(teacher_model, hybrid, text, config, progress, state_dir=cache_dir() / "heal" / key[:16], key=key)
     if not result.ok:
         raise RuntimeError(f"heal diverged ({result.reason}); nothing saved: lower --lr and run it again")
-    key = hash_json({"hybrid": model_fingerprint(hybrid), "teacher": teacher, "heal": config.to_dict(), "corpus": corpus})
     save_export(hybrid, tokenizer, out, key, linear[1], {"role": "healed", "healed_from": str(model),
                                                           "heal": result.to_dict()})
     typer.echo(f"saved {out}: {len(linear[0])} linear layers healed; held-out KL to the teacher "

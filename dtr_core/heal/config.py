@@ -31,6 +31,8 @@ class HealConfig:
     eval_batches: int = 2
     seed: int = 0
     log_every: int = 10
+    checkpoint_every_steps: int = 50  # a checkpoint every N steps or M minutes, whichever comes first
+    checkpoint_every_minutes: float = 10.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -45,6 +47,9 @@ class HealConfig:
             (self.trainable in TRAINABLE, f"heal trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}"),
             (self.eval_batches > 0, f"heal eval_batches must be > 0, got {self.eval_batches}"),
             (self.log_every > 0, f"heal log_every must be > 0, got {self.log_every}"),
+            (self.checkpoint_every_steps > 0, f"heal checkpoint_every_steps must be > 0, got {self.checkpoint_every_steps}"),
+            (self.checkpoint_every_minutes > 0,
+             f"heal checkpoint_every_minutes must be > 0, got {self.checkpoint_every_minutes}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -52,6 +57,11 @@ class HealConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def defining_dict(self) -> dict[str, Any]:
+        """The fields that decide the healed weights (the reuse key): not how often it logs or checkpoints."""
+        return {name: value for name, value in asdict(self).items()
+                if name not in ("log_every", "checkpoint_every_steps", "checkpoint_every_minutes")}
 
     @property
     def tokens(self) -> int:

@@ -2,7 +2,7 @@
 
 `runs/<id>/hybrids/healed/` is an ordinary exported hybrid folder (`dtr_core.hybrid.export`), whose
 `dtr_export.json` also holds the `HealResult`. Its key hashes the unhealed hybrid's export key, the heal
-config and the corpus, so a rerun with the same settings reuses it. A heal that fails (it diverged) writes
+config and the corpus (its source and tokenizer), so a rerun with the same settings reuses it. A heal that fails (it diverged) writes
 nothing: the unhealed hybrids are what the run keeps.
 """
 
@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dtr_core.artifacts import hash_json, reuse_or_compute
+from dtr_core.distill.corpus import Corpus
 from dtr_core.heal.config import HealConfig
 from dtr_core.heal.training import ProgressCallback, heal
 from dtr_core.hybrid.build import build_hybrid
@@ -29,24 +28,25 @@ HEAL_FORMAT = 1
 
 
 def heal_export(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, students_dir: str | os.PathLike,
-                layers: list[int], mixer: str, out_dir: str | os.PathLike, config: HealConfig,
-                batches: Callable[[], Iterator[torch.Tensor]], corpus: str, metadata: dict[str, Any] | None = None,
+                layers: list[int], mixer: str, out_dir: str | os.PathLike, config: HealConfig, corpus: str,
+                state_dir: str | os.PathLike, metadata: dict[str, Any] | None = None,
                 progress: ProgressCallback | None = None) -> dict[str, Any]:
-    """Heal the hybrid of `teacher` with `layers` linear and save it into `out_dir`.
+    """Heal the hybrid of `teacher` with `layers` linear on `corpus` and save it into `out_dir`.
 
-    `batches()` opens the token stream ((B, T) LongTensors of `config.batch_size` x `config.seq_len`) from
-    `corpus`. Returns {"heal": HealResult dict, "reused": bool} plus the export record when the heal
-    succeeded (then `out_dir` holds the healed hybrid); nothing is written when it failed.
+    `state_dir` holds the heal's checkpoint while it runs (a killed heal continues from it). Returns
+    {"heal": HealResult dict, "reused": bool} plus the export record when the heal succeeded (then `out_dir`
+    holds the healed hybrid); nothing is written to `out_dir` when it failed.
     """
     if not layers:
         raise ValueError("heal needs a hybrid with at least one linear-attention layer; the search committed none")
     out_dir = Path(out_dir)
+    text = Corpus(corpus, tokenizer)
     key = hash_json({"format": HEAL_FORMAT, "export": export_key(teacher, students_dir, layers, mixer),
-                     "heal": config.to_dict(), "corpus": corpus})
+                     "heal": config.defining_dict(), "corpus": text.identity})
 
     def compute() -> dict[str, Any]:
         hybrid = build_hybrid(teacher, layers, mixer, students_dir=students_dir)
-        result = heal(teacher, hybrid, batches(), config, progress)
+        result = heal(teacher, hybrid, text, config, progress, state_dir=state_dir, key=key)
         if not result.ok:
             return {"key": key, "heal": result.to_dict()}  # not a completion record: nothing is saved
         return save_export(hybrid, tokenizer, out_dir, key, mixer,
@@ -57,12 +57,3 @@ def heal_export(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, st
                                     label="heal", log=logger)
     heal_record = info.get("heal") or info["metadata"]["heal"]
     return {**info, "heal": heal_record, "reused": reused}
-
-
-def corpus_batches(corpus: str, tokenizer: PreTrainedTokenizerBase, config: HealConfig) -> Iterator[torch.Tensor]:
-    """Endless (batch_size, seq_len) token batches of `corpus` (it repeats, with a warning, when it runs out)."""
-    from dtr_core.distill.corpus import Corpus
-
-    rows = Corpus(corpus, tokenizer).rows()
-    while True:
-        yield rows.take(config.batch_size, config.seq_len)

@@ -3,7 +3,16 @@
 Per step, the teacher (frozen, under `no_grad`) and the hybrid run on the same token batch; the loss is the
 KL divergence KL(teacher || hybrid) of their next-token distributions, per token, at `config.temperature`
 (scaled by T^2 so the gradient size does not depend on it). Only the students (the linear-attention layers)
-train; every other weight of the hybrid stays bit-identical.
+train; every other weight of the hybrid stays bit-identical. The first `config.eval_batches` batches of the
+corpus stream are held out (the KL before and after); training reads the stream after them.
+
+Optimiser: AdamW per student layer (the same update as one AdamW over all of them: Adam is per parameter),
+gradients clipped by their global norm, learning rate `config.lr * config.lr_factor(step)`.
+
+Checkpoints: with a `state_dir`, every `checkpoint_every_steps` steps or `checkpoint_every_minutes` minutes
+the students, their optimiser state, the stream position and the RNG state go to `state_dir/checkpoint/`
+(`dtr_core.distill.checkpoint`: safetensors and JSON, atomic); a rerun with the same key continues from it
+and gives the same weights bit for bit as an uninterrupted heal.
 
 A heal that diverges (a non-finite loss, gradient or held-out KL) puts the students back exactly as they
 were and reports `status: "failed"` with the reason: the unhealed hybrid is what remains.
@@ -14,14 +23,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from dtr_core.distill.checkpoint import (Checkpoint, read_checkpoint, remove_checkpoint, restore_rng, rng_state,
+                                         write_checkpoint)
+from dtr_core.distill.corpus import Corpus
 from dtr_core.heal.config import HealConfig
 from dtr_core.hybrid.model import layer_map
 from dtr_core.hybrid.surgery import decoder_layers
@@ -45,6 +58,7 @@ class HealResult:
     tokens: int = 0
     trainable_parameters: int = 0
     seconds: float = 0.0
+    resumed_from_step: int = 0  # the checkpoint's step when a killed heal was continued
     loss_curve: list[list[float]] = field(default_factory=list)  # [step, training KL, lr]
 
     @property
@@ -82,74 +96,6 @@ def next_token_kl(teacher_logits: torch.Tensor, hybrid_logits: torch.Tensor, tem
     return kl * temperature ** 2
 
 
-def heal(teacher: PreTrainedModel, hybrid: PreTrainedModel, batches: Iterator[torch.Tensor], config: HealConfig,
-         progress: ProgressCallback | None = None) -> HealResult:
-    """Heal `hybrid` in place on token batches ((B, T) LongTensors) from `batches`; returns what happened.
-
-    The first `config.eval_batches` batches are held out (the KL before and after); training takes the next
-    `config.steps`. Raises ValueError before any work for a hybrid with no linear layer.
-    """
-    layers = linear_layers(hybrid)
-    if not layers:
-        raise ValueError("heal needs a hybrid with at least one linear-attention layer; this model has none "
-                         "(heal the M_best or M_opt hybrid of a conversion)")
-    started = time.perf_counter()
-    trainable = student_parameters(hybrid)
-    unhealed = {name: parameter.detach().clone() for name, parameter in trainable.items()}
-    held_out = [next(batches) for _ in range(config.eval_batches)]
-    result = HealResult(status="ok", linear_layers=layers,
-                        trainable_parameters=sum(p.numel() for p in trainable.values()))
-    frozen = _freeze_all_but(hybrid, trainable)
-    try:
-        result.initial_kl = held_out_kl(teacher, hybrid, held_out, config.temperature)
-        failure = _train(teacher, hybrid, batches, config, list(trainable.values()), result, progress)
-        if failure is None:
-            result.final_kl = held_out_kl(teacher, hybrid, held_out, config.temperature)
-            if not math.isfinite(result.final_kl):
-                failure = f"non-finite held-out KL after healing: {result.final_kl}"
-        if failure is not None:
-            _restore(trainable, unhealed)
-            result.status, result.reason, result.final_kl = "failed", failure, None
-            logger.warning("heal failed (%s); the students are back as they were before healing", failure)
-    finally:
-        for parameter, requires_grad in frozen:
-            parameter.requires_grad_(requires_grad)
-        hybrid.eval()
-    result.seconds = round(time.perf_counter() - started, 3)
-    return result
-
-
-def _train(teacher, hybrid, batches, config: HealConfig, parameters, result: HealResult,
-           progress: ProgressCallback | None) -> str | None:
-    """The optimiser steps; returns why training failed, or None."""
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_factor)
-    for step in range(config.steps):
-        tokens = next(batches)
-        with torch.no_grad():
-            teacher_logits = teacher(input_ids=tokens).logits
-        loss = next_token_kl(teacher_logits, hybrid(input_ids=tokens).logits, config.temperature)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            return f"non-finite training KL {loss_value} at step {step + 1}"
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip).item()
-        if not math.isfinite(grad_norm):
-            return f"non-finite gradient norm {grad_norm} at step {step + 1}"
-        lr_now = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        result.steps, result.tokens = step + 1, result.tokens + tokens.numel()
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            result.loss_curve.append([step + 1, loss_value, lr_now])
-            if progress is not None:
-                progress(step + 1, config.steps, loss_value)
-    if not all(torch.isfinite(parameter).all() for parameter in parameters):
-        return "non-finite student parameters after healing"
-    return None
-
-
 @torch.no_grad()
 def held_out_kl(teacher: PreTrainedModel, hybrid: PreTrainedModel, batches: list[torch.Tensor],
                 temperature: float) -> float:
@@ -161,16 +107,139 @@ def held_out_kl(teacher: PreTrainedModel, hybrid: PreTrainedModel, batches: list
     return total / count
 
 
-def _freeze_all_but(model: PreTrainedModel, trainable: dict[str, torch.nn.Parameter]):
+def heal(teacher: PreTrainedModel, hybrid: PreTrainedModel, corpus: Corpus, config: HealConfig,
+         progress: ProgressCallback | None = None, state_dir: str | Path | None = None,
+         key: str = "") -> HealResult:
+    """Heal `hybrid` in place on `corpus`; returns what happened (module docstring).
+
+    With `state_dir`, checkpoints made for `key` are written there and a matching one is resumed from; the
+    folder is removed when the heal ends. Raises ValueError before any work for a hybrid with no linear layer.
+    """
+    layers = linear_layers(hybrid)
+    if not layers:
+        raise ValueError("heal needs a hybrid with at least one linear-attention layer; this model has none "
+                         "(heal the M_best or M_opt hybrid of a conversion)")
+    loop = _HealLoop(teacher, hybrid, layers, config, progress, None if state_dir is None else Path(state_dir), key)
+    return loop.run(corpus)
+
+
+class _HealLoop:
+    """One heal: the students, their optimisers, the result so far and the checkpoints."""
+
+    def __init__(self, teacher, hybrid, layers, config: HealConfig, progress, state_dir: Path | None, key: str):
+        self.teacher, self.hybrid, self.layers, self.config = teacher, hybrid, layers, config
+        self.progress, self.state_dir, self.key = progress, state_dir, key
+        blocks = decoder_layers(hybrid)
+        self.students = {layer: blocks[layer].self_attn for layer in layers}
+        self.optimizers = {layer: torch.optim.AdamW(module.parameters(), lr=config.lr, betas=(0.9, 0.95),
+                                                    weight_decay=0.0)
+                           for layer, module in self.students.items()}
+        self.parameters = [p for module in self.students.values() for p in module.parameters()]
+        self.result = HealResult(status="ok", linear_layers=layers,
+                                 trainable_parameters=sum(p.numel() for p in self.parameters))
+        self.device = next(hybrid.parameters()).device
+
+    def run(self, corpus: Corpus) -> HealResult:
+        started = time.perf_counter()
+        unhealed = {layer: {n: t.detach().clone() for n, t in m.state_dict().items()} for layer, m in self.students.items()}
+        config = self.config
+        stream = corpus.rows()
+        held_out = [stream.take(config.batch_size, config.seq_len) for _ in range(config.eval_batches)]
+        frozen = _freeze_all_but(self.hybrid, self.parameters)
+        try:
+            first_step, rows = 0, stream
+            checkpoint = read_checkpoint(self.state_dir, self.key) if self.state_dir is not None else None
+            if checkpoint is not None:
+                first_step, rows = checkpoint.step, corpus.rows(checkpoint.position)
+                self._restore(checkpoint)
+                logger.info("heal: resuming from the checkpoint at step %d/%d", first_step, config.steps)
+            else:
+                self.result.initial_kl = held_out_kl(self.teacher, self.hybrid, held_out, config.temperature)
+            failure = self._train(rows, first_step, started)
+            if failure is None:
+                self.result.final_kl = held_out_kl(self.teacher, self.hybrid, held_out, config.temperature)
+                if not math.isfinite(self.result.final_kl):
+                    failure = f"non-finite held-out KL after healing: {self.result.final_kl}"
+            if failure is not None:
+                self._put_back(unhealed)
+                self.result.status, self.result.reason, self.result.final_kl = "failed", failure, None
+                logger.warning("heal failed (%s); the students are back as they were before healing", failure)
+            if self.state_dir is not None:
+                remove_checkpoint(self.state_dir)
+        finally:
+            for parameter, requires_grad in frozen:
+                parameter.requires_grad_(requires_grad)
+            self.hybrid.eval()
+        self.result.seconds = round(self.result.seconds + time.perf_counter() - started, 3)
+        return self.result
+
+    def _train(self, rows, first_step: int, started: float) -> str | None:
+        """The optimiser steps from `first_step`; returns why training failed, or None."""
+        config, result = self.config, self.result
+        last_checkpoint = time.perf_counter()
+        for step in range(first_step, config.steps):
+            tokens = rows.take(config.batch_size, config.seq_len)
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=tokens).logits
+            loss = next_token_kl(teacher_logits, self.hybrid(input_ids=tokens).logits, config.temperature)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                return f"non-finite training KL {loss_value} at step {step + 1}"
+            for optimizer in self.optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.grad_clip).item()
+            if not math.isfinite(grad_norm):
+                return f"non-finite gradient norm {grad_norm} at step {step + 1}"
+            lr_now = config.lr * config.lr_factor(step)
+            for optimizer in self.optimizers.values():
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_now
+                optimizer.step()
+            result.steps, result.tokens = step + 1, result.tokens + tokens.numel()
+            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                result.loss_curve.append([step + 1, loss_value, lr_now])
+                if self.progress is not None:
+                    self.progress(step + 1, config.steps, loss_value)
+            due = (step + 1) % config.checkpoint_every_steps == 0 or \
+                time.perf_counter() - last_checkpoint >= 60 * config.checkpoint_every_minutes
+            if self.state_dir is not None and due and step + 1 < config.steps:
+                result.seconds = round(result.seconds + time.perf_counter() - started, 3)
+                started = time.perf_counter()
+                self._checkpoint(step + 1, rows.position)
+                last_checkpoint = time.perf_counter()
+        if not all(torch.isfinite(parameter).all() for parameter in self.parameters):
+            return "non-finite student parameters after healing"
+        return None
+
+    def _checkpoint(self, step: int, position: int) -> None:
+        write_checkpoint(self.state_dir, Checkpoint(
+            key=self.key, step=step, position=position, layers={"heal": {"result": self.result.to_dict()}},
+            students={layer: module.state_dict() for layer, module in self.students.items()},
+            optimizers={layer: {index: dict(values) for index, values in optimizer.state_dict()["state"].items()}
+                        for layer, optimizer in self.optimizers.items()},
+            rng=rng_state(self.device)))
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        self.result = HealResult(**checkpoint.layers["heal"]["result"])
+        self.result.resumed_from_step = checkpoint.step
+        for layer, module in self.students.items():
+            module.load_state_dict(checkpoint.students[layer], strict=True)
+            state = self.optimizers[layer].state_dict()
+            state["state"] = {index: dict(values) for index, values in checkpoint.optimizers[layer].items()}
+            self.optimizers[layer].load_state_dict(state)
+        restore_rng(checkpoint.rng, self.device)
+
+    @torch.no_grad()
+    def _put_back(self, unhealed: dict[int, dict[str, torch.Tensor]]) -> None:
+        for layer, module in self.students.items():
+            module.load_state_dict(unhealed[layer], strict=True)
+
+
+def _freeze_all_but(model: PreTrainedModel, trainable: list[torch.nn.Parameter]):
     """Freeze every parameter except `trainable`; returns (parameter, previous requires_grad) to restore."""
-    keep = {id(parameter) for parameter in trainable.values()}
+    keep = {id(parameter) for parameter in trainable}
     before = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
     for parameter, _ in before:
         parameter.requires_grad_(id(parameter) in keep)
     return before
-
-
-@torch.no_grad()
-def _restore(trainable: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]) -> None:
-    for name, parameter in trainable.items():
-        parameter.copy_(values[name])
