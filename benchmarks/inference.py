@@ -25,6 +25,7 @@ from benchmarks import cost_model as cm
 from benchmarks import harness
 from benchmarks.harness import int_list, option
 from dtr_core.search.baselines import uniform_layers
+from dtr_core.speed import cache_nbytes, decode, rewind, synthetic_cache
 
 logger = logging.getLogger("benchmarks.inference")
 
@@ -34,8 +35,6 @@ DEFAULT_PREFILL_MAX = 8192  # teacher prefill at 16K is ~4x the 8K one on 2 core
 GPU_CONTEXTS = (2048, 8192, 16384, 32768, 65536)  # on a GPU every one of them is also prefilled
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 WARMUP_PROMPT = 128  # tokens of the untimed warm-up prefill of every model
-STRUCTURE_PROMPT = 8  # tokens of the real prefill that gives a synthetic cache its exact structure
-STATE_SCALE = 0.02  # random linear states are small, like trained ones; values do not change the cost
 
 # targets
 TARGET_MIN_CONTEXT = 8192  # every measured speed-up at T >= this ...
@@ -157,68 +156,6 @@ def layer_kinds(model) -> list[str]:
     from dtr_core.hybrid.model import layer_map
 
     return list(layer_map(model))
-
-
-def cache_nbytes(cache) -> int:
-    """Bytes of the storages the cache's tensors hold (K/V, conv and recurrent states), each storage once."""
-    tensors = [getattr(layer, name, None) for layer in cache.layers for name in ("keys", "values")]
-    tensors += [t for layer in cache.layers for name in ("conv_states", "recurrent_states")
-                for t in (getattr(layer, name, None) or {}).values()]
-    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in tensors if isinstance(t, torch.Tensor)}.values())
-
-
-def _is_kv_layer(layer) -> bool:
-    return isinstance(getattr(layer, "keys", None), torch.Tensor)
-
-
-def synthetic_cache(model, context: int, generator: torch.Generator):
-    """A cache exactly as a `context`-token prefill leaves it (a real short prefill gives its classes, dtypes and
-    shapes), with random K/V (one pair, cloned per layer) and random linear states: decode cost ignores values."""
-    device = model.device
-    prompt = torch.randint(0, model.config.vocab_size, (1, STRUCTURE_PROMPT), generator=generator).to(device)
-    cache = model(prompt, use_cache=True, logits_to_keep=1).cache
-    keys = values = None
-    for layer in cache.layers:
-        if _is_kv_layer(layer):
-            if keys is None:
-                batch, kv_heads, _, head_dim = layer.keys.shape
-                shape = (batch, kv_heads, context, head_dim)
-                keys = torch.randn(shape, generator=generator, dtype=layer.keys.dtype).to(device)
-                values = torch.randn(shape, generator=generator, dtype=layer.values.dtype).to(device)
-                layer.keys, layer.values = keys, values
-            else:
-                layer.keys, layer.values = keys.clone(), values.clone()
-        else:
-            for states in (layer.conv_states, layer.recurrent_states):
-                for index, tensor in states.items():
-                    if tensor is not None:
-                        random = torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
-                        tensor.copy_(random * STATE_SCALE)  # copy_ moves it to the state's device
-            if hasattr(layer, "seen_tokens"):
-                layer.seen_tokens = context
-    if cache.get_seq_length() != context:
-        raise RuntimeError(f"synthetic cache reports {cache.get_seq_length()} tokens, expected {context}")
-    return cache
-
-
-def rewind(cache, context: int) -> None:
-    """Drop the tokens decoded after `context` from the K/V layers (linear states keep their constant size)."""
-    for layer in cache.layers:
-        if _is_kv_layer(layer):
-            layer.keys = layer.keys[..., :context, :]
-            layer.values = layer.values[..., :context, :]
-        elif hasattr(layer, "seen_tokens"):
-            layer.seen_tokens = context
-
-
-def decode(model, cache, token: torch.Tensor, steps: int) -> torch.Tensor:
-    """`steps` greedy decoding steps (batch 1) from `cache`; returns the last token."""
-    for _ in range(steps):
-        logits = model(token, cache=cache, use_cache=True, logits_to_keep=1).logits
-        token = logits[:, -1:].argmax(-1)
-    return token
-
 
 
 # --- measurement ---------------------------------------------------------------------------------

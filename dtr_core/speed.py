@@ -6,7 +6,11 @@ What is measured (batch 1 by default, `torch.inference_mode`, the model's own de
 - decode: `decode_tokens` single-token forwards, each feeding back the argmax of the previous step and
   extending the cache left by the prefill; reported as tokens per second and milliseconds per token;
 - cache size: `dtr_core.hybrid.model.cache_bytes(model, context_len)`, K and V of every full layer plus the
-  fixed state of every linear layer (computed, not measured: it is exact).
+  fixed state of every linear layer (computed, not measured: it is exact);
+- with `long_context_len` (e.g. 32K): the decode rate from a synthetic cache of that many tokens
+  (`synthetic_cache`: the structure of a real prefill, random K/V and states, which cost what real ones
+  cost), and that cache's bytes. Seconds instead of a 32K-token prefill, and where a hybrid's gain shows:
+  the KV cache a full layer reads per token grows with the context, a linear layer's state does not.
 
 A short warm-up forward runs first (allocator and kernel selection), and the median of `repeats`
 measurements is reported. Timings depend on what else runs on the machine: compare models measured
@@ -16,6 +20,7 @@ different runs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 import time
@@ -29,9 +34,12 @@ from dtr_core.hybrid.model import cache_bytes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SpeedResult", "measure_speed", "measure_speeds", "speedup"]
+__all__ = ["SpeedResult", "cache_nbytes", "decode", "measure_long_decode", "measure_speed", "measure_speeds", "rewind",
+           "speedup", "synthetic_cache"]
 
 WARMUP_TOKENS = 16  # enough to trigger every code path (prefill + one decode step) at negligible cost
+STRUCTURE_PROMPT = 8  # tokens of the real prefill that gives a synthetic cache its exact structure
+STATE_SCALE = 0.02  # random linear states are small, like trained ones; values do not change the cost
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,9 @@ class SpeedResult:
     decode_ms_per_token: float
     cache_bytes: int  # decoding cache at `context_len` (KV of full layers + fixed linear states)
     threads: int  # torch intra-op threads used
+    long_context_len: int | None = None  # the synthetic cache's length, when measured
+    long_decode_tokens_per_second: float | None = None  # decode rate from that cache
+    long_cache_bytes: int | None = None  # and its bytes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,10 +104,12 @@ def measure_speeds(
     batch_size: int = 1,
     repeats: int = 1,
     seed: int = 0,
+    long_context_len: int | None = None,
 ) -> dict[str, SpeedResult]:
     """`measure_speed` of several models, {label: model} -> {label: result}, their repeats interleaved:
     round r measures every model once, in order, so a drift in the machine's speed (other jobs, other
-    tenants) reaches all of them alike and their ratios hold up. Every model sees the same tokens."""
+    tenants) reaches all of them alike and their ratios hold up. Every model sees the same tokens.
+    With `long_context_len`, also the decode rate from a synthetic cache of that length (module docstring)."""
     if context_len < 1 or decode_tokens < 1 or batch_size < 1 or repeats < 1:
         raise ValueError(f"context_len, decode_tokens, batch_size and repeats must be >= 1, got "
                          f"{context_len}, {decode_tokens}, {batch_size}, {repeats}")
@@ -121,8 +134,41 @@ def measure_speeds(
     finally:
         for label, model in models.items():
             model.train(was_training[label])
-    return {label: _result(models[label], label_runs, context_len, decode_tokens, batch_size)
-            for label, label_runs in runs.items()}
+    results = {label: _result(models[label], label_runs, context_len, decode_tokens, batch_size)
+               for label, label_runs in runs.items()}
+    if long_context_len is not None:
+        long = measure_long_decode(models, long_context_len, decode_tokens, repeats, seed)
+        results = {label: dataclasses.replace(result, long_context_len=long_context_len,
+                                              long_decode_tokens_per_second=long[label][0],
+                                              long_cache_bytes=long[label][1])
+                   for label, result in results.items()}
+    return results
+
+
+@torch.inference_mode()
+def measure_long_decode(models: Mapping[str, PreTrainedModel], context_len: int, decode_tokens: int,
+                        repeats: int = 1, seed: int = 0) -> dict[str, tuple[float, int]]:
+    """{label: (decode tokens/s, cache bytes)} from a synthetic `context_len`-token cache (batch 1), the models'
+    repeats interleaved and the median kept. Positions past a model's `max_position_embeddings` are fine here:
+    the cost of a decoding step does not depend on the values."""
+    if context_len < 1:
+        raise ValueError(f"long_context_len must be >= 1, got {context_len}")
+    generator = torch.Generator().manual_seed(seed)
+    caches, sizes, tokens, seconds = {}, {}, {}, {label: [] for label in models}
+    for label, model in models.items():
+        model.eval()
+        caches[label] = synthetic_cache(model, context_len, generator)
+        sizes[label] = cache_nbytes(caches[label])  # before decoding grows the K/V storages
+        tokens[label] = torch.zeros(1, 1, dtype=torch.long, device=model.device)
+        decode(model, caches[label], tokens[label], 1)  # warm-up at this length
+        rewind(caches[label], context_len)
+    for _ in range(repeats):
+        for label, model in models.items():
+            start = time.perf_counter()
+            decode(model, caches[label], tokens[label], decode_tokens)
+            seconds[label].append(time.perf_counter() - start)
+            rewind(caches[label], context_len)
+    return {label: (decode_tokens / statistics.median(seconds[label]), sizes[label]) for label in models}
 
 
 def _result(model: PreTrainedModel, runs: list[tuple[float, float]], context_len: int, decode_tokens: int,
@@ -146,12 +192,79 @@ def _result(model: PreTrainedModel, runs: list[tuple[float, float]], context_len
     return result
 
 
+# --- decoding from a long synthetic cache -------------------------------------------------------------
+
+def cache_nbytes(cache) -> int:
+    """Bytes of the storages the cache's tensors hold (K/V, conv and recurrent states), each storage once."""
+    tensors = [getattr(layer, name, None) for layer in cache.layers for name in ("keys", "values")]
+    tensors += [t for layer in cache.layers for name in ("conv_states", "recurrent_states")
+                for t in (getattr(layer, name, None) or {}).values()]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in tensors if isinstance(t, torch.Tensor)}.values())
+
+
+def _is_kv_layer(layer) -> bool:
+    return isinstance(getattr(layer, "keys", None), torch.Tensor)
+
+
+def synthetic_cache(model, context: int, generator: torch.Generator):
+    """A cache exactly as a `context`-token prefill leaves it (a real short prefill gives its classes, dtypes and
+    shapes), with random K/V (one pair, cloned per layer) and random linear states: decode cost ignores values."""
+    device = model.device
+    prompt = torch.randint(0, model.config.vocab_size, (1, STRUCTURE_PROMPT), generator=generator).to(device)
+    cache = model(prompt, use_cache=True, logits_to_keep=1).cache
+    keys = values = None
+    for layer in cache.layers:
+        if _is_kv_layer(layer):
+            if keys is None:
+                batch, kv_heads, _, head_dim = layer.keys.shape
+                shape = (batch, kv_heads, context, head_dim)
+                keys = torch.randn(shape, generator=generator, dtype=layer.keys.dtype).to(device)
+                values = torch.randn(shape, generator=generator, dtype=layer.values.dtype).to(device)
+                layer.keys, layer.values = keys, values
+            else:
+                layer.keys, layer.values = keys.clone(), values.clone()
+        else:
+            for states in (layer.conv_states, layer.recurrent_states):
+                for index, tensor in states.items():
+                    if tensor is not None:
+                        random = torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
+                        tensor.copy_(random * STATE_SCALE)  # copy_ moves it to the state's device
+            if hasattr(layer, "seen_tokens"):
+                layer.seen_tokens = context
+    if cache.get_seq_length() != context:
+        raise RuntimeError(f"synthetic cache reports {cache.get_seq_length()} tokens, expected {context}")
+    return cache
+
+
+def rewind(cache, context: int) -> None:
+    """Drop the tokens decoded after `context` from the K/V layers (linear states keep their constant size)."""
+    for layer in cache.layers:
+        if _is_kv_layer(layer):
+            layer.keys = layer.keys[..., :context, :]
+            layer.values = layer.values[..., :context, :]
+        elif hasattr(layer, "seen_tokens"):
+            layer.seen_tokens = context
+
+
+def decode(model, cache, token: torch.Tensor, steps: int) -> torch.Tensor:
+    """`steps` greedy decoding steps (batch 1) from `cache`; returns the last token."""
+    for _ in range(steps):
+        logits = model(token, cache=cache, use_cache=True, logits_to_keep=1).logits
+        token = logits[:, -1:].argmax(-1)
+    return token
+
+
 def speedup(baseline: SpeedResult | dict, other: SpeedResult | dict) -> dict[str, float]:
-    """`other` relative to `baseline`: prefill and decode speedups (> 1 is faster), cache reduction (0..1)."""
+    """`other` relative to `baseline`: prefill and decode speedups (> 1 is faster), cache reduction (0..1), and
+    the long-context decode speedup when both were measured there."""
     base = baseline.to_dict() if isinstance(baseline, SpeedResult) else baseline
     new = other.to_dict() if isinstance(other, SpeedResult) else other
-    return {
+    ratios = {
         "prefill_speedup": base["prefill_seconds"] / new["prefill_seconds"],
         "decode_speedup": new["decode_tokens_per_second"] / base["decode_tokens_per_second"],
         "cache_reduction": 1.0 - new["cache_bytes"] / base["cache_bytes"],
     }
+    if base.get("long_decode_tokens_per_second") and new.get("long_decode_tokens_per_second"):
+        ratios["long_decode_speedup"] = new["long_decode_tokens_per_second"] / base["long_decode_tokens_per_second"]
+    return ratios

@@ -33,11 +33,16 @@ def benchmark(
         raise ValueError(f"{len(labels)} labels for {len(models)} models")
     if len(set(labels)) != len(labels):
         raise ValueError(f"labels must be distinct, got {labels}")
-    results = speed_task(models, labels, speed.context_len, speed.decode_tokens, speed.repeats, serial_threads())
+    results = speed_task(models, labels, speed.context_len, speed.decode_tokens, speed.repeats, serial_threads(),
+                         speed.long_context_len)
     for result in results[1:]:
         result.update(speedup(results[0], result))
     for result in results:
         logger.info("%s at %d tokens: prefill %.2fs, decode %.1f tok/s, cache %.1f MB", result["label"],
                     speed.context_len, result["prefill_seconds"], result["decode_tokens_per_second"],
                     result["cache_bytes"] / 2**20)
+        if result["long_context_len"] is not None:
+            logger.info("%s at %d tokens (synthetic cache): decode %.1f tok/s, cache %.1f MB", result["label"],
+                        result["long_context_len"], result["long_decode_tokens_per_second"],
+                        result["long_cache_bytes"] / 2**20)
     return results

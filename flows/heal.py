@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger
 from tasks.context import RunContext
 from tasks.evaluate import evaluate_task
 from tasks.heal import heal_task
+from tasks.plots import plot_heal
 from tasks.params import ConvertParams, HealParams, MixerName, TaskParams
 from tasks.runtime import serial_threads
 from tasks.tracking import Tracking
@@ -42,6 +43,9 @@ def heal(
     if record["path"] is None:
         logger.warning("heal failed (%s); the run keeps the unhealed hybrids", result["reason"])
         return {"status": "failed", "heal": result, "path": None}
+    plot = plot_heal(result, ctx.layout.reports / "heal_kl.png")
+    if tracking is not None:
+        tracking.log_artifact(plot, "plots")
     limits = {"validation": task.validation_limit, "test": task.test_limit}
     evals = evaluate_task(record["path"], task, limits, "healed", str(ctx.layout.reports / "eval_healed.json"),
                           ctx.threads)

@@ -221,6 +221,9 @@ class SpeedParams(_Params):
 
     context_len: int = Field(2048, ge=1, description="Prompt length for prefill latency, decode rate and cache size")
     decode_tokens: int = Field(32, ge=1, description="Tokens decoded after the prompt")
+    long_context_len: int | None = Field(32768, ge=1, description="Also decode from a synthetic cache of this many "
+                                         "tokens (seconds, not a real prefill): where a hybrid's gain shows. "
+                                         "None: skip")
     # median of 3: shared machines are noisy
     repeats: int = Field(3, ge=1, le=20, description="Measurements per model (the median is reported)")
 

@@ -5,6 +5,7 @@
 - `plot_distill_losses`: per-layer normalised distillation loss (held-out MSE / Var(teacher output)) before
   and after training; failed layers in red and labelled, with the failure threshold.
 - `plot_layer_map`: which layers are full or linear in M_best and M_opt.
+- `plot_heal`: the heal's training KL per step, with the held-out KL before and after.
 """
 
 from __future__ import annotations
@@ -99,6 +100,24 @@ def plot_layer_map(num_layers: int, maps: Mapping[str, Sequence[int]], path: str
     ax.set_xlabel("layer")
     ax.set_title("layer map: blue = full attention, orange = linear attention")
     ax.invert_yaxis()
+    return _save(fig, path)
+
+
+def plot_heal(heal: Mapping[str, Any], path: str | Path) -> Path:
+    """`heal` is `HealResult.to_dict()` of a finished heal."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    steps = [point[0] for point in heal["loss_curve"]]
+    ax.plot(steps, [point[1] for point in heal["loss_curve"]], color="tab:blue", linewidth=1.5,
+            label="training KL (its batch)")
+    ax.axhline(heal["initial_kl"], color="tab:red", linestyle="--", linewidth=1,
+               label=f"held-out KL before: {heal['initial_kl']:.4f}")
+    ax.axhline(heal["final_kl"], color="tab:green", linestyle="--", linewidth=1,
+               label=f"held-out KL after: {heal['final_kl']:.4f}")
+    ax.set_xlabel("heal step")
+    ax.set_ylabel("KL(teacher || hybrid) per token")
+    ax.set_title(f"healing layers {heal['linear_layers']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
     return _save(fig, path)
 
 

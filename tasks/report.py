@@ -14,6 +14,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from dtr_core.speed import speedup
 from tasks.tracking import Tracking
 
 ROLES = (("teacher", "teacher"), ("best", "M_best"), ("opt", "M_opt"), ("healed", "M_healed"))
@@ -59,9 +60,10 @@ def summary_rows(trajectory: dict[str, Any], evals: dict[str, dict[str, Any]], s
             "cache_bytes": speed["cache_bytes"],
             "prefill_seconds": speed["prefill_seconds"],
             "decode_tokens_per_second": speed["decode_tokens_per_second"],
-            "prefill_speedup": base["prefill_seconds"] / speed["prefill_seconds"],
-            "decode_speedup": speed["decode_tokens_per_second"] / base["decode_tokens_per_second"],
-            "cache_reduction": 1.0 - speed["cache_bytes"] / base["cache_bytes"],
+            **speedup(base, speed),
+            "long_context_len": speed.get("long_context_len"),
+            "long_cache_bytes": speed.get("long_cache_bytes"),
+            "long_decode_tokens_per_second": speed.get("long_decode_tokens_per_second"),
             "path": paths[role],
         })
     return rows
@@ -121,6 +123,8 @@ def publish_summary_task(summary: dict[str, Any], summary_file: str, tracking: T
                                 f"{prefix}_kv_cache_reduction": row["cache_reduction"],
                                 f"{prefix}_prefill_speedup": row["prefill_speedup"],
                                 f"{prefix}_decode_speedup": row["decode_speedup"]})
+                if row.get("long_decode_speedup") is not None:
+                    metrics[f"{prefix}_long_decode_speedup"] = row["long_decode_speedup"]
         metrics["layers_swapped"] = summary["rows"][2]["num_linear"]
         tracking.log_metrics(metrics)
     create_markdown_artifact(summary_markdown(summary), key=f"dtr-summary-{slug(summary['run_id'], 40)}",

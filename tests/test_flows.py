@@ -93,7 +93,8 @@ def test_mlflow_parent_child_runs_and_metrics(conversion):
         assert ("score" in run.data.metrics) != (run.data.tags["dtr.rejected_early"] == "True")
 
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert artifacts == {"plots/score_vs_linear_layers.png", "plots/distill_normalized_loss.png", "plots/layer_map.png"}
+    assert artifacts == {"plots/score_vs_linear_layers.png", "plots/distill_normalized_loss.png", "plots/layer_map.png",
+                         "plots/heal_kl.png"}  # the fixture heals M_opt
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "greedy")} == {"greedy/trajectory.json"}
 
 
@@ -246,6 +247,7 @@ def test_healed_m_opt_is_an_extra_model_whose_frozen_weights_are_m_opts(conversi
     assert heal["status"] == "ok" and heal["steps"] == 8 and info["linear_layers"] == rows["M_opt"]["linear_layers"]
     assert rows["M_healed"]["linear_layers"] == rows["M_opt"]["linear_layers"]
     assert rows["M_healed"]["path"] == str(healed_dir)
+    assert (RunLayout(summary["run_dir"]).reports / "heal_kl.png").stat().st_size > 1000
     opt, _ = load_model(rows["M_opt"]["path"])
     healed, _ = load_model(str(healed_dir))
     students = set(student_parameters(opt))

@@ -75,3 +75,22 @@ def test_measure_speeds_interleaves_the_models_repeats(tiny_llama, monkeypatch):
     assert len({checksum for _, length, checksum in calls if length == 24}) == 1  # the same prompt for both
     assert list(results) == ["teacher", "hybrid"]
     assert results["hybrid"].cache_bytes == cache_bytes(hybrid, 24) < results["teacher"].cache_bytes
+
+
+def test_long_context_decode_from_a_synthetic_cache_reports_exact_cache_bytes():
+    from dtr_core.hybrid.build import build_hybrid
+    from dtr_core.hybrid.model import cache_bytes
+    from dtr_core.models import random_model
+    from dtr_core.speed import measure_speeds, speedup
+
+    teacher = random_model("tiny-llama")
+    hybrid = build_hybrid(teacher, [0, 1, 2], "gated_deltanet")
+    results = measure_speeds({"teacher": teacher, "hybrid": hybrid}, context_len=16, decode_tokens=2,
+                             long_context_len=8192)
+    for label, model in (("teacher", teacher), ("hybrid", hybrid)):
+        result = results[label]
+        assert result.long_context_len == 8192 and result.long_decode_tokens_per_second > 0
+        assert result.long_cache_bytes == cache_bytes(model, 8192)
+    assert results["hybrid"].long_cache_bytes < results["teacher"].long_cache_bytes / 3
+    assert "long_decode_speedup" in speedup(results["teacher"], results["hybrid"])
+    assert "long_decode_speedup" not in speedup(measure_speeds({"t": teacher}, 16, 2)["t"], results["hybrid"])

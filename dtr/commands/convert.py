@@ -112,22 +112,33 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _k(tokens: int) -> str:
+    """2048 -> "2K", 32768 -> "32K", 500 -> "500"."""
+    return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    context = summary["speed"]["context_len"]
+    context, long = summary["speed"]["context_len"], summary["speed"].get("long_context_len")
     table = Table(title=f"{summary['model']} -> {summary['task']} ({summary['metric']}, {summary['mixer']}, "
                         f"{summary['num_layers']} layers)")
-    for column in ("model", "linear", "val", "test", f"KV@{context}", "prefill", "decode"):
+    columns = ["model", "linear", "val", "test", f"KV@{_k(context)}", "prefill", "decode"]
+    columns += [f"KV@{_k(long)}", f"decode@{_k(long)}"] if long else []
+    for column in columns:
         table.add_column(column, justify="left" if column in ("model", "linear") else "right", no_wrap=True)
     for row in summary["rows"]:
-        table.add_row(row["model"], str(row["num_linear"]), f"{row['validation']:.3f}", f"{row['test']:.3f}",
-                      f"{row['cache_bytes'] / 2**20:.1f} MB", f"{row['prefill_speedup']:.2f}x",
-                      f"{row['decode_speedup']:.2f}x")
-    console = Console()
+        cells = [row["model"], str(row["num_linear"]), f"{row['validation']:.3f}", f"{row['test']:.3f}",
+                 f"{row['cache_bytes'] / 2**20:.1f} MB", f"{row['prefill_speedup']:.2f}x", f"{row['decode_speedup']:.2f}x"]
+        if long:
+            cells += [f"{row['long_cache_bytes'] / 2**20:.1f} MB", f"{row.get('long_decode_speedup', 1.0):.2f}x"]
+        table.add_row(*cells)
+    console = Console(width=max(Console().width, 110))  # not cut to 80 columns when the output is not a terminal
     console.print(table)
-    lines = [f"prefill/decode: speedup vs the teacher at {context} tokens; val/test: {summary['metric']}",
+    lines = [f"prefill/decode: speedup vs the teacher at {context} tokens"
+             + (f"; decode@{_k(long)}: from a synthetic {long}-token cache" if long else "")
+             + f"; val/test: {summary['metric']}",
              f"search: {summary['rounds']} rounds, stopped: {summary['stop_reason']}, P_min {summary['p_min']:.4f}; "
              f"wall time {summary['seconds'] / 60:.1f} min",
              f"run folder: {summary['run_dir']}"]
@@ -178,6 +189,7 @@ def convert_command(
     workers: int | None = typer.Option(None, "--workers", help=_help("runner.workers")),
     dask_address: str | None = typer.Option(None, "--dask-address", help=_help("runner.dask_address")),
     context_len: int | None = typer.Option(None, "--context-len", help=_help("speed.context_len")),
+    long_context_len: int | None = typer.Option(None, "--long-context-len", help=_help("speed.long_context_len")),
     decode_tokens: int | None = typer.Option(None, "--decode-tokens", help=_help("speed.decode_tokens")),
     speed_repeats: int | None = typer.Option(None, "--speed-repeats", help=_help("speed.repeats")),
     heal: bool | None = typer.Option(None, "--heal/--no-heal", help=_help("heal.enabled")),
@@ -213,7 +225,8 @@ def convert_command(
         "tolerance": {"mode": tolerance_mode, "value": tolerance},
         "acceptance": {"mode": acceptance, "confidence": confidence, "resamples": resamples},
         "runner": {"kind": runner, "workers": workers, "dask_address": dask_address},
-        "speed": {"context_len": context_len, "decode_tokens": decode_tokens, "repeats": speed_repeats},
+        "speed": {"context_len": context_len, "long_context_len": long_context_len, "decode_tokens": decode_tokens,
+                  "repeats": speed_repeats},
         "heal": {"enabled": heal, "steps": heal_steps, "lr": heal_lr, "seq_len": heal_seq_len, "corpus": heal_corpus},
         "tracking": {"tracking_uri": tracking_uri, "experiment": experiment, "register_models": register_models,
                      "model_name": model_name},
