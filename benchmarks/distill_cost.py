@@ -50,9 +50,11 @@ class Settings:
 
 
 def check(s: Settings, preset: str | None) -> Settings:
-    from dtr_core.distill.config import steps_for_tokens
+    from dtr_core.distill.config import check_seq_lens, steps_for_tokens
+    from dtr_core.preflight import check_model_source
 
     harness.check_mixer(s.mixer)
+    check_seq_lens([s.seq_len], check_model_source(s.model, check_values=False).max_positions)
     return s if s.steps is not None else dataclasses.replace(s, steps=steps_for_tokens(s.tokens, DISTILL_BATCH,
                                                                                          s.seq_len))
 

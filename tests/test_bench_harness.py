@@ -50,13 +50,13 @@ def test_output_folders_resolve_by_run_kind():
 
 
 def test_bad_input_is_one_error_line_before_any_work(tmp_path, capsys):
-    for argv in (["--steps", "0"], ["--mixer", "nope"], ["--tokens", "64", "--seq-len", "64"]):
+    for argv in (["--steps", "0"], ["--mixer", "nope"], ["--seq-len", "99999"]):
         with pytest.raises(SystemExit) as exit_info:
             distill_cost.main(argv + ["--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")])
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("dtr bench distill: error: ")
-    assert "--tokens (64) must hold at least 2 sequences" in err[-1]
+    assert "sequence length 99999 is above the model's max_position_embeddings (8192)" in err[-1]
     assert not list(tmp_path.iterdir())  # no folder, no file
 
 
