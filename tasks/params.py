@@ -166,6 +166,15 @@ class DistillBudget(_Params):
             raise ValueError(f"sequence lengths must be >= 1, got {value}")
         return value
 
+    @model_validator(mode="after")
+    def _at_least_one_step(self) -> DistillBudget:
+        step = self.batch_size * self.seq_lens[0]
+        if self.steps is None and self.tokens < step:
+            raise ValueError(f"tokens ({self.tokens}) is less than one optimiser step of batch_size x seq_len = "
+                             f"{self.batch_size} x {self.seq_lens[0]} = {step} tokens; give at least {step}, or a "
+                             "smaller batch size or sequence length")
+        return self
+
     @property
     def seq_lens(self) -> tuple[int, ...]:
         return tuple(self.seq_len) if isinstance(self.seq_len, list) else (self.seq_len,)
