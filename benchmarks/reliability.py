@@ -47,7 +47,7 @@ CATEGORIES = {  # in the order of the report
 }
 GOALS = {
     "bad input": f"exit 2, one `error:` line on stderr, under {BAD_INPUT_SECONDS:g} s, nothing written",
-    "completes": "exit 0; writes only its run folder, the MLflow store and its artifacts",
+    "completes": "exit 0; writes only its run folder, the MLflow store, its artifacts and dtr's cache",
     "resume": "killed with SIGKILL, then the same command: exit 0 and the layers of an uninterrupted run",
     "refused": "the second process: exit 2, one `error:` line (its last), no traceback; the first: exit 0",
     "runtime fault": f"exit 1, one `error:` line (the last on stderr), no traceback, within "
