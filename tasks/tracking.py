@@ -53,7 +53,8 @@ BOUNDED_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BAC
                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 # Words in an error that say the store itself failed, not the request (server gone, disk full, broken db).
 _STORE_FAILURES = ("max retries exceeded", "connection refused", "connectionerror", "failed to establish",
-                   "read timed out", "remotedisconnected", "connection aborted", "database or disk is full",
+                   "read timed out", "remotedisconnected", "connection aborted", "connection broken",
+                   "incompleteread", "database or disk is full",
                    "disk i/o error", "readonly database", "unable to open database", "no space left")
 T = TypeVar("T")
 

@@ -143,6 +143,24 @@ def test_no_credentials_in_params_tags_or_summary_fields(tmp_path):
     assert "hunter2pw" not in (tmp_path / "mlflow_run.json").read_text()
 
 
+@pytest.mark.parametrize("message", [
+    "API request to http://h/api/2.0/mlflow/runs/log-batch failed with exception ('Connection broken: "
+    "IncompleteRead(0 bytes read, 2 more expected)', IncompleteRead(0 bytes read, 2 more expected))",  # killed mid-reply
+    "HTTPConnectionPool(host='127.0.0.1', port=1): Max retries exceeded with url: /api (Caused by NewConnectionError)",
+    "(sqlite3.OperationalError) database or disk is full",
+])
+def test_a_store_that_dies_in_any_way_is_one_resume_line(message):
+    from mlflow.exceptions import MlflowException
+
+    from tasks.tracking import TrackingStoreError, retry
+
+    def call():
+        raise MlflowException(message)
+
+    with pytest.raises(TrackingStoreError, match="run the same command again to resume"):
+        retry(call, uri="http://127.0.0.1:5000")
+
+
 def test_store_failure_is_one_line_and_marking_failed_is_bounded(tmp_path):
     """A dead server: MLflow's HTTP retries are bounded, the error is one line, `finish(wait=)` never raises."""
     from tasks.tracking import BOUNDED_HTTP, TrackingStoreError
