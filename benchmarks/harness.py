@@ -56,6 +56,8 @@ REGISTRY: tuple[Entry, ...] = (  # in the order `dtr bench all` runs them
           "Greedy search cost: fast evaluator vs the plain one, same answer."),
     Entry("distill", "benchmarks.distill_cost", "Cost of distillation: 1 vs 2 workers",
           "Blockwise distillation cost per layer, 1 vs 2 workers."),
+    Entry("students", "benchmarks.student_loss", "Student quality: variants and token budgets",
+          "Held-out loss of students by variant and training budget."),
     Entry("placements", "benchmarks.placements", "Quality: greedy DtR vs placement baselines",
           "Layer placements: greedy DtR vs baselines."),
     Entry("inference", "benchmarks.inference", "Inference speed and memory: hybrids vs the teacher",

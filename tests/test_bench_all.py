@@ -152,3 +152,38 @@ def test_a_direct_run_after_a_recorded_one_is_not_credited_to_it(tmp_path):
     assert not bench_all._written_by(record, report)  # the same command, run later by hand
     report.write_text("- command: `dtr bench mixers --quick`\n- date (UTC): 2026-11-28 17:59:50; platform x\n")
     assert not bench_all._written_by(record, report)
+
+
+def test_student_loss_tiny_run_reuses_finished_students(tmp_path, capsys):
+    from benchmarks import student_loss
+
+    argv = ["--model", "tiny-llama", "--layers", "0,2", "--budgets", "256,512", "--seq-len", "32",
+            "--variants", "default,short_conv+gate=swish_norm", "--work-dir", str(tmp_path / "work"),
+            "--out", str(tmp_path / "out"), "--json"]
+    assert student_loss.main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "out" / "student_loss.png").read_bytes()[:8] == PNG
+    assert [(r["variant"], r["tokens"]) for r in first["rows"]] == [
+        ("default", 256), ("default", 512), ("short_conv+gate=swish_norm", 256), ("short_conv+gate=swish_norm", 512)]
+    for row in first["rows"]:
+        assert set(row["losses"]) == {"0", "2"} and all(v > 0 for v in row["losses"].values())
+        assert not row["reused"]
+    # the published options change the student: other parameters, other losses
+    assert first["rows"][2]["student_params"] > first["rows"][0]["student_params"]
+    assert first["rows"][2]["losses"] != first["rows"][0]["losses"]
+    assert student_loss.main(argv) == 0  # a rerun trains nothing and reports the same numbers
+    second = json.loads(capsys.readouterr().out)
+    assert all(r["reused"] for r in second["rows"])
+    assert [r["losses"] for r in second["rows"]] == [r["losses"] for r in first["rows"]]
+    assert "| variant | training tokens per layer | steps | layer 0 | layer 2 |" in (
+        tmp_path / "out" / "students.md").read_text()
+
+
+def test_student_loss_refuses_an_unknown_option_before_any_work(tmp_path, capsys):
+    from benchmarks import student_loss
+
+    with pytest.raises(SystemExit) as exit_info:
+        student_loss.main(["--variants", "gate=bogus", "--work-dir", str(tmp_path / "work")])
+    assert exit_info.value.code == 2
+    assert "variant 'gate=bogus'" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
