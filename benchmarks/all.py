@@ -49,10 +49,17 @@ def wiring_args(name: str, out_root: Path, extra: Sequence[str]) -> tuple[list[s
     if result is None or not result.get("tasks"):
         return [], None
     task_name, task = next(iter(result["tasks"].items()))
-    if name == "inference" and "--layers-from" not in extra:
+
+    def greedy_order() -> str:
         order = out_root / "placements" / f"greedy_order_{task_name}.json"
         harness.write_json(order, {"swap_order": [r["layer"] for r in task["greedy_trajectory"]]})
-        return ["--layers-from", shown(order)], f"greedy order of placements ({task_name})"
+        return shown(order)
+
+    if name == "inference" and "--layers-from" not in extra:
+        return ["--layers-from", greedy_order()], f"greedy order of placements ({task_name})"
+    if name == "healing" and not {"--students", "--order", "--model"} & set(extra):
+        return ["--students", shown(Path(result["students"]["dir"])), "--order", greedy_order(), "--tasks",
+                task_name], f"placements students and greedy order ({task_name})"
     if name == "recall" and not {"--hybrid", "--layers", "--k", "--students"} & set(extra):
         if result["model"] != _flag(extra, "--model", "smollm2-135m"):
             return [], None

@@ -64,6 +64,8 @@ REGISTRY: tuple[Entry, ...] = (  # in the order `dtr bench all` runs them
           "Hybrid vs teacher: prefill/decode speed and cache size."),
     Entry("recall", "benchmarks.recall", "Long-context recall: teacher vs M_opt",
           "Long-context recall probe: teacher vs hybrid."),
+    Entry("healing", "benchmarks.healing", "Healing: hybrids before and after end-to-end distillation",
+          "Healed vs unhealed hybrids: test score, perplexity, passkey, cost."),
     Entry("reliability", "benchmarks.reliability", "Reliability: bad input and faults, run for real",
           "Every bad input and fault as a real dtr process: exit code, lines, time, what was written."),
 )

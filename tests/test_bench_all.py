@@ -187,3 +187,51 @@ def test_student_loss_refuses_an_unknown_option_before_any_work(tmp_path, capsys
     assert exit_info.value.code == 2
     assert "variant 'gate=bogus'" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
+
+
+def test_healing_tiny_run_heals_and_scores_every_model(tmp_path, capsys):
+    from benchmarks import healing
+    from dtr_core.distill.block import distill_block
+    from dtr_core.distill.config import RANDOM_TEACHER_MAX_NORMALIZED_LOSS, DistillConfig
+    from dtr_core.distill.corpus import Corpus
+    from dtr_core.models import load_model
+
+    model, tokenizer = load_model("tiny-llama")
+    config = DistillConfig.for_tokens(256, seq_lens=(32,), max_normalized_loss=RANDOM_TEACHER_MAX_NORMALIZED_LOSS)
+    distill_block(model, [0, 1, 2, 3], "gated_deltanet", config, Corpus("bbc", tokenizer), tmp_path / "students")
+    argv = ["--quick", "--model", "tiny-llama", "--students", str(tmp_path / "students"), "--order", "2,0,3",
+            "--out", str(tmp_path / "out"), "--json"]
+    assert healing.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [(r["k"], r["steps"]) for r in result["rows"]] == [(0, 0), (1, 0), (1, 2), (2, 0), (2, 2)]
+    for row in result["rows"]:
+        assert 0 <= row["test"] <= 1 and row["perplexity"] > 1 and set(row["passkey"]) == {"160"}
+    healed = [r for r in result["rows"] if r["steps"]]
+    assert all(r["status"] == "ok" and r["layers"] == [2, 0][: r["k"]] for r in healed)
+    assert all(r["final_kl"] != r["initial_kl"] for r in healed)  # healing trained something
+    assert (tmp_path / "out" / "healing_sentiment.png").read_bytes()[:8] == PNG
+    report = (tmp_path / "out" / "healing.md").read_text()
+    assert "| task | k | heal steps | test score | BBC perplexity | passkey@160 |" in report
+    assert f"| sentiment | 1 | 2 | {healed[0]['test']:.3f} | {healed[0]['perplexity']:.2f} |" in report
+
+
+def test_healing_refuses_ks_beyond_the_order(tmp_path, capsys):
+    from benchmarks import healing
+
+    (tmp_path / "students").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        healing.main(["--students", str(tmp_path / "students"), "--order", "3,5", "--ks", "4"])
+    assert exit_info.value.code == 2
+    assert "--ks up to 4 needs an order of at least that many layers" in capsys.readouterr().err
+
+
+def test_healing_is_wired_to_the_placements_students_and_greedy_order(tmp_path):
+    placements = {"model": "smollm2-135m", "students": {"dir": str(tmp_path / "students")},
+                  "tasks": {"trec": {"greedy_trajectory": [{"layer": 7}, {"layer": 3}, {"layer": 11}]}}}
+    harness.write_json(tmp_path / "placements" / "placements.json", placements)
+    args, why = bench_all.wiring_args("healing", tmp_path, [])
+    assert args[:2] == ["--students", harness.shown(tmp_path / "students")] and args[4:] == ["--tasks", "trec"]
+    assert json.loads((tmp_path / "placements" / "greedy_order_trec.json").read_text()) == {"swap_order": [7, 3, 11]}
+    assert args[2:4] == ["--order", harness.shown(tmp_path / "placements" / "greedy_order_trec.json")]
+    assert "trec" in why
+    assert bench_all.wiring_args("healing", tmp_path, ["--students", "x"]) == ([], None)  # the user's own choice
