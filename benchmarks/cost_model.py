@@ -3,6 +3,9 @@
 One sequence (batch 1); parameter counts are read from the real modules (teacher attention, a fresh student,
 the rest of the model). Decode at batch 1 is memory-bound, so its ideal speed-up is the bytes ratio; prefill is
 compute-bound, so its ideal is the FLOPs ratio. The formulas and why: docs/BENCHMARKS_INFERENCE.md, "Cost model".
+A sliding-window layer (Gemma 2/3 `layer_types`) that keeps softmax attention holds and reads at most
+`sliding_window - 1` cached positions, so replacing it saves less than replacing a global layer;
+`replacement_savings` gives, per layer, what replacing it alone would save.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from benchmarks.harness import interleave, timed
+from dtr_core.families import layer_type
+from dtr_core.hybrid.surgery import attention_module, num_layers
 from dtr_core.ops.common import DEFAULT_CHUNK_SIZE
 
 FULL = "full"
@@ -38,9 +43,17 @@ class ModelProfile:
     mixer: str
     chunk_size: int
     conv_size: int  # JetBlock's value-convolution width, 0 for mixers without one
+    sliding_window: int | None = None  # the KV window of the sliding-window layers
+    sliding_layers: tuple[int, ...] = ()  # layers whose softmax attention keeps at most `sliding_window - 1` positions
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def kv_positions(self, layer: int, context: int) -> int:
+        """Positions layer `layer` holds in its KV cache (and reads per decoded token) at `context` tokens."""
+        if layer in self.sliding_layers and self.sliding_window:
+            return min(context, self.sliding_window - 1)
+        return context
 
 
 def _params(module: nn.Module) -> int:
@@ -50,11 +63,11 @@ def _params(module: nn.Module) -> int:
 def profile_model(teacher: PreTrainedModel, student: nn.Module) -> ModelProfile:
     """Profile from the teacher and one student (as built by `dtr_core.mixers.build_student`)."""
     config = teacher.config
-    layers = teacher.model.layers
+    layers = [attention_module(teacher, index) for index in range(num_layers(teacher))]
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     element = next(teacher.parameters()).element_size()
-    attention = sum(_params(layer.self_attn) for layer in layers)
+    attention = sum(_params(layer) for layer in layers)
     embedding = teacher.get_input_embeddings().weight
     lm_head = teacher.get_output_embeddings()
     lm_head_params = _params(lm_head)
@@ -65,10 +78,13 @@ def profile_model(teacher: PreTrainedModel, student: nn.Module) -> ModelProfile:
     return ModelProfile(
         num_layers=len(layers), heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=head_dim, element_bytes=element, rest_params=rest, lm_head_params=lm_head_params,
-        embedding_row=config.hidden_size, full_attention_params=_params(layers[0].self_attn),
+        embedding_row=config.hidden_size, full_attention_params=_params(layers[0]),
         linear_params=_params(student), linear_state_bytes=student.state_bytes(1, next(teacher.parameters()).dtype),
         mixer=student.name, chunk_size=mixer_config.chunk_size if mixer_config is not None else DEFAULT_CHUNK_SIZE,
-        conv_size=mixer_config.conv_size if (mixer_config is not None and hasattr(student, "kernel_up")) else 0)
+        conv_size=mixer_config.conv_size if (mixer_config is not None and hasattr(student, "kernel_up")) else 0,
+        sliding_window=getattr(config, "sliding_window", None),
+        sliding_layers=tuple(index for index in range(len(layers))
+                             if layer_type(config, index) == "sliding_attention"))
 
 
 @dataclass(frozen=True)
@@ -96,10 +112,11 @@ def kv_bytes_per_layer(profile: ModelProfile, context: int) -> int:
 
 
 def cache_bytes(profile: ModelProfile, kinds: list[str], context: int) -> int:
-    """Decoding cache: K/V of every full layer + the constant state of every linear layer."""
+    """Decoding cache: K/V of every full layer (a sliding-window one: its window) + the constant state of every
+    linear layer."""
     _check(kinds, profile)
-    full = sum(kind == FULL for kind in kinds)
-    return full * kv_bytes_per_layer(profile, context) + (len(kinds) - full) * profile.linear_state_bytes
+    return sum(kv_bytes_per_layer(profile, profile.kv_positions(layer, context)) if kind == FULL
+               else profile.linear_state_bytes for layer, kind in enumerate(kinds))
 
 
 def decode_cost(profile: ModelProfile, kinds: list[str], context: int, kv_append: str = "static") -> Cost:
@@ -112,14 +129,15 @@ def decode_cost(profile: ModelProfile, kinds: list[str], context: int, kv_append
         raise ValueError(f"kv_append must be 'static' or 'concat', got {kv_append!r}")
     p, e = profile, profile.element_bytes
     total = Cost(2.0 * (p.rest_params - p.embedding_row), float(p.rest_params * e))
-    kv = kv_bytes_per_layer(p, context)
     new_kv = kv_bytes_per_layer(p, 1)
-    for kind in kinds:
+    for layer, kind in enumerate(kinds):
         if kind == FULL:
+            held = p.kv_positions(layer, context)
+            kv = kv_bytes_per_layer(p, held)
             moved = p.full_attention_params * e + kv + new_kv
             if kv_append == "concat":
                 moved += kv + (kv + new_kv)  # torch.cat reads the old K/V and writes old + new
-            total += Cost(2.0 * p.full_attention_params + 4.0 * context * p.heads * p.head_dim, float(moved))
+            total += Cost(2.0 * p.full_attention_params + 4.0 * held * p.heads * p.head_dim, float(moved))
         else:
             step = STEP_FLOPS_PER_HD2 * p.heads * p.head_dim**2 + 2 * p.heads * p.head_dim * p.conv_size
             total += Cost(2.0 * p.linear_params + step, float(p.linear_params * e + 2 * p.linear_state_bytes))
@@ -133,14 +151,38 @@ def prefill_cost(profile: ModelProfile, kinds: list[str], context: int) -> Cost:
     c, d, h = p.chunk_size, p.head_dim, p.heads
     body = p.rest_params - p.embedding_row - p.lm_head_params
     total = Cost(2.0 * body * t + 2.0 * p.lm_head_params, float(p.rest_params * e))
-    for kind in kinds:
+    for layer, kind in enumerate(kinds):
         if kind == FULL:
-            flops = 2.0 * p.full_attention_params * t + 2.0 * h * d * t * (t + 1)
-            total += Cost(flops, float(p.full_attention_params * e + kv_bytes_per_layer(p, t)))
+            # query i attends to min(i, window) keys: sum over i = t (t + 1) / 2 without a window
+            window = p.sliding_window if layer in p.sliding_layers and p.sliding_window else t
+            attended = t * (t + 1) / 2 if t <= window else window * (window + 1) / 2 + (t - window) * window
+            flops = 2.0 * p.full_attention_params * t + 4.0 * h * d * attended
+            total += Cost(flops, float(p.full_attention_params * e + kv_bytes_per_layer(p, p.kv_positions(layer, t))))
         else:
             chunked = h * t * (10 * c * d + c * c + 6 * d * d) + 2 * h * d * p.conv_size * t
             total += Cost(2.0 * p.linear_params * t + chunked, float(p.linear_params * e + p.linear_state_bytes))
     return total
+
+
+def replacement_savings(profile: ModelProfile, kinds: list[str], context: int) -> list[dict]:
+    """For each layer still full in `kinds`: what replacing it alone would save per decoded token at `context`
+    (bytes moved, FLOPs) and in the cache; a sliding-window layer saves less (its KV is bounded). For logs."""
+    _check(kinds, profile)
+    base_decode, base_cache = decode_cost(profile, kinds, context), cache_bytes(profile, kinds, context)
+    savings = []
+    for layer, kind in enumerate(kinds):
+        if kind != FULL:
+            continue
+        replaced = [*kinds[:layer], profile.mixer, *kinds[layer + 1:]]
+        decode = decode_cost(profile, replaced, context)
+        savings.append({
+            "layer": layer,
+            "sliding_window": layer in profile.sliding_layers,
+            "decode_bytes_saved": base_decode.bytes - decode.bytes,
+            "decode_flops_saved": base_decode.flops - decode.flops,
+            "cache_bytes_saved": base_cache - cache_bytes(profile, replaced, context),
+        })
+    return savings
 
 
 def ideal_decode_speedup(profile: ModelProfile, kinds: list[str], context: int, kv_append: str = "static") -> float:

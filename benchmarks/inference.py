@@ -142,10 +142,11 @@ def plan_contenders(num_layers: int, fractions: Sequence[float],
 def build_models(teacher, mixer: str, contenders: Sequence[Contender]):
     """({contender name: model}, cost profile). Hybrids get fresh students (the teacher's q/k/v/o copied)."""
     from dtr_core.hybrid.model import make_hybrid
+    from dtr_core.hybrid.surgery import attention_module
     from dtr_core.mixers import build_student
 
     def student(layer: int):
-        return build_student(mixer, teacher.config, layer, teacher_attention=teacher.model.layers[layer].self_attn)
+        return build_student(mixer, teacher.config, layer, teacher_attention=attention_module(teacher, layer))
 
     models = {c.name: teacher if c.k is None else make_hybrid(teacher, {i: student(i) for i in c.linear_layers}).eval()
               for c in contenders}

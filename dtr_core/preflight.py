@@ -5,7 +5,8 @@ The checks read files and configs only; no model is built. What each one costs:
 
 - `check_model_source(source)`: a built-in name is accepted after a `find_spec` of its package
   (`smollm2-135m`); a local folder gets its `config.json` parsed and loaded with `AutoConfig` (no weights),
-  its `model_type` looked up in `families.FAMILIES`, every safetensors header parsed and the file sizes
+  its `model_type` looked up in `families.FAMILIES` (or, for another transformers type, its Llama attention
+  layout probed on a 1-layer meta-device model: `families.probe_family`), every safetensors header parsed and the file sizes
   compared with it (shards of `model.safetensors.index.json` included; `.bin`-only folders refused: dtr
   loads safetensors only), a tokenizer file found, and, with `check_values=True`, every floating tensor
   read once with `safetensors.safe_open` and checked finite, one tensor at a time. That read is the costly
@@ -232,15 +233,24 @@ def check_config_loads(folder: Path, trust_remote_code: bool = False, name: str 
 
 
 def check_architecture(model_type: object, name: str) -> None:
-    """`model_type` is a family of `dtr_core.families.FAMILIES`, or a saved dtr hybrid of one."""
-    from dtr_core.families import FAMILIES, HYBRID_PREFIX
+    """`model_type` is a family of `dtr_core.families.FAMILIES`, a transformers type with the Llama attention
+    layout (`families.probe_family`; its hybrid classes are registered here, so a saved hybrid of it loads), or
+    a saved dtr hybrid of either."""
+    from dtr_core.families import FAMILIES, HYBRID_PREFIX, probe_family
 
     if not isinstance(model_type, str) or not model_type:
         raise ValueError(f"config.json of model {name} has no model_type; re-save the model with save_pretrained")
     base = model_type[len(HYBRID_PREFIX):] if model_type.startswith(HYBRID_PREFIX) else model_type
-    if base not in FAMILIES:
+    if base in FAMILIES:
+        return
+    if probe_family(base) is None:
         raise ValueError(f"model {name} has architecture '{model_type}', which dtr does not support; supported: "
-                         f"{', '.join(sorted(FAMILIES))} (add an entry to dtr_core/families.py for another)")
+                         f"{', '.join(sorted(FAMILIES))} and others with the Llama attention layout "
+                         f"(q_proj/k_proj/v_proj/o_proj, RoPE from the decoder layer); add an entry to "
+                         f"dtr_core/families.py for another")
+    from dtr_core.hybrid.model import hybrid_classes
+
+    hybrid_classes(base)
 
 
 def safetensors_header(path: Path) -> dict:

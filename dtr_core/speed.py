@@ -10,7 +10,10 @@ What is measured (batch 1 by default, `torch.inference_mode`, the model's own de
 - with `long_context_len` (e.g. 32K): the decode rate from a synthetic cache of that many tokens
   (`synthetic_cache`: the structure of a real prefill, random K/V and states, which cost what real ones
   cost), and that cache's bytes. Seconds instead of a 32K-token prefill, and where a hybrid's gain shows:
-  the KV cache a full layer reads per token grows with the context, a linear layer's state does not.
+  the KV cache a full layer reads per token grows with the context, a linear layer's state does not
+  (a sliding-window layer's stops growing at its window);
+- `replacement_savings(model, context_len)`: per softmax layer, the cache bytes replacing it alone would save
+  at `context_len` (less on a sliding-window layer, whose KV is bounded), for reports and logs.
 
 A short warm-up forward runs first (allocator and kernel selection), and the median of `repeats`
 measurements is reported. Timings depend on what else runs on the machine: compare models measured
@@ -30,12 +33,15 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import PreTrainedModel
 
-from dtr_core.hybrid.model import cache_bytes
+from dtr_core.families import layer_type
+from dtr_core.hybrid.model import cache_bytes, kv_positions
+from dtr_core.hybrid.surgery import attention_module, num_layers
+from dtr_core.mixers import LinearMixer, build_student
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SpeedResult", "cache_nbytes", "decode", "measure_long_decode", "measure_speed", "measure_speeds", "rewind",
-           "speedup", "synthetic_cache"]
+__all__ = ["SpeedResult", "cache_nbytes", "decode", "measure_long_decode", "measure_speed", "measure_speeds",
+           "replacement_savings", "rewind", "speedup", "synthetic_cache"]
 
 WARMUP_TOKENS = 16  # enough to trigger every code path (prefill + one decode step) at negligible cost
 STRUCTURE_PROMPT = 8  # tokens of the real prefill that gives a synthetic cache its exact structure
@@ -216,14 +222,21 @@ def synthetic_cache(model, context: int, generator: torch.Generator):
     keys = values = None
     for layer in cache.layers:
         if _is_kv_layer(layer):
+            # a sliding-window layer holds its last `sliding_window - 1` positions, whatever the context
+            held = min(context, layer.sliding_window - 1) if hasattr(layer, "sliding_window") else context
             if keys is None:
                 batch, kv_heads, _, head_dim = layer.keys.shape
                 shape = (batch, kv_heads, context, head_dim)
                 keys = torch.randn(shape, generator=generator, dtype=layer.keys.dtype).to(device)
                 values = torch.randn(shape, generator=generator, dtype=layer.values.dtype).to(device)
-                layer.keys, layer.values = keys, values
+                if held < context:  # its own storage, of its own size
+                    layer.keys, layer.values = keys[..., :held, :].clone(), values[..., :held, :].clone()
+                else:
+                    layer.keys, layer.values = keys, values
             else:
-                layer.keys, layer.values = keys.clone(), values.clone()
+                layer.keys, layer.values = keys[..., :held, :].clone(), values[..., :held, :].clone()
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length = context
         else:
             for states in (layer.conv_states, layer.recurrent_states):
                 for index, tensor in states.items():
@@ -240,7 +253,9 @@ def synthetic_cache(model, context: int, generator: torch.Generator):
 def rewind(cache, context: int) -> None:
     """Drop the tokens decoded after `context` from the K/V layers (linear states keep their constant size)."""
     for layer in cache.layers:
-        if _is_kv_layer(layer):
+        if _is_kv_layer(layer) and hasattr(layer, "cumulative_length"):  # sliding window: same size, other tokens
+            layer.cumulative_length = context
+        elif _is_kv_layer(layer):
             layer.keys = layer.keys[..., :context, :]
             layer.values = layer.values[..., :context, :]
         elif hasattr(layer, "seen_tokens"):
@@ -268,3 +283,29 @@ def speedup(baseline: SpeedResult | dict, other: SpeedResult | dict) -> dict[str
     if base.get("long_decode_tokens_per_second") and new.get("long_decode_tokens_per_second"):
         ratios["long_decode_speedup"] = new["long_decode_tokens_per_second"] / base["long_decode_tokens_per_second"]
     return ratios
+
+
+def replacement_savings(model: PreTrainedModel, context_len: int, mixer: str = "gated_deltanet",
+                        batch_size: int = 1) -> list[dict]:
+    """For each layer that still has softmax attention: the decoding-cache bytes that replacing it alone by a
+    `mixer` student would save at `context_len` (its K/V minus the student's fixed state; a sliding-window
+    layer's K/V is at most its window, so it saves less)."""
+    dtype = next(model.parameters()).dtype
+    element = torch.empty((), dtype=dtype).element_size()
+    savings = []
+    for index in range(num_layers(model)):
+        attention = attention_module(model, index)
+        if isinstance(attention, LinearMixer):
+            continue
+        with torch.device("meta"):  # only its shapes are read
+            state = build_student(mixer, model.config, index).state_bytes(batch_size, dtype)
+        kv = 2 * batch_size * _kv_width(model) * kv_positions(model.config, index, context_len) * element
+        savings.append({"layer": index, "layer_type": layer_type(model.config, index), "kv_bytes": kv,
+                        "cache_bytes_saved": kv - state})
+    return savings
+
+
+def _kv_width(model: PreTrainedModel) -> int:
+    from dtr_core.mixers.base import attention_shape, key_value_heads
+
+    return key_value_heads(model.config) * attention_shape(model.config)[2]

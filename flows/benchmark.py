@@ -14,12 +14,14 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from dtr_core.speed import speedup
+from flows.run_names import run_name
 from tasks.params import ConvertParams, SpeedParams
 from tasks.runtime import serial_threads
 from tasks.speed import speed_task
 
 
 @flow(name="benchmark", task_runner=ThreadPoolTaskRunner(max_workers=1),
+      flow_run_name=run_name("benchmark"),
       description="Prefill/decode speed and cache size of models at a long context")
 def benchmark(
     models: list[str] = [ConvertParams.model_fields["model"].default],  # noqa: B006 - Prefect needs a literal default for the UI form

@@ -18,6 +18,8 @@ first write until it ends; a second conversion of the same run id stops at once 
 records its MLflow parent run (`mlflow_run.json`): a resumed run reattaches to it, and a finished run that
 is run again registers no new version (`tasks/tracking.py`, `tasks/registry.py`). Params, tags and the
 summary carry the tracking URI and Dask address with credentials masked.
+Sub-flow results reach tasks `quote`d: Prefect would otherwise record them as `flow_run` task inputs, which
+the default UI cannot show (the parent run's Task Runs tab stays empty; PrefectHQ/prefect#18680).
 Runners: see `flows/runners.py`; call `run_convert(params)` (what `dtr convert` does) to get the shared
 temporary Prefect API that process and Dask workers need in embedded mode.
 """
@@ -32,6 +34,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 
 from dtr_core.artifacts import remove_temporaries, write_json, write_marker
 from dtr_core.redaction import redact
@@ -40,7 +43,9 @@ from dtr_core.run_lock import run_folder_lock
 from flows.benchmark import benchmark as benchmark_flow
 from flows.distill import distill as distill_flow
 from flows.heal import heal as heal_flow
+from flows.heal import heal_and_continue as heal_and_continue_flow
 from flows.replace import replace as replace_flow
+from flows.run_names import run_name
 from flows.runners import dask_cluster, make_task_runner, shared_api
 from tasks.context import RunContext
 from tasks.evaluate import evaluate_task
@@ -51,16 +56,19 @@ from tasks.params import (
     DistillBudget,
     HealParams,
     MixerName,
+    ModelSource,
     RunnerParams,
     SpeedParams,
     TaskParams,
     ToleranceParams,
     TrackingParams,
     check_params_once,
+    describe_parameters,
     one_line,
 )
 from tasks.pyfunc_model import task_card
-from tasks.registry import register_task
+from tasks.registry import register_task, describe_test_set, version_facts
+from tasks.report import ROLES as REPORT_ROLES
 from tasks.report import failed_layers, plots_task, publish_summary_task, summary_rows
 from tasks.runtime import serial_threads
 from tasks.runtime import task as build_task
@@ -71,10 +79,11 @@ FAIL_MARK_SECONDS = 10.0  # marking the MLflow run FAILED after a failure waits 
 
 
 @flow(name="convert", task_runner=ThreadPoolTaskRunner(max_workers=1), validate_parameters=True,
-      flow_run_name="convert-{model}",
+      flow_run_name=run_name("convert"),
       description="Distill-then-Replace: a task-specific hybrid of full and linear attention from a pretrained model")
+@describe_parameters(ConvertParams)  # the form's help text: ConvertParams's descriptions
 def convert(
-    model: str = DEFAULTS.model,
+    model: ModelSource = DEFAULTS.model,
     task: TaskParams = DEFAULTS.task,
     mixer: MixerName = DEFAULTS.mixer,
     distill: DistillBudget = DEFAULTS.distill,
@@ -143,17 +152,20 @@ def _steps(params: ConvertParams, ctx: RunContext, started: float) -> dict[str, 
     """Steps 1-6 of the module docstring, in order."""
     teacher_eval = score_teacher(params, ctx)  # 1
     layer_results, trajectory = distill_and_replace(params, ctx)  # 2, 3
-    plots_task(str(ctx.layout.reports), trajectory, layer_results, str(ctx.layout.trajectory), ctx.tracking)
+    plots_task(str(ctx.layout.reports), quote(trajectory), quote(layer_results), str(ctx.layout.trajectory),
+               ctx.tracking)
     roles = {"best": trajectory["best_layers"], "opt": trajectory["opt_layers"]}
     paths, evals = export_and_score(params, ctx, trajectory, roles, teacher_eval)  # 4
     if params.heal.enabled:
-        roles.update(heal_opt(params, ctx, roles["opt"], paths, evals))  # 4b
-    speeds = measure_speeds(params, ctx, paths)  # 5
+        roles.update(heal_opt(params, ctx, trajectory["swap_order"], paths, evals))  # 4b
+        if "healed" in roles:  # the healed model's layers: M_opt's, or more after heal-then-continue
+            trajectory = {**trajectory, "healed_layers": roles["healed"]}
+    speeds = measure_speeds(params, ctx, paths, roles)  # 5
     summary = summarise(params, ctx, trajectory, layer_results, evals, speeds, paths)  # 6
     if params.tracking.register_models:
-        summary["registered"] = register(params, ctx, roles, paths)
+        summary["registered"] = register(params, ctx, roles, paths, summary)
     summary["seconds"] = time.perf_counter() - started
-    return publish_summary_task(summary, str(ctx.layout.summary), ctx.tracking)
+    return publish_summary_task(quote(summary), str(ctx.layout.summary), ctx.tracking)
 
 
 def score_teacher(params: ConvertParams, ctx: RunContext) -> dict[str, Any]:
@@ -163,8 +175,9 @@ def score_teacher(params: ConvertParams, ctx: RunContext) -> dict[str, Any]:
                                  "teacher", str(ctx.layout.reports / "eval_teacher.json"), ctx.threads)
     ctx.tracking.log_metrics({"teacher_validation": teacher_eval["validation"]["score"],
                               "teacher_test": teacher_eval["test"]["score"]})
-    get_run_logger().info("teacher: validation %.4f, test %.4f", teacher_eval["validation"]["score"],
-                          teacher_eval["test"]["score"])
+    ctx.tracking.set_tags({"dtr.metric": teacher_eval["validation"]["metric"]})  # the metric searched on, resolved
+    get_run_logger().info("teacher: validation %s %.4f, test %.4f", teacher_eval["validation"]["metric"],
+                          teacher_eval["validation"]["score"], teacher_eval["test"]["score"])
     return teacher_eval
 
 
@@ -197,8 +210,8 @@ def export_and_score(params: ConvertParams, ctx: RunContext, trajectory: dict[st
             continue
         if layout.hybrid(role).is_symlink():  # an earlier run's alias: export a folder of its own instead
             layout.hybrid(role).unlink()
-        export = export_task(ctx, layers, role, {"run_id": layout.root.name,
-                                                 "search_score": trajectory[f"{role}_score"]})
+        export = export_task(ctx, quote(layers), role, quote({"run_id": layout.root.name,
+                                                              "search_score": trajectory[f"{role}_score"]}))
         paths[role] = export["path"]
         evals[role] = evaluate_task(export["path"], task, limits, role, str(layout.reports / f"eval_{role}.json"),
                                     ctx.threads)
@@ -207,31 +220,47 @@ def export_and_score(params: ConvertParams, ctx: RunContext, trajectory: dict[st
     return paths, evals
 
 
-def heal_opt(params: ConvertParams, ctx: RunContext, layers: list[int], paths: dict[str, str],
+def heal_opt(params: ConvertParams, ctx: RunContext, swap_order: list[int], paths: dict[str, str],
              evals: dict[str, Any]) -> dict[str, list[int]]:
-    """4b. heal M_opt end to end (sub-flow `heal`): an extra model, `healed`; {} when there is nothing to heal or
-    the heal failed (the run keeps the unhealed models)."""
-    if not layers:
+    """4b. heal M_opt end to end (sub-flow `heal`), or with heal.every > 0 heal it and continue the search from it
+    (sub-flow `heal-and-continue`): an extra model, `healed`; {} when there is nothing to heal or the heal failed
+    (the run keeps the unhealed models)."""
+    if not swap_order:
         get_run_logger().info("heal: M_opt has no linear layer; nothing to heal")
         return {}
-    healed = heal_flow(layers=list(layers), model=params.model, task=params.task, mixer=params.mixer,
-                       run_dir=ctx.run_dir, heal=params.heal, seed=params.seed, tracking=ctx.tracking)
+    if params.heal.every:
+        healed = heal_and_continue_flow(
+            start_order=list(swap_order), model=params.model, task=params.task, mixer=params.mixer,
+            run_dir=ctx.run_dir, heal=params.heal, tolerance=params.tolerance, acceptance=params.acceptance,
+            max_layers=params.max_layers, seed=params.seed, tracking=ctx.tracking)
+        layers = healed["continued"]["healed_layers"]
+        if healed["status"] == "ok":
+            healed["path"] = str(ctx.layout.alias_hybrid("healed", healed["path"]))
+    else:
+        layers = sorted(swap_order)
+        healed = heal_flow(layers=layers, model=params.model, task=params.task, mixer=params.mixer,
+                           run_dir=ctx.run_dir, heal=params.heal, seed=params.seed, tracking=ctx.tracking)
     if healed["status"] != "ok":
         return {}
     paths["healed"], evals["healed"] = healed["path"], healed["eval"]
     return {"healed": list(layers)}
 
 
-def measure_speeds(params: ConvertParams, ctx: RunContext, paths: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """5. speed at a long context, the models' repeats interleaved in this process."""
+def measure_speeds(params: ConvertParams, ctx: RunContext, paths: dict[str, str],
+                   roles: dict[str, list[int]] | None = None) -> dict[str, dict[str, Any]]:
+    """5. speed at a long context, the models' repeats interleaved in this process (a healed model with M_opt's
+    layers is not measured again: the same architecture, the same speed)."""
+    roles = roles or {}
     distinct = ["teacher", "best"] + (["opt"] if not os.path.samefile(paths["opt"], paths["best"]) else [])
+    if "healed" in paths and sorted(roles.get("healed", [])) != sorted(roles.get("opt", [])):
+        distinct.append("healed")
     measured = benchmark_flow(models=[paths[role] for role in distinct],
                               labels=["teacher" if role == "teacher" else f"M_{role}" for role in distinct],
                               speed=params.speed)
     speeds = dict(zip(distinct, measured))
     speeds.setdefault("opt", speeds["best"])
     if "healed" in paths:
-        speeds["healed"] = speeds["opt"]  # the same architecture as M_opt, only other weights: the same speed
+        speeds.setdefault("healed", speeds["opt"])  # M_opt's architecture, only other weights: the same speed
     write_json(ctx.layout.reports / "speed.json", measured)
     return speeds
 
@@ -255,15 +284,16 @@ def summarise(params: ConvertParams, ctx: RunContext, trajectory: dict[str, Any]
     }
 
 
-def register(params: ConvertParams, ctx: RunContext, roles: dict[str, list[int]],
-             paths: dict[str, str]) -> dict[str, Any]:
-    """6. register M_best and M_opt, only now that every step succeeded."""
+def register(params: ConvertParams, ctx: RunContext, roles: dict[str, list[int]], paths: dict[str, str],
+             summary: dict[str, Any]) -> dict[str, Any]:
+    """6. register M_best and M_opt (and M_healed), only now that every step succeeded; each version described
+    by its summary row (layers, scores, test set, speed)."""
     card = task_card(build_task(params.task))
-    label, run_id = params.task.label, ctx.layout.root.name
-    descriptions = {role: f"{params.model} for {label}: {len(layers)} linear layers {layers}, run {run_id}"
-                    for role, layers in roles.items()}
-    return register_task(ctx.tracking, params.registered_name(), {role: paths[role] for role in roles}, card,
-                         descriptions)
+    rows = {role: row for role, name in REPORT_ROLES for row in summary["rows"] if row["model"] == name}
+    facts = {role: version_facts(rows[role], rows["teacher"], summary, describe_test_set(params.task)) for role in roles}
+    return register_task(ctx.tracking, params.registered_name(), quote({role: paths[role] for role in roles}), card,
+                         quote({role: description for role, (_, description) in facts.items()}),
+                         quote({role: tags for role, (tags, _) in facts.items()}), params.tracking.promote)
 
 
 def run_convert(params: ConvertParams) -> dict[str, Any]:

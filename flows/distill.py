@@ -24,6 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from dtr_core.distill.block import split_into_blocks, teacher_layer_forwards
 from dtr_core.run_layout import RunLayout, slug
+from flows.run_names import run_name
 from flows.runners import parallel_threads
 from tasks import runtime
 from tasks.context import RunContext
@@ -36,6 +37,7 @@ __all__ = ["distill", "eta_text"]
 
 
 @flow(name="distill", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=False,
+      flow_run_name=run_name("distill"),
       description="DtR phase 1: stream the teacher, distil one linear-attention student per layer, a block of "
                   "layers per task")
 def distill(

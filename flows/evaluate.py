@@ -7,12 +7,14 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.run_names import run_name
 from tasks.params import ConvertParams, TaskParams
 from tasks.evaluate import evaluate_task
 from tasks.runtime import serial_threads
 
 
 @flow(name="evaluate", task_runner=ThreadPoolTaskRunner(max_workers=1),
+      flow_run_name=run_name("evaluate"),
       description="Score models on a task's validation and/or test split")
 def evaluate(
     models: list[str] = [ConvertParams.model_fields["model"].default],  # noqa: B006 - Prefect needs a literal default for the UI form

@@ -6,7 +6,8 @@ caps) are `dtr_core.search.decisions.greedy_replace`'s; this flow only supplies 
 `score_candidate_task` per candidate layer, ordered by last round's scores (round 0: by distillation loss)
 so strong candidates run first and raise the bar for exact early rejection. Each finished round is written
 to `greedy/round_NN.json`, logged to MLflow (parent metric `round_best_score`, step = round) and shown in a
-Prefect table artifact; each candidate's result file makes a killed run resume inside a round.
+Prefect table artifact (one per run, updated in place); each candidate's result file makes a killed run
+resume inside a round.
 """
 
 from __future__ import annotations
@@ -17,20 +18,22 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from dtr_core.artifacts import hash_json, read_json, write_json
 from dtr_core.run_layout import RunLayout, slug
 from dtr_core.distill.training import read_layer_results
+from dtr_core.evaluation.generation import regex_warning
 from dtr_core.search.decisions import CandidateScore, RoundRecord, greedy_replace
 from flows.distill import eta_text
+from flows.run_names import run_name
 from flows.runners import parallel_threads
 from tasks import runtime
 from tasks.candidates import score_candidate_task
 from tasks.context import RunContext
 from tasks.evaluate import evaluate_task
 from tasks.params import AcceptanceParams, ConvertParams, MixerName, RunnerParams, TaskParams, ToleranceParams
+from tasks.report import publish_table
 from tasks.runtime import serial_threads
 from tasks.tracking import Tracking
 
@@ -47,7 +50,7 @@ def round_rows(rounds: list[dict[str, Any]], p_min: float) -> list[dict[str, Any
     return rows
 
 
-@flow(name="replace", task_runner=ThreadPoolTaskRunner(max_workers=2),
+@flow(name="replace", task_runner=ThreadPoolTaskRunner(max_workers=2), flow_run_name=run_name("replace"),
       description="DtR phase 2: greedy layer replacement on distilled students (one task per candidate)")
 def replace(
     model: str = ConvertParams.model_fields["model"].default,
@@ -77,6 +80,9 @@ def replace(
     # 2. P_base: the teacher on the validation split (per-example values: bootstrap acceptance); P_min from it
     teacher = evaluate_task(model, task, {"validation": task.validation_limit, "test": task.test_limit}, "teacher",
                             str(layout.reports / "eval_teacher.json"), serial_threads(), per_example=True)["validation"]
+    warning = regex_warning(runtime.task(task), teacher["predictions"])  # before the search starts
+    if warning:
+        logger.warning(warning)
     tolerance_obj = tolerance.build()
     p_min = tolerance_obj.threshold(teacher["score"])
     logger.info("phase 2: teacher validation %s %.4f, P_min %.4f, %d candidate layers", teacher["metric"],
@@ -140,24 +146,30 @@ def _gather(futures, order: list[int], index: int, started: float) -> dict[int, 
 
 class RoundRecorder:
     """`on_round` of `greedy_replace`: each finished round to `greedy/round_NN.json`, MLflow (parent metric
-    `round_best_score`, step = round) and a Prefect table artifact."""
+    `round_best_score`, step = round) and a Prefect table artifact. `prefix` names another search's rounds
+    (the continued search after healing: `continued_round_best_score`, its own table)."""
 
-    def __init__(self, layout: RunLayout, p_min: float, tracking: Tracking | None):
-        self.layout, self.p_min, self.tracking = layout, p_min, tracking
+    def __init__(self, layout: RunLayout, p_min: float, tracking: Tracking | None, prefix: str = "",
+                 table_name: str | None = None):
+        self.layout, self.p_min, self.tracking, self.prefix = layout, p_min, tracking, prefix
         self.rounds: list[dict[str, Any]] = []
-        self.table_key = f"greedy-rounds-{slug(layout.root.name, 40)}"
+        lead = f"{slug(prefix)}-" if prefix else ""
+        self.table_key = f"{lead}greedy-rounds-{slug(table_name or layout.root.name, 40)}"
+        self.table_id = None  # the table artifact: created by the first round, updated in place by the next
 
     def __call__(self, record: RoundRecord) -> None:
         write_json(self.layout.round(record.index), record.to_dict())
         self.rounds.append(record.to_dict())
-        get_run_logger().info("greedy round %d: best layer %d scores %.4f (P_min %.4f) -> %s%s", record.index,
-                              record.chosen, record.score, self.p_min, "commit" if record.accepted else "stop",
-                              ", new best" if record.new_best else "")
+        get_run_logger().info("%sgreedy round %d: best layer %d scores %.4f (P_min %.4f) -> %s%s",
+                              self.prefix.replace("_", " "), record.index, record.chosen, record.score, self.p_min,
+                              "commit" if record.accepted else "stop", ", new best" if record.new_best else "")
         if self.tracking is not None:
-            self.tracking.log_metrics({"round_best_score": record.score, "round_best_layer": record.chosen,
-                                       "round_accepted": float(record.accepted)}, step=record.index)
-        create_table_artifact(round_rows(self.rounds, self.p_min), key=self.table_key,
-                              description=f"greedy rounds of {self.layout.root.name} (P_min {self.p_min:.4f})")
+            self.tracking.log_metrics({f"{self.prefix}round_best_score": record.score,
+                                       f"{self.prefix}round_best_layer": record.chosen,
+                                       f"{self.prefix}round_accepted": float(record.accepted)}, step=record.index)
+        self.table_id = publish_table(round_rows(self.rounds, self.p_min), self.table_key,
+                                      f"{self.prefix.replace('_', ' ')}greedy rounds of {self.layout.root.name} "
+                                      f"(P_min {self.p_min:.4f})", self.table_id)
 
 
 def load_trajectory(run_dir: str | Path) -> dict[str, Any]:

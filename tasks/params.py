@@ -26,15 +26,24 @@ import posixpath
 import re
 import threading
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dtr_core.distill.config import (CORPUS, RANDOM_TEACHER_MAX_NORMALIZED_LOSS, SEQ_LEN, TOKENS, DistillConfig,
                                      check_seq_lens)
+from dtr_core.evaluation.registry import task_list
 from dtr_core.heal.config import HealConfig
 
 MixerName = Literal["gated_deltanet", "gla", "jetblock"]  # = sorted(dtr_core.mixers.MIXERS) (tested)
+# = list(dtr_core.models.BUILTIN_MODELS), sorted(dtr_core.evaluation.TASKS) (tested)
+BuiltinModel = Literal["smollm2-135m", "tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral", "smollm2-135m-random"]
+BuiltinTask = Literal["bbc-lm", "bbc-topic", "sentiment", "trec"]
+# A built-in name or any other text (a folder, a hub id, a spec file): the Prefect form offers a dropdown of
+# the built-in names beside a text box (JSON schema anyOf); validation accepts any text.
+ModelSource = Annotated[BuiltinModel, Field(title="built-in model")] | Annotated[str, Field(
+    title="folder or hub id")]
+TaskSource = Annotated[BuiltinTask, Field(title="built-in task")] | Annotated[str, Field(title="task spec .json file")]
 RunnerKind = Literal["threads", "processes", "dask"]
 
 # A run id names one folder inside output_dir: no separators, no "..", no leading dot or dash.
@@ -74,7 +83,7 @@ class _Params(BaseModel):
 class TaskParams(_Params):
     """Which task the hybrid is built for: a built-in name, or your own data file + template."""
 
-    name: str = Field("sentiment", description="Built-in task (sentiment, trec, bbc-topic, bbc-lm) or a task "
+    name: TaskSource = Field("sentiment", description=f"Built-in task: {task_list()}; or a task "
                       "spec .json file. Ignored when data_file is set.")
     data_file: str | None = Field(None, description="Your own examples: a .csv, .jsonl or .parquet file. "
                                   "Makes a classification task (label_column) or a perplexity task (no label).")
@@ -90,16 +99,34 @@ class TaskParams(_Params):
                                          "only (None: the whole validation split)")
     test_limit: int | None = Field(300, ge=1, description="Report on the first N test examples only "
                                    "(None: the whole test split)")
+    metric: str | None = Field(None, description="The score the search keeps: accuracy, macro_f1, "
+                               "balanced_accuracy or recall:CLASS for a classification task, perplexity for a "
+                               "perplexity task. None: the task's own (accuracy / perplexity)")
+    verbaliser_scoring: str | None = Field(None, description="How label continuations are compared: sum, per_token "
+                                           "(log-likelihood per token, acc_norm) or per_byte. None: sum, or "
+                                           "per_token when the verbalisers differ in token length")
+    reference_columns: list[str] | None = Field(None, description="data_file: the column(s) holding reference "
+                                                "answers; makes a generative task (the model answers the template "
+                                                "by greedy generation; metrics exact_match, f1, rouge_l, regex_match)")
+    max_new_tokens: int = Field(32, ge=1, description="generative data_file: most tokens generated per answer")
+    stop: list[str] = Field(default_factory=lambda: ["\n"], description="generative data_file: strings that end "
+                            "an answer (cut from it)")
+    answer_regex: str | None = Field(None, description="generative data_file: regex whose first group is the "
+                                     "answer, for metric regex_match (e.g. '#### (-?[0-9.,]+)')")
 
     def build(self):
         """The `dtr_core.evaluation.Task` (reads the data; raises ValueError on problems)."""
-        from dtr_core.evaluation import TaskSpec, get_task
+        from dtr_core.evaluation import TaskSpec, get_task, with_options
 
         if self.data_file is None:
-            return get_task(self.name)
+            return with_options(get_task(self.name), self.metric, self.verbaliser_scoring)
+        generative = {} if self.reference_columns is None else dict(
+            reference_columns=tuple(self.reference_columns), max_new_tokens=self.max_new_tokens,
+            stop=tuple(self.stop), answer_regex=self.answer_regex)
         return get_task(TaskSpec(path=self.data_file, text_column=self.text_column,
                                  label_column=self.label_column or None, template=self.template,
-                                 verbalisers=dict(self.verbalisers)))
+                                 verbalisers=dict(self.verbalisers), metric=self.metric,
+                                 verbaliser_scoring=self.verbaliser_scoring, **generative))
 
     @property
     def label(self) -> str:
@@ -112,7 +139,7 @@ class DistillBudget(_Params):
     the layers are grouped into tasks (a block of consecutive layers shares one teacher forward per step)."""
 
     corpus: str = Field(CORPUS, description="Distillation text: 'bbc' (built in), a .txt/.jsonl/.parquet/.csv "
-                        "file or folder, or hf:<dataset>[:<config>]:<split>")
+                        "file or folder, or hf:DATASET[:CONFIG]:SPLIT")
     tokens: int = Field(TOKENS, ge=1, description="Training tokens per layer, streamed from the corpus (repeated "
                         "when it is shorter); disk and memory do not grow with it (1e8 is fine)")
     seq_len: int | list[int] = Field(SEQ_LEN, description="Tokens per training sequence, or a mix of lengths "
@@ -245,7 +272,11 @@ class TrackingParams(_Params):
     experiment: str = Field("dtr", description="MLflow experiment name")
     register_models: bool = Field(True, description="Register M_best and M_opt (aliases best, opt) when the run "
                                   "succeeds")
-    model_name: str | None = Field(None, description="Registered model name; None: dtr-<model>-<task>")
+    model_name: str | None = Field(None, description="Registered model name; None: dtr-MODEL-TASK")
+    promote: Literal["latest", "if-better"] = Field("latest", description="Where the aliases best and opt go: "
+                                                    "latest: to this conversion's models; if-better: only when "
+                                                    "their test score beats the aliased version's on the same "
+                                                    "test set (else the alias stays and the log says why)")
 
     @field_validator("model_name")
     @classmethod
@@ -267,30 +298,53 @@ class HealParams(_Params):
     seq_len: int = Field(HealConfig.seq_len, ge=2, le=8192, description="Tokens per sequence")
     lr: float = Field(HealConfig.lr, gt=0, le=1.0, description="AdamW peak learning rate (warm-up 10% of "
                       "steps, cosine decay)")
+    every: int = Field(HealConfig.every, ge=0, description="Heal-then-continue: after healing M_opt, search on from "
+                       "the healed hybrid and heal again after every N committed layers; the last healed hybrid is "
+                       "`healed` (0: heal M_opt once; needs enabled)")
+
+    lora_rank: int = Field(HealConfig.lora_rank, ge=0, le=1024, description="LoRA adapters (through peft) of this "
+                           "rank on the frozen full-attention and MLP projections, trained with the students and "
+                           "merged into the healed hybrid (0: the students alone train)")
+
+    task_lm_weight: float = Field(HealConfig.task_lm_weight, ge=0, le=100, description="Add this weight x the "
+                                  "next-token loss on the task's train split (prompts with their answers) to the KL "
+                                  "(0: the KL on the healing corpus alone)")
 
     def config(self, seed: int) -> HealConfig:
-        return HealConfig(steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=self.lr, seed=seed)
+        return HealConfig(steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=self.lr, seed=seed,
+                          every=self.every, lora_rank=self.lora_rank, task_lm_weight=self.task_lm_weight)
 
 
 class ConvertParams(_Params):
     """Everything a conversion depends on (the flow `convert` takes these fields as its parameters)."""
 
-    model: str = Field("smollm2-135m", description="Teacher: built-in name (smollm2-135m, tiny-llama, tiny-qwen3, "
-                       "...), a save_pretrained folder, or a hub id")
-    task: TaskParams = Field(default_factory=TaskParams)
-    mixer: MixerName = Field("gated_deltanet", description="Linear-attention student type")
-    distill: DistillBudget = Field(default_factory=DistillBudget)
-    tolerance: ToleranceParams = Field(default_factory=ToleranceParams)
-    acceptance: AcceptanceParams = Field(default_factory=AcceptanceParams)
+    model: ModelSource = Field("smollm2-135m", description="Teacher: a built-in model (smollm2-135m: the "
+                               "packaged SmolLM2-135M-Instruct; tiny-* and smollm2-135m-random: random weights for "
+                               "tests and speed), a save_pretrained folder, or a Hugging Face hub id")
+    task: TaskParams = Field(default_factory=TaskParams, description="The task the hybrid is built and scored for")
+    mixer: MixerName = Field("gated_deltanet", description="Linear-attention student type: gated_deltanet "
+                             "(gated delta rule), gla (gated linear attention) or jetblock (dynamic convolution)")
+    distill: DistillBudget = Field(default_factory=DistillBudget, description="Phase 1: what each layer's "
+                                   "student trains on, and for how long")
+    tolerance: ToleranceParams = Field(default_factory=ToleranceParams, description="How far below the "
+                                       "teacher's validation score the search may go")
+    acceptance: AcceptanceParams = Field(default_factory=AcceptanceParams, description="When a greedy round's "
+                                         "best candidate is committed")
     # up to 4 linear layers: the paper's best hybrids swap ~3.8
     max_layers: int | None = Field(4, ge=1, description="Stop the search after this many linear layers "
                                    "(None: until a round is rejected or every layer is linear)")
     seed: int = Field(0, ge=0, description="Seed of distillation and bootstrap")
-    runner: RunnerParams = Field(default_factory=RunnerParams)
-    speed: SpeedParams = Field(default_factory=SpeedParams)
-    heal: HealParams = Field(default_factory=HealParams)
-    tracking: TrackingParams = Field(default_factory=TrackingParams)
-    output_dir: str = Field("runs", description="Where run folders go (runs/<run_id>/...)")
+    runner: RunnerParams = Field(default_factory=RunnerParams, description="Where the per-layer and "
+                                 "per-candidate tasks run")
+    speed: SpeedParams = Field(default_factory=SpeedParams, description="The speed benchmark of teacher, M_best "
+                               "and M_opt")
+    heal: HealParams = Field(default_factory=HealParams, description="Optional end-to-end healing of M_opt "
+                             "after the search")
+    tracking: TrackingParams = Field(default_factory=TrackingParams, description="MLflow tracking and the model "
+                                     "registry")
+    output_dir: str = Field("runs", description="Where run folders go: OUTPUT_DIR/RUN_ID/... A relative path is "
+                            "taken from the working folder of the process that runs the flow (for `dtr ui up`: "
+                            "the folder it was started in)")
     run_id: str | None = Field(None, description="Run folder name (letters, digits, '.', '_', '-'; at most 100); "
                                "None: derived from the parameters, so the same parameters resume the same run")
 
@@ -324,6 +378,23 @@ class ConvertParams(_Params):
         from dtr_core.run_layout import slug
 
         return self.tracking.model_name or f"dtr-{slug(self.model, 40)}-{slug(self.task.label, 40)}"
+
+
+def describe_parameters(model: type[BaseModel]):
+    """A decorator that appends an `Args:` section to a flow function's docstring: each parameter named like a
+    field of `model` described by that field's description. Prefect shows these beside the fields of the flow's
+    form; it reads them when the flow is created, so this goes below `@flow`."""
+
+    def decorate(fn):
+        import inspect
+
+        lines = [f"    {name}: {' '.join(model.model_fields[name].description.split())}"
+                 for name in inspect.signature(fn).parameters
+                 if name in model.model_fields and model.model_fields[name].description]
+        fn.__doc__ = (inspect.getdoc(fn) or "") + "\n\nArgs:\n" + "\n".join(lines) + "\n"
+        return fn
+
+    return decorate
 
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -388,7 +459,16 @@ def check_params(params: ConvertParams) -> None:
     # arguments alone first (no file, server or heavy import), then files and servers
     if params.runner.dask_address is not None and params.runner.kind != "dask":
         raise ValueError(f"runner.dask_address is set but runner.kind is '{params.runner.kind}'; use kind 'dask'")
+    for name, option in (("every", "--heal-every"), ("lora_rank", "--heal-lora-rank"),
+                         ("task_lm_weight", "--heal-task-lm-weight")):
+        if getattr(params.heal, name) and not params.heal.enabled:
+            raise ValueError(f"heal.{name} is {getattr(params.heal, name)} but healing is off; add --heal "
+                             f"(heal.enabled) or drop {option}")
+    if params.heal.every and params.heal.lora_rank:
+        raise ValueError("--heal-every and --heal-lora-rank cannot be combined: the continued search scores its "
+                         "candidates on the teacher's own frozen weights, which LoRA changes; drop one of them")
     _check_task_name(params.task)
+    _check_task_metric(params)
     check_corpus_exists(params.distill.corpus)
     if params.heal.enabled:
         check_corpus_exists(params.heal.corpus)
@@ -401,7 +481,7 @@ def check_params(params: ConvertParams) -> None:
     run_dir = run_folder(params.output_dir, params.resolved_run_id())
     check_free(run_dir)  # another process converting the same run: refused before any work
     RunLayout(run_dir).check_owned()
-    _check_task_data(params.task)
+    _check_task_data(params.task, params.acceptance.mode)
     _check_corpus_data(params.distill.corpus)
     if params.heal.enabled:
         _check_corpus_data(params.heal.corpus)
@@ -438,10 +518,52 @@ def _check_task_name(task: TaskParams) -> None:
         raise ValueError(f"task spec {task.name} does not exist; pass an existing .json file or a built-in task")
 
 
-def _check_task_data(task: TaskParams) -> None:
-    built = task.build()  # a user task reads its data here: types, encoding, columns, labels
-    built.split("validation")  # the splits: enough rows for validation + test + 1 train
-    built.split("test")
+def _check_task_metric(params: ConvertParams) -> None:
+    """The metric and verbaliser scoring fit the task kind (a built-in task or a data file's, known without
+    reading data), and bootstrap acceptance can use the metric. `recall:<class>` classes: `_check_task_data`."""
+    from dtr_core.evaluation import TASKS, VERBALISER_SCORINGS, get_task
+    from dtr_core.evaluation.metrics import DEFAULT_METRICS, check_bootstrap_metric, parse_metric
+    from dtr_core.evaluation.text_metrics import GENERATIVE_METRICS
+
+    task = params.task
+    if task.verbaliser_scoring is not None and task.verbaliser_scoring not in VERBALISER_SCORINGS:
+        raise ValueError(f"unknown verbaliser scoring '{task.verbaliser_scoring}'; choose one of: "
+                         f"{', '.join(VERBALISER_SCORINGS)}")
+    if task.data_file is not None:
+        if task.reference_columns is not None:
+            kind = "generative"
+        else:
+            kind = "classification" if task.label_column else "language_modeling"
+            if task.metric is not None and task.metric in GENERATIVE_METRICS:
+                raise ValueError(f"metric '{task.metric}' scores generated answers, but the task has no reference "
+                                 "column; pass --reference-column COLUMN (the column holding the answers)")
+        labels = list(task.verbalisers) or None
+    elif task.name in TASKS:
+        built = get_task(task.name)  # a built-in task reads no data until it is split
+        kind, labels = built.kind, getattr(built, "labels", None)
+    else:
+        return  # a task spec file: checked when it is built (`_check_task_data`)
+    metric = task.metric or DEFAULT_METRICS[kind]
+    parse_metric(metric, kind, labels)
+    if kind != "classification" and task.verbaliser_scoring is not None:
+        raise ValueError("verbaliser scoring applies to classification tasks; this task is a "
+                         f"{'perplexity' if kind == 'language_modeling' else 'generative'} task")
+    if params.acceptance.mode == "bootstrap":
+        check_bootstrap_metric(metric, f"task '{task.label}'")
+
+
+def _check_task_data(task: TaskParams, acceptance_mode: str = "point") -> None:
+    built = task.build()  # a user task reads its data here: types, encoding, columns, labels, metric
+    validation = built.split("validation")  # the splits: enough rows for validation + test + 1 train
+    test = built.split("test")
+    if acceptance_mode == "bootstrap":
+        from dtr_core.evaluation.metrics import check_bootstrap_metric
+
+        check_bootstrap_metric(built.metric, f"task '{task.label}'")
+    if built.kind == "classification":
+        searched, reported = validation[: task.validation_limit], test[: task.test_limit]
+        built.check_metric_defined(searched, f"the {len(searched)} validation examples the search uses")
+        built.check_metric_defined(reported, f"the {len(reported)} test examples the report uses")
 
 
 def check_corpus_exists(corpus: str) -> None:

@@ -6,6 +6,8 @@
   and after training; failed layers in red and labelled, with the failure threshold.
 - `plot_layer_map`: which layers are full or linear in M_best and M_opt.
 - `plot_heal`: the heal's training KL per step, with the held-out KL before and after.
+- `plot_score_with_healing`: validation score vs number of linear layers without healing (the greedy path)
+  and with it (each healed hybrid, and the rounds of the search that continued from them).
 """
 
 from __future__ import annotations
@@ -118,6 +120,41 @@ def plot_heal(heal: Mapping[str, Any], path: str | Path) -> Path:
     ax.set_title(f"healing layers {heal['linear_layers']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def plot_score_with_healing(trajectory: Mapping[str, Any], healing: Mapping[str, Any], path: str | Path,
+                            metric: str = "score") -> Path:
+    """`trajectory` is `GreedyResult.to_dict()`; `healing` is `ContinuedResult.to_dict()` (or, for M_opt healed
+    alone, {"heals": [{"layers", "score", "ok"}], "rounds": []})."""
+    fig, ax = plt.subplots(figsize=(8.8, 4.0))
+    rounds = trajectory["rounds"]
+    xs = [0] + [len(r["committed_before"]) + 1 for r in rounds]
+    ys = [trajectory["teacher_score"]] + [r["score"] for r in rounds]
+    ax.plot(xs, ys, color="tab:blue", linewidth=1.5, marker="o", markersize=5, label="without healing (greedy)")
+    continued = healing.get("rounds") or []
+    if continued:  # committed rounds joined; rejected ones (a heal and a rerun, or the end) hollow
+        committed = [r for r in continued if r["accepted"]]
+        ax.plot([len(r["committed_before"]) + 1 for r in committed], [r["score"] for r in committed],
+                color="tab:orange", linewidth=1, linestyle=":", marker="o", markersize=5,
+                label="continued search from the healed hybrid")
+        rejected = [r for r in continued if not r["accepted"]]
+        ax.scatter([len(r["committed_before"]) + 1 for r in rejected], [r["score"] for r in rejected], s=30,
+                   color="white", edgecolor="tab:orange", zorder=3, label="continued round rejected")
+    heals = [h for h in healing.get("heals") or [] if h["ok"] and h["score"] is not None]
+    if heals:
+        ax.plot([len(h["layers"]) for h in heals], [h["score"] for h in heals], color="tab:green", linewidth=1.5,
+                marker="s", markersize=7, label="healed hybrid")
+    ax.scatter([0], [trajectory["teacher_score"]], s=40, color="black", zorder=4, label="teacher")
+    ax.axhline(trajectory["p_min"], color="tab:red", linestyle="--", linewidth=1,
+               label=f"threshold P_min = {trajectory['p_min']:.3f}")
+    all_x = xs + [len(r["committed_before"]) + 1 for r in continued] + [len(h["layers"]) for h in heals]
+    ax.set_xticks(range(0, max(all_x) + 1))
+    ax.set_xlabel("number of linear-attention layers")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title("score vs linear layers, with and without healing")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the points stay visible
     return _save(fig, path)
 
 

@@ -30,7 +30,8 @@ def task_card(task) -> dict[str, Any]:
         prompt = task.prompt(Example(uid="card", text=SENTINEL, label=task.labels[0]))
         before, after = prompt.split(SENTINEL)
         return {"name": task.name, "kind": task.kind, "before": before, "after": after,
-                "verbalisers": [list(pair) for pair in task.verbalisers], "add_bos": task.add_bos}
+                "verbalisers": [list(pair) for pair in task.verbalisers], "add_bos": task.add_bos,
+                "verbaliser_scoring": task.verbaliser_scoring}
     return {"name": task.name, "kind": task.kind}
 
 
@@ -55,7 +56,7 @@ class DtrHybridModel(mlflow.pyfunc.PythonModel):
             self.task = ClassificationTask(
                 name=self.card["name"], load=lambda: (), verbalisers=tuple(map(tuple, self.card["verbalisers"])),
                 template=_escape(self.card["before"]) + "{text}" + _escape(self.card["after"]),
-                add_bos=self.card["add_bos"])
+                add_bos=self.card["add_bos"], verbaliser_scoring=self.card.get("verbaliser_scoring"))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         import torch
@@ -71,7 +72,7 @@ class DtrHybridModel(mlflow.pyfunc.PythonModel):
             with torch.inference_mode():
                 for batch in encode(self.task, examples, self.tokenizer):
                     scores = score_logits(batch, model_logits(self.model, batch))
-                    shares = torch.softmax(scores.label_logprobs, dim=1)
+                    shares = torch.softmax(scores.label_logprobs / batch.label_divisors, dim=1)  # as compared
                     for row, index in enumerate(scores.example_index.tolist()):
                         choice = int(scores.predictions[row])
                         predicted[index] = labels[choice]

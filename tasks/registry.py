@@ -10,6 +10,15 @@ Each version carries `dtr.weights_sha256`, a hash of the hybrid's `model*.safete
 hash already has a version under that name (a finished conversion run again, or the same weights from
 another run) is not logged or registered again: the aliases move to the existing version. After the aliases
 are set, every version's `dtr.role` tag lists exactly the aliases it holds (cleared when it holds none).
+
+What a version is shows on the registry page: its description and `dtr.*` tags (`version_facts`) give the
+linear layers, the validation and test scores, the test set they were measured on (`describe_test_set`: task,
+split, limit and a hash of the task's definition) and the measured speed-ups.
+
+Promotion (`promote`): `latest` (default) moves each alias to this conversion's version, so `@best` is the
+newest conversion under that name; `if-better` moves it only when this version's test score beats the one
+the alias holds on the same test set, and otherwise keeps the alias and says why (`promotion`): a lower or
+equal score, or scores measured on different test sets, which do not compare.
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 ROLES = ("best", "opt", "healed")
 HASH_TAG = "dtr.weights_sha256"
+TEST_TAG, TEST_SET_TAG = "dtr.test", "dtr.test_set"
+PROMOTE_CHOICES = ("latest", "if-better")
 RESERVED_ALIASES = ("latest",)
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "tokenizers==0.23.3", "safetensors==0.8.0",
                     "pandas==3.1.1", "einops==0.8.2"]
@@ -49,10 +60,62 @@ def input_example(task_card: dict[str, Any]):
     return pd.DataFrame({"text": [text]})
 
 
+def describe_test_set(task_params) -> str:
+    """What a test score was measured on: `<task> test[:<limit>] #<hash of the task's definition>` (a
+    `TaskParams`; the validation limit does not change the test set)."""
+    from dtr_core.artifacts import hash_json
+
+    definition = task_params.model_dump(mode="json", exclude={"validation_limit", "test_limit"})
+    return f"{task_params.label} test[:{task_params.test_limit or 'all'}] #{hash_json(definition)[:8]}"
+
+
+def version_facts(row: dict[str, Any], teacher: dict[str, Any], summary: dict[str, Any],
+                  test_set: str) -> tuple[dict[str, str], str]:
+    """(tags, description) of the version of one summary row (`tasks.report.summary_rows`)."""
+    layers = ",".join(map(str, row["linear_layers"]))
+    tags = {"dtr.model": summary["model"], "dtr.task": summary["task"], "dtr.mixer": summary["mixer"],
+            "dtr.run_id": summary["run_id"], "dtr.linear_layers": layers or "none",
+            "dtr.num_linear": f"{row['num_linear']} of {summary['num_layers']}", "dtr.metric": summary["metric"],
+            "dtr.validation": f"{row['validation']:.4f}", TEST_TAG: f"{row['test']:.4f}", TEST_SET_TAG: test_set,
+            "dtr.decode_speedup": f"{row['decode_speedup']:.2f}",
+            "dtr.prefill_speedup": f"{row['prefill_speedup']:.2f}", "dtr.kv_cache_mb": f"{row['cache_bytes'] / 2**20:.1f}",
+            "dtr.speed_context": str(summary["speed"]["context_len"])}
+    description = (
+        f"{summary['model']} for {summary['task']}: {row['num_linear']} of {summary['num_layers']} layers linear "
+        f"({summary['mixer']}: {layers or 'none'}). Test {summary['metric']} {row['test']:.4f} (teacher "
+        f"{teacher['test']:.4f}) on {test_set}; validation {row['validation']:.4f}. At "
+        f"{summary['speed']['context_len']} tokens: decode {row['decode_speedup']:.2f}x, prefill "
+        f"{row['prefill_speedup']:.2f}x, KV cache {row['cache_bytes'] / 2**20:.1f} MB. Run {summary['run_id']}.")
+    return tags, description
+
+
+def promotion(promote: str, role: str, version: str, tags: dict[str, str], current: str | None,
+              current_tags: dict[str, str]) -> tuple[bool, str]:
+    """Whether alias `role` moves to `version` (tagged `tags`) from `current` (tagged `current_tags`), and why."""
+    if promote == "latest" or current is None or current == version:
+        return True, ""
+    where = f"@{role} stays on version {current}"
+    if current_tags.get(TEST_SET_TAG) != tags.get(TEST_SET_TAG) or TEST_TAG not in current_tags:
+        return False, (f"{where}: it was scored on {current_tags.get(TEST_SET_TAG) or 'an unrecorded test set'}, "
+                       f"version {version} on {tags.get(TEST_SET_TAG)}; scores on different test sets do not compare")
+    old, new = float(current_tags[TEST_TAG]), float(tags[TEST_TAG])
+    if new <= old:
+        return False, f"{where}: its test score {old:.4f} is not beaten by version {version}'s {new:.4f} on " \
+                      f"{tags[TEST_SET_TAG]}"
+    return True, (f"@{role} moves from version {current} to {version}: test {new:.4f} > {old:.4f} on "
+                  f"{tags[TEST_SET_TAG]}")
+
+
 @task(name="register-models", cache_policy=NO_CACHE)
 def register_task(tracking: Tracking, model_name: str, hybrids: dict[str, str], card: dict[str, Any],
-                  descriptions: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Log `hybrids` ({role: folder}) as pyfunc models and register them; returns {role: {version, uri}}."""
+                  descriptions: dict[str, str], tags: dict[str, dict[str, str]] | None = None,
+                  promote: str = "latest") -> dict[str, dict[str, Any]]:
+    """Log `hybrids` ({role: folder}) as pyfunc models and register them (a new version only for new weights,
+    with `tags[role]`), then point the aliases per `promote`. Returns {role: {version, model_uri,
+    registered_uri, url, promoted, reason}}."""
+    if promote not in PROMOTE_CHOICES:
+        raise ValueError(f"promote must be one of {', '.join(PROMOTE_CHOICES)}, got {promote!r}")
+    tags = tags or {}
     for role in hybrids:
         if role in RESERVED_ALIASES or (role.startswith("v") and role[1:].isdigit()):
             raise ValueError(f"alias '{role}' is reserved by MLflow")
@@ -80,7 +143,7 @@ def register_task(tracking: Tracking, model_name: str, hybrids: dict[str, str], 
                                           client.create_model_version(
                                               model_name, uri, run_id=tracking.parent_run_id,
                                               description=descriptions.get(roles[0], ""),
-                                              tags={"dtr.role": ",".join(roles), HASH_TAG: hashes[folder]},
+                                              tags={**tags.get(roles[0], {}), HASH_TAG: hashes[folder]},
                                               model_id=model_id))
                 created.append((model_name, version.version))
             else:
@@ -89,10 +152,22 @@ def register_task(tracking: Tracking, model_name: str, hybrids: dict[str, str], 
                             version.version, hashes[folder][:12])
             for role in roles:
                 results[role] = {"version": version.version, "model_uri": uri,
-                                 "registered_uri": f"models:/{model_name}@{role}"}
+                                 "registered_uri": f"models:/{model_name}@{role}",
+                                 "url": tracking.model_version_url(model_name, version.version),
+                                 "tags": dict(version.tags)}
         for role, result in results.items():
-            tracking._retry(lambda role=role, result=result: client.set_registered_model_alias(
-                model_name, role, result["version"]))
+            current = _alias_version(tracking, client, model_name, role)
+            move, reason = promotion(promote, role, result["version"], result.pop("tags"),
+                                     None if current is None else current.version,
+                                     {} if current is None else dict(current.tags))
+            if move:
+                tracking._retry(lambda role=role, result=result: client.set_registered_model_alias(
+                    model_name, role, result["version"]))
+            else:
+                result["registered_uri"] = f"models:/{model_name}/{result['version']}"
+            result.update(promoted=move, reason=reason)
+            if reason:
+                logger.info("%s: %s", model_name, reason)
         _sync_role_tags(tracking, client, model_name)
     except Exception:
         for name, version in created:
@@ -175,6 +250,16 @@ def _sync_role_tags(tracking: Tracking, client, model_name: str) -> None:
                 model_name, v, "dtr.role", roles))
         else:
             tracking._retry(lambda v=version.version: client.delete_model_version_tag(model_name, v, "dtr.role"))
+
+
+def _alias_version(tracking: Tracking, client, model_name: str, alias: str):
+    """The version alias `alias` points at, else None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return tracking._retry(lambda: client.get_model_version_by_alias(model_name, alias))
+    except MlflowException:
+        return None
 
 
 def _exists(client, name: str) -> bool:

@@ -4,12 +4,17 @@ markdown artifact), and the pure functions that build the summary table (also us
 Summary rows: teacher, M_best, M_opt (and M_healed, M_opt healed end to end, when healing ran) — linear layers, validation and test score, decoding cache size at the
 benchmark context, measured prefill and decode speedups vs the teacher. `failed_layers` lists the layers whose
 student failed (never offered to the search), each with its reason; the markdown names them under the table.
+
+Prefect artifacts: the summary (markdown) and, when MLflow is a server, links to the MLflow run and to each
+registered version, all on the `convert` flow run; a table that grows during a run (the greedy rounds) is one
+artifact updated in place (`publish_table`), not a new card per update.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -40,11 +45,41 @@ def plots_task(reports_dir: str, trajectory: dict[str, Any], layer_results: list
     return [str(p) for p in paths]
 
 
+def publish_table(rows: list[dict[str, Any]], key: str, description: str, artifact_id: UUID | None = None) -> UUID:
+    """The table artifact `key` of this run: created when `artifact_id` is None, else that artifact updated in
+    place. Returns the artifact id to pass to the next call."""
+    from prefect.artifacts import TableArtifact, create_table_artifact
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import ArtifactUpdate
+
+    if artifact_id is None:
+        return create_table_artifact(rows, key=key, description=description)
+    data = TableArtifact(table=rows).format(_sync=True)
+    get_client(sync_client=True).update_artifact(artifact_id, ArtifactUpdate(data=data, description=description))
+    return artifact_id
+
+
+def summary_links(summary: dict[str, Any]) -> list[dict[str, str]]:
+    """`[{"key", "link", "text"}]`: the MLflow run and each registered version, when MLflow is a server (a sqlite
+    store has no address to link to; the markdown says how to open it)."""
+    from dtr_core.run_layout import slug
+
+    links = []
+    if summary["mlflow"]["url"].startswith(("http://", "https://")):
+        links.append({"key": f"mlflow-run-{slug(summary['run_id'], 40)}", "link": summary["mlflow"]["url"],
+                      "text": f"MLflow run of {summary['run_id']}"})
+    for role, info in (summary.get("registered") or {}).items():
+        if (info.get("url") or "").startswith(("http://", "https://")):
+            links.append({"key": f"mlflow-model-{slug(summary['run_id'], 40)}-{role}", "link": info["url"],
+                          "text": f"{info['registered_uri']} (version {info['version']})"})
+    return links
+
+
 def summary_rows(trajectory: dict[str, Any], evals: dict[str, dict[str, Any]], speeds: dict[str, dict[str, Any]],
                  paths: dict[str, str]) -> list[dict[str, Any]]:
     """teacher / M_best / M_opt rows. `evals[role][split]` are EvalResult dicts, `speeds[role]` SpeedResult dicts."""
     layers = {"teacher": [], "best": trajectory["best_layers"], "opt": trajectory["opt_layers"],
-              "healed": trajectory["opt_layers"]}
+              "healed": trajectory.get("healed_layers", trajectory["opt_layers"])}
     base = speeds["teacher"]
     rows = []
     for role, name in ROLES:
@@ -97,17 +132,23 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         lines += ["", f"{len(failed)} layer(s) failed distillation and were never offered to the search:"]
         lines += [f"- layer {f['layer']}: {f['reason']}" for f in failed]
     lines += ["", f"- run folder: `{summary['run_dir']}`",
-              f"- MLflow run: {summary['mlflow']['url']}"]
+              f"- MLflow run: {_link(summary['mlflow']['url'])}"]
     for role, info in (summary.get("registered") or {}).items():
-        lines.append(f"- registered: `{info['registered_uri']}` (version {info['version']})")
+        version = f"[version {info['version']}]({info['url']})" if info.get("url") else f"version {info['version']}"
+        lines.append(f"- registered: `{info['registered_uri']}` ({version})"
+                     + (f"; {info['reason']}" if info.get("reason") else ""))
     lines.append(f"- wall time: {summary['seconds'] / 60:.1f} min")
     return "\n".join(lines) + "\n"
+
+
+def _link(url: str) -> str:
+    return f"[{url}]({url})" if url.startswith(("http://", "https://")) else f"`{url}`"
 
 
 @task(name="publish-summary", cache_policy=NO_CACHE)
 def publish_summary_task(summary: dict[str, Any], summary_file: str, tracking: Tracking | None) -> dict[str, Any]:
     """Parent-run metrics and summary artifact, the Prefect markdown artifact, then `summary.json` (last)."""
-    from prefect.artifacts import create_markdown_artifact
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
     from dtr_core.artifacts import write_json
     from dtr_core.run_layout import slug
@@ -129,6 +170,8 @@ def publish_summary_task(summary: dict[str, Any], summary_file: str, tracking: T
         tracking.log_metrics(metrics)
     create_markdown_artifact(summary_markdown(summary), key=f"dtr-summary-{slug(summary['run_id'], 40)}",
                              description=f"dtr conversion {summary['run_id']}")
+    for link in summary_links(summary):
+        create_link_artifact(link["link"], link_text=link["text"], key=link["key"], description=link["text"])
     write_json(summary_file, summary)  # last: the run is complete
     if tracking is not None:
         tracking.log_artifact(summary_file)

@@ -120,8 +120,10 @@ def validation_batches(source: str, task_params: TaskParams, split: str, limit: 
 
 def round_scorer(source: str, task_params: TaskParams, students_dir: str, mixer: str, committed: tuple[int, ...],
                  limit: int | None, split: str = "validation"):
-    """The `dtr_core.search.scorer.RoundScorer` of the round that has `committed` layers linear (built once per
+    """The round scorer (`dtr_core.search.scorer.RoundScorer`; for a generative task a
+    `generation_scorer.GenerationRoundScorer`) of the round that has `committed` layers linear (built once per
     process, on a private copy of the teacher with those layers swapped, traced over the batches)."""
+    from dtr_core.search.generation_scorer import GenerationRoundScorer
     from dtr_core.search.scorer import CommittedHybrid, RoundScorer
 
     key = (source, task_params.model_dump_json(), students_dir, mixer, tuple(committed), limit, split)
@@ -129,6 +131,12 @@ def round_scorer(source: str, task_params: TaskParams, students_dir: str, mixer:
         if _round.get("key") != key:
             _round.clear()  # free the previous round's model copy and hidden states first
             model, _ = teacher(source)
+            if task(task_params).kind == "generative":  # scored by generation, no prefix reuse
+                _round["scorer"] = GenerationRoundScorer(model, validation_batches(source, task_params, split, limit),
+                                                         students(students_dir, source, mixer), committed,
+                                                         task(task_params), split)
+                _round["key"] = key
+                return _round["scorer"]
             hybrid = CommittedHybrid(model, validation_batches(source, task_params, split, limit),
                                      students(students_dir, source, mixer), committed)
             _round["scorer"] = RoundScorer(hybrid, task(task_params), split=split)

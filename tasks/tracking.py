@@ -27,6 +27,11 @@
   the store itself (server gone, disk full) becomes one `TrackingStoreError` line, and marking the parent
   FAILED after it is best effort with a short bound (`Tracking.finish(wait=...)`); the next start repairs it.
 - Writes to a sqlite store from parallel tasks can meet "database is locked": every write is retried.
+- Experiments open in the MLflow UI's model-training view: `start_parent` tags them
+  `mlflow.experimentKind=custom_model_development` (MLflow 3.17 opens an untagged experiment as GenAI, a
+  traces page), unless the experiment already has a kind (a user's choice is kept).
+- Child runs are timed by their work: a child run logged with a `seconds` metric spans those seconds up to
+  the moment it is logged (it is created once the work is done, which alone would show a few milliseconds).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from dtr_core.redaction import redact
 logger = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 RUN_RECORD = "mlflow_run.json"  # in the run folder: which MLflow run this folder logs to
 STORE_CREATION_WAIT = 300.0  # seconds a process waits for another one creating the same sqlite store
 BOUNDED_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -224,8 +230,10 @@ class Tracking:
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         found = retry(lambda: client.get_experiment_by_name(experiment), uri=uri)
         experiment_id = found.experiment_id if found is not None \
-            else retry(lambda: client.create_experiment(experiment, artifact_location=artifact_root(uri, experiment)),
-                       uri=uri)
+            else retry(lambda: client.create_experiment(experiment, artifact_location=artifact_root(uri, experiment),
+                                                        tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}), uri=uri)
+        if found is not None and EXPERIMENT_KIND_TAG not in found.tags:  # made before dtr tagged its experiments
+            retry(lambda: client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND), uri=uri)
         record = Path(run_dir) / RUN_RECORD if run_dir is not None else None
         run = _recorded_run(client, record, uri, experiment_id)
         flat, tag_values = _flatten(params), _tag_values(tags)
@@ -312,6 +320,7 @@ class Tracking:
                   status: str = "FINISHED") -> str:
         """Create, fill and close a child run of the parent in a few calls; returns its run id.
 
+        The run ends now and starts `metrics["seconds"]` earlier (when given): the time of its work.
         On a resumed parent, an earlier attempt's child of the same name is deleted first."""
         from mlflow.entities import Metric, Param
 
@@ -323,9 +332,11 @@ class Tracking:
             for run in earlier:
                 self._retry(lambda run_id=run.info.run_id: client.delete_run(run_id))
         all_tags = {"mlflow.parentRunId": self.parent_run_id, **_tag_values(tags)}
-        run = self._retry(lambda: client.create_run(self.experiment_id, run_name=name, tags=all_tags))
-        run_id = run.info.run_id
         stamp = int(time.time() * 1000)
+        work = max(0.0, _finite({"seconds": metrics.get("seconds")}).get("seconds", 0.0))
+        run = self._retry(lambda: client.create_run(self.experiment_id, start_time=stamp - int(work * 1000),
+                                                    run_name=name, tags=all_tags))
+        run_id = run.info.run_id
         metric_items = [Metric(k, v, stamp, 0) for k, v in _finite(metrics).items()]
         for metric, points in (series or {}).items():
             metric_items += [Metric(metric, float(v), stamp, int(s)) for s, v in points
@@ -334,7 +345,7 @@ class Tracking:
         for start in range(0, max(len(metric_items), 1), 1000):  # log_batch takes at most 1000 metrics
             self._retry(lambda chunk=metric_items[start:start + 1000], first=start == 0: client.log_batch(
                 run_id, metrics=chunk, params=param_items if first else []))
-        self._retry(lambda: client.set_terminated(run_id, status))
+        self._retry(lambda: client.set_terminated(run_id, status, end_time=stamp))
         return run_id
 
     def finish(self, status: str = "FINISHED", wait: float | None = None) -> bool:
@@ -344,6 +355,14 @@ class Tracking:
             return True
         return best_effort(lambda: self.client().set_terminated(self.parent_run_id, status), wait,
                            f"mark MLflow run {self.parent_run_id} {status}")
+
+    def model_version_url(self, name: str, version: str) -> str | None:
+        """The registry page of a model version on a server; None for a sqlite store."""
+        if not self.uri.startswith(("http://", "https://")):
+            return None
+        from urllib.parse import quote
+
+        return redact(f"{self.uri.rstrip('/')}/#/models/{quote(name, safe='')}/versions/{version}")
 
     def run_url(self) -> str:
         """A link to the parent run (server URI) or how to open it (sqlite store); credentials masked."""

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,20 +22,15 @@ SPEC = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
 def _load(entrypoint: str):
     from prefect.flows import load_flow_from_entrypoint
 
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # entrypoints are relative to the repository root, as `prefect deploy` runs them
-    try:
-        return load_flow_from_entrypoint(entrypoint)
-    finally:
-        os.chdir(cwd)
+    return load_flow_from_entrypoint(entrypoint)  # a module path: loads from any working folder
 
 
 @pytest.mark.parametrize("deployment", SPEC["deployments"], ids=lambda d: d["name"])
 def test_entrypoint_loads_and_accepts_its_parameters(deployment):
     from prefect import Flow
 
-    path, function = deployment["entrypoint"].split(":")
-    assert path.startswith("flows/") and (ROOT / path).is_file()
+    module, function = deployment["entrypoint"].rsplit(".", 1)
+    assert module.startswith("flows.") and (ROOT / f"{module.replace('.', '/')}.py").is_file()
     flow = _load(deployment["entrypoint"])
     assert isinstance(flow, Flow) and flow.fn.__name__ == function
     validated = flow.validate_parameters(deployment.get("parameters", {}))
@@ -42,11 +38,21 @@ def test_entrypoint_loads_and_accepts_its_parameters(deployment):
     assert deployment["work_pool"]["name"] == "dtr-process"
 
 
+def test_flow_runs_work_in_the_folder_dtr_ui_up_was_started_in(tmp_path):
+    """The pull step moves a flow run into DTR_WORK_DIR; the entrypoints load from there (not the repository)."""
+    assert SPEC["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $DTR_WORK_DIR }}"}}]
+    script = ("from prefect.flows import load_flow_from_entrypoint as load; "
+              f"print(*[load(e).name for e in {[d['entrypoint'] for d in SPEC['deployments']]!r}])")
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert out.stdout.split() == [d["entrypoint"].rsplit(".", 1)[1] for d in SPEC["deployments"]], out.stderr[-2000:]
+
+
 def test_convert_deployment_has_an_inactive_nightly_schedule_and_runs_what_the_cli_runs():
     from tasks.params import ConvertParams, build_params
 
     convert = next(d for d in SPEC["deployments"] if d["name"] == "convert")
-    assert convert["schedules"] and all(s["active"] is False for s in convert["schedules"])
+    assert convert["schedules"] and all(s["active"] is False and s["slug"] for s in convert["schedules"])
     assert convert["schedules"][0]["cron"] == "0 2 * * *"
     flow = _load(convert["entrypoint"])
     validated = flow.validate_parameters(convert["parameters"])  # the deployment's parameters on the defaults
@@ -187,12 +193,22 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ui_up_status_down_with_real_servers(tmp_path):
-    """Prefect server + MLflow server + work pool + deployments + worker, all on loopback (~1 min)."""
+def test_ui_up_status_down_with_real_servers(tmp_path, monkeypatch):
+    """Prefect server + MLflow server + work pool + deployments + worker, all on loopback (~1 min), started
+    from a folder outside the repository: the worker (and so every flow run) works there."""
     from dtr.commands import ui
 
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     state = ui.up(tmp_path, _free_port(), _free_port())
     try:
+        assert state["work_dir"] == str(work.resolve())
+        assert os.readlink(f"/proc/{state['processes']['worker']['pid']}/cwd") == str(work.resolve())
+        assert (work / "mlflow.db").is_file()  # the server's store: where `dtr convert` here writes
+        with urllib.request.urlopen(f"{state['urls']['prefect']}/ui-settings", timeout=30) as response:
+            assert json.loads(response.read())["api_url"] == state["urls"]["prefect_api"]  # not the default port
         report = ui.status(tmp_path)
         assert set(report) == {"prefect-server", "mlflow-server", "worker"}
         assert all(info["healthy"] for info in report.values()), report

@@ -133,30 +133,46 @@ def _reference_label_logprobs(model, tokenizer, task, examples) -> list[list[flo
     return out
 
 
-@pytest.mark.parametrize("verbalisers", [
-    {"pos": " positive", "neg": " negative", "mixed": " mixed"},  # multi-token (byte tokenizer)
-    {"pos": "A", "neg": "B", "mixed": "C"},  # single-token: one row per example
-], ids=["multi_token", "single_token"])
-def test_label_likelihood_matches_reference(tiny_llama, verbalisers):
+MULTI_TOKEN = {"pos": " positive", "neg": " negative", "mixed": " mixed"}  # 9, 9, 6 tokens (byte tokenizer)
+
+
+def _divisors(verbalisers: dict[str, str], scoring: str) -> torch.Tensor:
+    """What the plain reference divides each label's summed log-likelihood by (byte tokenizer: 1 token = 1 byte)."""
+    if scoring == "sum":
+        return torch.ones(len(verbalisers), dtype=torch.float64)
+    return torch.tensor([float(len(c.encode("utf-8"))) for c in verbalisers.values()], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("verbalisers, scoring, resolved", [
+    (MULTI_TOKEN, "sum", "sum"),
+    (MULTI_TOKEN, None, "per_token"),  # lengths differ: the default normalises per token
+    (MULTI_TOKEN, "per_token", "per_token"),
+    (MULTI_TOKEN, "per_byte", "per_byte"),
+    ({"pos": "A", "neg": "B", "mixed": "C"}, None, "sum"),  # single-token: one row per example
+], ids=["multi_token-sum", "multi_token-default", "multi_token-per_token", "multi_token-per_byte", "single_token"])
+def test_label_likelihood_matches_reference(tiny_llama, verbalisers, scoring, resolved):
     model, tokenizer = tiny_llama
-    task = _task(verbalisers)
+    task = _task(verbalisers, verbaliser_scoring=scoring)
     examples = task.split("train")[:9]
     expected = torch.tensor(_reference_label_logprobs(model, tokenizer, task, examples), dtype=torch.float64)
+    expected_predictions = (expected / _divisors(verbalisers, resolved)).argmax(dim=1)
     batches = encode(task, examples, tokenizer, batch_size=4)  # several right-padded batches
     assert any((b.attention_mask == 0).any() for b in batches)
     assert batches[0].input_ids.shape[0] == (3 if len(verbalisers["pos"]) > 1 else 4)
+    assert {b.verbaliser_scoring for b in batches} == {resolved}
     with torch.inference_mode():
         for batch in batches:
             for logits in (model_logits(model, batch),  # (R, P, V) via logits_to_keep
                            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits):  # (R, T, V)
                 scores = score_logits(batch, logits)
                 torch.testing.assert_close(scores.label_logprobs, expected[batch.example_index], atol=1e-4, rtol=0)
-                assert torch.equal(scores.predictions, expected[batch.example_index].argmax(dim=1))
+                assert torch.equal(scores.predictions, expected_predictions[batch.example_index])
 
     result = evaluate(model, tokenizer, task, split="train", limit=9, batch_size=4)
+    assert result.verbaliser_scoring == resolved
     torch.testing.assert_close(torch.tensor(result.label_logprobs, dtype=torch.float64), expected, atol=1e-4, rtol=0)
     gold = [e.label for e in examples]
-    predicted = [task.labels[i] for i in expected.argmax(dim=1).tolist()]
+    predicted = [task.labels[i] for i in expected_predictions.tolist()]
     assert list(result.predictions) == predicted
     assert list(result.per_example) == [float(g == p) for g, p in zip(gold, predicted)]
     assert result.score == pytest.approx(accuracy(gold, predicted))
@@ -317,6 +333,12 @@ def test_eval_command(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.output.strip().splitlines()[-1])
     assert data["task"] == "sentiment" and data["n"] == 4 and 0.0 <= data["score"] <= 1.0
+    assert data["metric"] == "accuracy" and data["score"] == data["metrics"]["accuracy"]
+    result = runner.invoke(app, ["eval", "--model", "tiny-llama", "--task", "sentiment", "--limit", "4",
+                                 "--metric", "recall:negative", "--verbaliser-scoring", "per_byte"])
+    assert result.exit_code == 0, result.output
+    assert "sentiment/validation (n=4" in result.output and "recall:negative " in result.output
+    assert "verbalisers compared per_byte" in result.output
     result = runner.invoke(app, ["eval", "--model", "tiny-llama", "--task", "nope"])
     assert isinstance(result.exception, ValueError) and "choose one of" in str(result.exception)
 

@@ -94,7 +94,7 @@ def test_mlflow_parent_child_runs_and_metrics(conversion):
 
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert artifacts == {"plots/score_vs_linear_layers.png", "plots/distill_normalized_loss.png", "plots/layer_map.png",
-                         "plots/heal_kl.png"}  # the fixture heals M_opt
+                         "plots/heal_kl.png", "plots/score_vs_linear_layers_healing.png"}  # the fixture heals M_opt
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "greedy")} == {"greedy/trajectory.json"}
 
 
@@ -256,11 +256,103 @@ def test_healed_m_opt_is_an_extra_model_whose_frozen_weights_are_m_opts(conversi
     assert changed and set(changed) <= students  # only students moved; every frozen weight is M_opt's
 
     client = MlflowClient(tracking_uri=params.tracking.tracking_uri, registry_uri=params.tracking.tracking_uri)
-    [heal_run] = runs_by_kind(client, summary["mlflow"]["run_id"])["heal"]
+    heal_run = {run.info.run_name: run for run in runs_by_kind(client, summary["mlflow"]["run_id"])["heal"]}[
+        "heal-healed"]  # (the heal-and-continue test below adds heal-NN runs to this parent)
     assert heal_run.info.status == "FINISHED" and "heal_kl" in heal_run.data.metrics
     parent = client.get_run(summary["mlflow"]["run_id"]).data.metrics
     # (that healing lowers the KL is held in tests/test_heal.py; 8 steps on a tiny model only show the wiring)
     assert (parent["heal_initial_kl"], parent["heal_final_kl"]) == pytest.approx((heal["initial_kl"], heal["final_kl"]))
-    assert parent["healed_test"] == rows["M_healed"]["test"]
+    assert parent["healed_test"] == rows["M_healed"]["test"]  # after healing, beside before: M_opt's
+    assert (parent["opt_validation"], parent["opt_test"]) == (rows["M_opt"]["validation"], rows["M_opt"]["test"])
     version = client.get_model_version_by_alias(params.registered_name(), "healed")
     assert "healed" in version.tags["dtr.role"]
+
+
+def test_heal_and_continue_flow_matches_the_reference_listing(conversion):
+    """The `heal-and-continue` sub-flow (heals and candidates as tasks, resumable folders) and the reference
+    listing's step 4 heal the same layers, with the same scores, from the conversion's M_opt."""
+    from dtr_core.artifacts import read_json
+    from dtr_core.distill.corpus import Corpus
+    from dtr_core.heal.students import RECORD
+    from dtr_core.models import load_model
+    from dtr_core.run_layout import RunLayout
+    from dtr_core.search.reference import run_continued_reference
+    from flows.heal import SCORE_PLOT, heal_and_continue
+    from tasks.tracking import Tracking
+
+    params, summary = conversion
+    layout = RunLayout(summary["run_dir"])
+    start = read_json(layout.trajectory)["swap_order"][:1]  # one layer: room for the continued rounds
+    heal = params.heal.model_copy(update={"every": 1})
+    tracking = Tracking(uri=params.tracking.tracking_uri, experiment_id=summary["mlflow"]["experiment_id"],
+                        parent_run_id=summary["mlflow"]["run_id"])
+    flow_result = heal_and_continue(start_order=start, model=params.model, task=params.task, mixer=params.mixer,
+                                    run_dir=summary["run_dir"], heal=heal, tolerance=params.tolerance,
+                                    acceptance=params.acceptance, max_layers=params.max_layers, seed=params.seed,
+                                    tracking=tracking)
+    continued = flow_result["continued"]
+    # MLflow: every continued round and heal on the parent run (steps: round index, heal index), a child per heal
+    client = mlflow_client(params)
+    parent_id = summary["mlflow"]["run_id"]
+    rounds = client.get_metric_history(parent_id, "continued_round_best_score")
+    assert sorted((m.step, m.value) for m in rounds) == sorted((r["index"], r["score"]) for r in continued["rounds"])
+    heal_scores = client.get_metric_history(parent_id, "continued_heal_score")
+    assert sorted((m.step, m.value) for m in heal_scores) == sorted((h["index"], h["score"]) for h in continued["heals"])
+    heal_runs = {run.info.run_name for run in runs_by_kind(client, parent_id)["heal"]}
+    assert {f"heal-{h['index']:02d}" for h in continued["heals"]} <= heal_runs
+
+    model, tokenizer = load_model(params.model)
+    tolerance = params.tolerance.build()
+    reference = run_continued_reference(model, tokenizer, Corpus(heal.corpus, tokenizer), params.task.build(),
+                                        layout.students, start, heal.config(params.seed), heal.every,
+                                        tolerance=tolerance.value, tolerance_mode=tolerance.mode,
+                                        max_layers=params.max_layers, limit=params.task.validation_limit)
+    assert continued["swap_order"] == reference["swap_order"] and continued["stop_reason"] == reference["stop_reason"]
+    assert [h["swap_order"] for h in continued["heals"]] == [h["swap_order"] for h in reference["heals"]]
+    assert [h["score"] for h in continued["heals"]] == pytest.approx([h["score"] for h in reference["heals"]],
+                                                                     abs=1e-9)
+    assert [(r["chosen"], r["accepted"], r["heal_index"]) for r in continued["rounds"]] == \
+        [(r["chosen"], r["accepted"], r["heal_index"]) for r in reference["rounds"]]
+    assert [r["score"] for r in continued["rounds"]] == pytest.approx([r["score"] for r in reference["rounds"]],
+                                                                      abs=1e-9)
+    assert len(continued["heals"]) >= 2, "the tiny run must continue past M_opt's heal for this test to mean much"
+    assert continued["healed_layers"] == reference["healed_layers"]
+    assert flow_result["status"] == "ok" and flow_result["eval"]["validation"]["score"] == \
+        pytest.approx(reference["healed_score"], abs=1e-9)
+    # each heal's folder: its hybrid, the students after it and the rounds scored with them
+    for heal_point in continued["heals"]:
+        stage = RunLayout(layout.root / "continued" / f"heal_{heal_point['index']:02d}")
+        assert read_json(stage.hybrid("healed") / "dtr_export.json")["linear_layers"] == heal_point["layers"]
+        assert read_json(stage.students / RECORD)["healed_layers"] == heal_point["layers"]
+    for r in continued["rounds"]:
+        assert read_json(RunLayout(layout.root / "continued").round(r["index"]))["chosen"] == r["chosen"]
+        stage = RunLayout(layout.root / "continued" / f"heal_{r['heal_index']:02d}")
+        assert stage.candidate(len(r["committed_before"]), r["chosen"]).is_file()  # candidates: by linear count
+    assert read_json(layout.root / "continued" / "trajectory.json")["healed_layers"] == continued["healed_layers"]
+    assert (layout.reports / SCORE_PLOT).stat().st_size > 1000
+
+
+def test_heal_opt_with_heal_every_makes_the_continued_hybrid_the_healed_model(conversion):
+    """Step 4b with heal.every > 0: `healed` is the continued search's last healed hybrid (`hybrids/healed`
+    links to its heal folder), scored on validation and test."""
+    from dtr_core.artifacts import read_json
+    from dtr_core.run_layout import RunLayout
+    from flows.convert import heal_opt
+    from tasks.context import RunContext
+
+    params, summary = conversion
+    layout = RunLayout(summary["run_dir"])
+    params = params.model_copy(update={"heal": params.heal.model_copy(update={"every": 1})})
+    ctx = RunContext(model=params.model, run_dir=summary["run_dir"], mixer=params.mixer)
+    start = read_json(layout.trajectory)["swap_order"][:1]  # as the test above: its heals are reused
+    paths, evals = {}, {}
+    roles = heal_opt(params, ctx, start, paths, evals)
+    continued = read_json(layout.root / "continued" / "trajectory.json")
+    assert roles == {"healed": continued["healed_layers"]} and len(continued["healed_layers"]) > len(start)
+    last = [h for h in continued["heals"] if h["ok"]][-1]
+    assert Path(paths["healed"]) == layout.hybrid("healed") and layout.hybrid("healed").is_symlink()
+    assert layout.hybrid("healed").resolve() == \
+        (layout.root / "continued" / f"heal_{last['index']:02d}" / "hybrids" / "healed").resolve()
+    assert read_json(layout.hybrid("healed") / "dtr_export.json")["linear_layers"] == continued["healed_layers"]
+    assert evals["healed"]["validation"]["score"] == pytest.approx(continued["healed_score"], abs=1e-9)
+    assert "test" in evals["healed"]

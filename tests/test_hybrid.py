@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM
 
 import dtr_core.hybrid  # noqa: F401  registers the hybrid classes
 from dtr_core.hybrid.model import cache_bytes, layer_map, make_hybrid
@@ -125,9 +125,11 @@ def test_hybrids_saved_by_an_earlier_dtr_are_refused_with_the_fix(tmp_path):
 
 
 def test_unsupported_architecture_names_supported_families():
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'.*llama, mistral, qwen2, qwen3"):
-        swap_layers(gpt2, {})
+    opt = OPTForCausalLM(OPTConfig(num_hidden_layers=1, hidden_size=32, ffn_dim=64, num_attention_heads=2,
+                                   word_embed_proj_dim=32, vocab_size=50))
+    with pytest.raises(ValueError, match="unsupported architecture 'opt'.*gpt_neox, granite, llama, mistral, olmo2, "
+                                         "phi3, qwen2, qwen3"):
+        swap_layers(opt, {})
 
 
 def test_layer_out_of_range_is_a_clear_error():

@@ -292,3 +292,88 @@ def test_students_saved_by_an_earlier_dtr_are_refused_with_the_fix():
         MixerConfig.from_dict({**earlier, "student_format": 1})
     with pytest.raises(ValueError, match="newer than this dtr"):
         MixerConfig(student_format=STUDENT_FORMAT + 1)
+
+
+def padded_rows(lengths: list[int], hidden: int, seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Rows of `lengths` tokens (B separate (1, L, hidden) tensors) and the same rows left-padded into one batch
+    (B, max L, hidden) with garbage on the pads, and its 2D mask (1 = real)."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    rows = [torch.randn(1, length, hidden, generator=generator) for length in lengths]
+    batch = torch.randn(len(lengths), width, hidden, generator=generator) * 10  # pads: large garbage
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for index, row in enumerate(rows):
+        batch[index, width - row.shape[1]:] = row[0]
+        mask[index, width - row.shape[1]:] = 1
+    return rows, batch, mask
+
+
+def padded_rope(config, mask: torch.Tensor, offset: torch.Tensor | None = None):
+    """RoPE at each row's own positions (0 at its first real token), as `generate` gives a left-padded batch."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    if offset is not None:
+        positions = positions + offset
+    x = torch.zeros(*mask.shape, config.hidden_size)
+    return LlamaRotaryEmbedding(config)(x, positions)
+
+
+def four_d(mask: torch.Tensor, additive: bool) -> torch.Tensor:
+    """HF's sdpa (boolean) or eager (additive) causal mask (B, 1, T, T) of a 2D padding mask."""
+    length = mask.shape[1]
+    allowed = torch.ones(length, length, dtype=torch.bool).tril() & mask.bool()[:, None, None, :]
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min) if additive else allowed
+
+
+@pytest.mark.parametrize("mask_form", ["2d", "sdpa", "eager"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("name", MIXER_NAMES)
+def test_left_padded_rows_equal_each_row_alone_in_the_parallel_forward(name, variant, mask_form):
+    config, student = make_student(name, variant, chunk_size=4)
+    student.eval()
+    lengths = [9, 3, 6]
+    rows, batch, mask = padded_rows(lengths, config.hidden_size)
+    attention_mask = mask if mask_form == "2d" else four_d(mask, additive=mask_form == "eager")
+    with torch.no_grad():
+        cache = HybridCache(layer_map=["full", name])
+        together, _ = student(batch, position_embeddings=padded_rope(config, mask), attention_mask=attention_mask,
+                              cache=cache)
+        for index, row in enumerate(rows):
+            alone_cache = HybridCache(layer_map=["full", name])
+            alone, _ = student(row, position_embeddings=rope(config, 1, row.shape[1]), cache=alone_cache)
+            torch.testing.assert_close(together[index:index + 1, -row.shape[1]:], alone, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(cache.layers[1].recurrent_states[0][index:index + 1],
+                                       alone_cache.layers[1].recurrent_states[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("name", MIXER_NAMES)
+def test_left_padded_rows_equal_each_row_alone_in_cached_generation(name, variant):
+    """Prefill a left-padded batch, then decode token by token (a decoded token is never a pad)."""
+    config, student = make_student(name, variant)
+    student.eval()
+    lengths, steps = [7, 2, 5], 4
+    rows, batch, mask = padded_rows(lengths, config.hidden_size, seed=1)
+    following = torch.randn(len(lengths), steps, config.hidden_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cache = HybridCache(layer_map=["full", name])
+        pieces = [student(batch, position_embeddings=padded_rope(config, mask), attention_mask=mask, cache=cache)[0]]
+        for t in range(steps):
+            mask = torch.cat([mask, torch.ones(len(lengths), 1, dtype=torch.long)], dim=1)
+            step_rope = padded_rope(config, mask)
+            pieces.append(student(following[:, t:t + 1], position_embeddings=tuple(p[:, -1:] for p in step_rope),
+                                  attention_mask=mask, cache=cache)[0])
+        together = torch.cat(pieces, dim=1)
+        for index, row in enumerate(rows):
+            whole = torch.cat([row, following[index:index + 1]], dim=1)
+            alone, _ = student(whole, position_embeddings=rope(config, 1, whole.shape[1]))
+            torch.testing.assert_close(together[index:index + 1, -whole.shape[1]:], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_an_all_real_mask_changes_nothing():
+    config, student = make_student("gated_deltanet", "published")
+    x = torch.randn(2, 11, config.hidden_size)
+    pe = rope(config, 2, 11)
+    with torch.no_grad():
+        plain, _ = student(x, position_embeddings=pe)
+        masked, _ = student(x, position_embeddings=pe, attention_mask=torch.ones(2, 11, dtype=torch.long))
+    torch.testing.assert_close(masked, plain, rtol=0, atol=0)

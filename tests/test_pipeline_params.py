@@ -122,7 +122,9 @@ def test_cli_help_documents_every_flow_parameter():
                    "--distill-tokens", "--seq-len", "--steps", "--lr", "--tolerance-mode", "--tolerance",
                    "--acceptance", "--max-layers", "--seed", "--runner", "--workers", "--dask-address",
                    "--context-len", "--tracking-uri", "--experiment", "--register", "--output-dir", "--run-id",
-                   "--profile", "--max-normalized-loss", "--layers-per-task"):
+                   "--profile", "--max-normalized-loss", "--layers-per-task", "--metric", "--verbaliser-scoring",
+                   "--reference-column", "--max-new-tokens", "--stop", "--answer-regex", "--heal", "--heal-steps",
+                   "--heal-lr", "--heal-every", "--heal-lora-rank", "--heal-task-lm-weight", "--promote"):
         assert option in result.output, option
 
 

@@ -152,15 +152,17 @@ def test_config_json_that_autoconfig_refuses(model_dir):
 
 def test_unsupported_architecture(model_dir):
     config = json.loads((model_dir / "config.json").read_text())
-    config["model_type"] = "gpt2"
+    config["model_type"] = "opt"  # not in the table, and not the Llama attention layout
     (model_dir / "config.json").write_text(json.dumps(config))
-    _one_line_error(lambda: preflight.check_model_source(str(model_dir)), "architecture 'gpt2'",
-                    "llama, mistral, qwen2, qwen3", "dtr_core/families.py")
+    _one_line_error(lambda: preflight.check_model_source(str(model_dir)), "architecture 'opt'",
+                    "gpt2, gpt_neox, granite, llama, mistral", "dtr_core/families.py")
 
 
 def test_saved_hybrid_type_is_supported():
     preflight.check_architecture("dtr_qwen3", "m")
-    _one_line_error(lambda: preflight.check_architecture("dtr_gpt2", "m"), "'dtr_gpt2'")
+    preflight.check_architecture("dtr_gpt2", "m")
+    preflight.check_architecture("dtr_olmo", "m")  # a Llama-layout family outside the table
+    _one_line_error(lambda: preflight.check_architecture("dtr_opt", "m"), "'dtr_opt'")
 
 
 def test_truncated_safetensors(model_dir):

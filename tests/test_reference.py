@@ -5,6 +5,7 @@ students) must choose the same swap order, M_best and M_opt, with the same score
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dtr_core.search.acceptance import Tolerance
 from distill_support import write_corpus
@@ -75,3 +76,51 @@ def test_optimised_path_matches_reference(distilled, task_index, tolerance):
                 assert reference_round["scores"][layer] <= reference_round["score"]
     if tolerance == 0.5:
         assert len(result.rounds) >= 2
+
+
+@pytest.mark.parametrize(("task_index", "heal_every", "tolerance"), [
+    (0, 1, Tolerance("relative", 0.5)),
+    (1, 2, Tolerance("relative", 0.05)),
+    (0, 2, Tolerance("absolute", 0.66)),  # above the random teacher: rounds are rejected, then healed and rerun
+], ids=["accuracy-every-1", "perplexity-every-2", "rejections-every-2"])
+def test_continued_search_matches_the_reference_listing(distilled, task_index, heal_every, tolerance):
+    """Heal-then-continue: `run_continued_search` (the core decisions `continue_with_healing`, fast scorer,
+    in-memory heals) and the listing's step 4 heal the same layers, score the same and commit the same order."""
+    from dtr_core.heal.config import HealConfig
+    from dtr_core.search.reference import run_continued_reference
+    from dtr_core.search.greedy_search import run_continued_search
+
+    model, tokenizer, corpus, config, work_dir = distilled
+    task = toy_tasks()[task_index]
+    ordinary = run_reference(model, tokenizer, corpus, task, "gla", work_dir, config, tolerance=0.5)
+    start = ordinary["swap_order"][:1] or [ordinary["rounds"][0]["chosen"]]  # room left for the continued rounds
+    heal_config = HealConfig(steps=3, batch_size=2, seq_len=32, lr=1e-2, eval_batches=1, log_every=1)
+    reference = run_continued_reference(model, tokenizer, corpus, task, work_dir / "students", start, heal_config,
+                                        heal_every, tolerance=tolerance.value, tolerance_mode=tolerance.mode)
+
+    students = load_students(work_dir / "students", model)
+    before = {layer: {k: v.clone() for k, v in s.state_dict().items()} for layer, s in students.items()}
+    result, healed = run_continued_search(model, task, encode_split(task, tokenizer), students, start, heal_config,
+                                          corpus, heal_every, tolerance)
+
+    assert result.p_min == reference["p_min"]
+    assert list(result.swap_order) == reference["swap_order"]
+    assert result.stop_reason == reference["stop_reason"]
+    assert [list(h.swap_order) for h in result.heals] == [h["swap_order"] for h in reference["heals"]]
+    assert [h.score for h in result.heals] == [h["score"] for h in reference["heals"]]
+    assert [(r.record.chosen, r.record.score, r.record.accepted, r.heal_index) for r in result.rounds] == \
+        [(r["chosen"], r["score"], r["accepted"], r["heal_index"]) for r in reference["rounds"]]
+    for ours, listed in zip(result.rounds, reference["rounds"]):
+        for layer, candidate in ours.record.candidates.items():
+            if candidate.score is not None:
+                assert candidate.score == listed["scores"][layer]
+    assert list(result.healed_layers) == reference["healed_layers"] == sorted(healed)
+    assert result.healed_score == reference["healed_score"]
+    assert len(result.rounds) >= 1 and len(result.heals) >= 2  # the search did continue and heal again
+    if tolerance.mode == "absolute":  # a rejected round after a commit heals and runs again; rejected again: stop
+        assert [r.record.accepted for r in result.rounds][-2:] == [False, False] and result.stop_reason == "rejected"
+    # the healed students moved; the caller's students did not
+    assert any(not torch.equal(healed[layer].state_dict()[name], before[layer][name])
+               for layer in healed for name in before[layer])
+    assert all(torch.equal(students[layer].state_dict()[name], tensor)
+               for layer, state in before.items() for name, tensor in state.items())

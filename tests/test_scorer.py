@@ -3,13 +3,14 @@ reference listing's swap order and scores, with early rejection on and off, on o
 
 from __future__ import annotations
 
+import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from test_reference import distilled, toy_tasks  # noqa: F401  (a fixture: tiny-llama with students distilled)
-from test_search import six_layer_llama, students_for, toy_classification, toy_lm
+from test_search import METRICS, six_layer_llama, students_for, toy_classification, toy_lm, toy_three_class
 
 from dtr_core.search import layerwise
 from dtr_core.search.acceptance import Tolerance
@@ -48,8 +49,12 @@ def assert_same_as_plain(scores, plain, early_rejection):
             assert cand.score == truth.score and cand.per_example == truth.per_example
 
 
+TASK_FACTORIES = [toy_classification, toy_lm] + [functools.partial(toy_three_class, metric) for metric in METRICS]
+TASK_IDS = ["accuracy", "perplexity"] + [f"3-class-{metric}" for metric in METRICS]
+
+
 @pytest.mark.parametrize("early_rejection", [True, False], ids=["rejection", "no-rejection"])
-@pytest.mark.parametrize("task_factory", [toy_classification, toy_lm], ids=["accuracy", "perplexity"])
+@pytest.mark.parametrize("task_factory", TASK_FACTORIES, ids=TASK_IDS)
 def test_round_scorer_equals_plain_evaluator(setup, task_factory, early_rejection):
     model, _, students = setup
     task = task_factory()

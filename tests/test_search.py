@@ -59,6 +59,20 @@ def toy_classification(verbalisers=None):
     )
 
 
+def toy_three_class(metric="accuracy", verbaliser_scoring=None):
+    """Three imbalanced classes (x 1/2, y 1/3, z 1/6 of the rows) searched on `metric`."""
+    texts = toy_texts(60, 2)
+    labels = ("x", "x", "x", "y", "y", "z")
+    examples = [Example(uid=f"t{i}", text=t, label=labels[i % 6]) for i, t in enumerate(texts)]
+    return ClassificationTask(
+        name="toy-3", load=lambda: examples, validation_size=30, test_size=6, template="{text} =",
+        verbalisers={"x": "A", "y": "B", "z": "C"}, metric=metric, verbaliser_scoring=verbaliser_scoring,
+    )
+
+
+METRICS = ["accuracy", "macro_f1", "balanced_accuracy", "recall:y", "recall:z"]
+
+
 def toy_lm():
     examples = [Example(uid=f"d{i}", text=t) for i, t in enumerate(toy_texts(20, 1))]
     return LanguageModelingTask(name="toy-lm", load=lambda: examples, validation_size=8, test_size=4, max_tokens=40)
@@ -161,6 +175,65 @@ def test_fast_search_equals_plain_search(setup, task_factory):
     slow_order, _, reuse_cost = run_greedy_search(model, task, batches, students, tolerance, early_rejection=False)
     assert comparable(slow_order) == comparable(plain) and reuse_cost.rejected_early == 0
     assert fast_cost.layer_forwards <= reuse_cost.layer_forwards < plain_cost.layer_forwards
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_fast_search_equals_plain_search_for_every_metric(setup, metric):
+    """Each metric's early-rejection bound keeps the fast search's answer the plain search's, and the greedy
+    listing's (dtr_core/search/reference.py) on the same full evaluations."""
+    from dtr_core.evaluation.results import evaluate
+    from dtr_core.search.reference import greedy_listing
+
+    model, tokenizer, students = setup
+    task = toy_three_class(metric)
+    batches = encode_split(task, tokenizer, batch_size=4)
+    tolerance = Tolerance("relative", 0.5)
+    plain, plain_teacher, _ = run_greedy_search(model, task, batches, students, tolerance, fast=False)
+    fast, fast_teacher, fast_cost = run_greedy_search(model, task, batches, students, tolerance, fast=True)
+    assert fast_teacher.score == plain_teacher.score == plain_teacher.metrics[metric]
+    assert_same_scores(fast, plain)
+    assert len(plain.rounds) >= 2
+
+    def score(linear_layers):
+        originals = swap_layers(model, {layer: students[layer] for layer in linear_layers})
+        try:
+            return evaluate(model, tokenizer, task, "validation", batch_size=4).score
+        finally:
+            restore_layers(model, originals)
+
+    listing = greedy_listing(score, sorted(students), 0.5)
+    assert list(fast.swap_order) == listing["swap_order"]
+    assert [(r.chosen, r.score, r.accepted) for r in fast.rounds] == \
+        [(r["chosen"], r["score"], r["accepted"]) for r in listing["rounds"]]
+    for ours, theirs in zip(fast.rounds, listing["rounds"]):
+        for layer, candidate in ours.candidates.items():
+            if candidate.rejected_early:  # a bound is never below the score it stood for
+                assert theirs["scores"][layer] <= candidate.upper_bound
+            else:
+                assert candidate.score == theirs["scores"][layer]
+
+
+def test_early_rejection_fires_for_non_accuracy_metrics(setup):
+    """The bounds are not vacuous: with several batches, some candidates stop early under each metric."""
+    model, tokenizer, students = setup
+    for metric in ("macro_f1", "balanced_accuracy"):
+        task = toy_three_class(metric)
+        batches = encode_split(task, tokenizer, batch_size=2)
+        _, _, cost = run_greedy_search(model, task, batches, students, Tolerance("relative", 0.5),
+                                       first_hint={layer: -float(layer) for layer in range(6)})
+        assert cost.rejected_early > 0, metric
+
+
+def test_bootstrap_is_refused_up_front_for_non_mean_metrics(setup):
+    model, tokenizer, students = setup
+    for metric in ("macro_f1", "balanced_accuracy", "recall:y"):
+        task = toy_three_class(metric)
+        batches = encode_split(task, tokenizer, batch_size=4)
+        with pytest.raises(ValueError, match=f"bootstrap acceptance needs .* searched on {metric}"):
+            run_greedy_search(model, task, batches, students, Tolerance(), Acceptance("bootstrap"))
+    with pytest.raises(ValueError, match="searched on perplexity"):
+        run_greedy_search(model, toy_lm(), encode_split(toy_lm(), tokenizer), students, Tolerance(),
+                          Acceptance("bootstrap"))
 
 
 def test_scores_equal_evaluate(setup):

@@ -337,3 +337,20 @@ def test_tracking_server_killed_mid_run_fails_fast_with_one_line(tmp_path):
     assert "resume" in errors[0]
     assert len(err.splitlines()) < 300, f"{len(err.splitlines())} lines"
     assert list((tmp_path / "runs").glob("*/students/layer_*/meta.json"))  # the work done stays for resume
+
+
+def test_experiments_open_in_the_model_training_view(tmp_path):
+    """New experiments and untagged old ones get MLflow's model-training kind; a kind set by a user stays."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import EXPERIMENT_KIND_TAG, Tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_experiment("old")
+    client.create_experiment("chosen", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    for name in ("new", "old", "chosen"):
+        Tracking.start_parent(uri, name, "run", {}).finish()
+    kinds = {name: client.get_experiment_by_name(name).tags.get(EXPERIMENT_KIND_TAG) for name in ("new", "old", "chosen")}
+    assert kinds == {"new": "custom_model_development", "old": "custom_model_development",
+                     "chosen": "genai_development"}

@@ -149,7 +149,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         lines.append(f"{row['model']}: {row['path']}  (linear layers: {layers})")
     lines.append(f"MLflow run: {summary['mlflow']['url']}")
     for role, info in (summary.get("registered") or {}).items():
-        lines.append(f"registered: {info['registered_uri']} (version {info['version']})")
+        lines.append(f"registered: {info['registered_uri']} (version {info['version']})"
+                     + (f"; {info['reason']}" if info.get("reason") else ""))
     typer.echo("\n".join(lines))
 
 
@@ -166,6 +167,14 @@ def convert_command(
                                                 "(repeat per label), e.g. --verbaliser pos=' positive'"),
     validation_limit: int | None = typer.Option(None, "--val-limit", help=_help("task.validation_limit")),
     test_limit: int | None = typer.Option(None, "--test-limit", help=_help("task.test_limit")),
+    metric: str | None = typer.Option(None, "--metric", help=_help("task.metric")),
+    verbaliser_scoring: str | None = typer.Option(None, "--verbaliser-scoring",
+                                                  help=_help("task.verbaliser_scoring")),
+    reference_column: list[str] | None = typer.Option(None, "--reference-column", help=_help("task.reference_columns")
+                                                      + " (repeat for several)"),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help=_help("task.max_new_tokens")),
+    stop: list[str] | None = typer.Option(None, "--stop", help=_help("task.stop") + " (repeat for several)"),
+    answer_regex: str | None = typer.Option(None, "--answer-regex", help=_help("task.answer_regex")),
     mixer: str | None = typer.Option(None, "--mixer", help=_help("mixer") + ": gated_deltanet, gla or jetblock"),
     corpus: str | None = typer.Option(None, "--corpus", help=_help("distill.corpus")),
     tokens: str | None = typer.Option(None, "--distill-tokens", help=_help("distill.tokens") + " (e.g. 40960 or 1e8)"),
@@ -197,11 +206,16 @@ def convert_command(
     heal_lr: float | None = typer.Option(None, "--heal-lr", help=_help("heal.lr")),
     heal_seq_len: int | None = typer.Option(None, "--heal-seq-len", help=_help("heal.seq_len")),
     heal_corpus: str | None = typer.Option(None, "--heal-corpus", help=_help("heal.corpus")),
+    heal_every: int | None = typer.Option(None, "--heal-every", help=_help("heal.every")),
+    heal_lora_rank: int | None = typer.Option(None, "--heal-lora-rank", help=_help("heal.lora_rank")),
+    heal_task_lm_weight: float | None = typer.Option(None, "--heal-task-lm-weight",
+                                                     help=_help("heal.task_lm_weight")),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help=_help("tracking.tracking_uri")),
     experiment: str | None = typer.Option(None, "--experiment", help=_help("tracking.experiment")),
     register_models: bool | None = typer.Option(None, "--register/--no-register",
                                                 help=_help("tracking.register_models")),
     model_name: str | None = typer.Option(None, "--model-name", help=_help("tracking.model_name")),
+    promote: str | None = typer.Option(None, "--promote", help=_help("tracking.promote")),
     output_dir: str | None = typer.Option(None, "--output-dir", "-o", help=_help("output_dir")),
     run_id: str | None = typer.Option(None, "--run-id", help=_help("run_id")),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object at the end"),
@@ -217,7 +231,9 @@ def convert_command(
         "max_layers": None if layers_cap is None else layers_cap,
         "task": {"name": task, "data_file": data_file, "text_column": text_column, "label_column": label_column,
                  "template": template, "verbalisers": _verbalisers(verbaliser),
-                 "validation_limit": validation_limit, "test_limit": test_limit},
+                 "validation_limit": validation_limit, "test_limit": test_limit, "metric": metric,
+                 "verbaliser_scoring": verbaliser_scoring, "reference_columns": reference_column or None,
+                 "max_new_tokens": max_new_tokens, "stop": stop or None, "answer_regex": answer_regex},
         "distill": {"corpus": corpus, "tokens": tokens, "seq_len": seq_len, "steps": steps, "lr": lr,
                     "batch_size": distill_batch_size, "layers_per_task": layers_per_task,
                     "checkpoint_every_steps": checkpoint_every_steps,
@@ -227,9 +243,10 @@ def convert_command(
         "runner": {"kind": runner, "workers": workers, "dask_address": dask_address},
         "speed": {"context_len": context_len, "long_context_len": long_context_len, "decode_tokens": decode_tokens,
                   "repeats": speed_repeats},
-        "heal": {"enabled": heal, "steps": heal_steps, "lr": heal_lr, "seq_len": heal_seq_len, "corpus": heal_corpus},
+        "heal": {"enabled": heal, "steps": heal_steps, "lr": heal_lr, "seq_len": heal_seq_len, "corpus": heal_corpus,
+                 "every": heal_every, "lora_rank": heal_lora_rank, "task_lm_weight": heal_task_lm_weight},
         "tracking": {"tracking_uri": tracking_uri, "experiment": experiment, "register_models": register_models,
-                     "model_name": model_name},
+                     "model_name": model_name, "promote": promote},
     }
     overrides = {k: ({kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v)
                  for k, v in overrides.items()}

@@ -3,7 +3,8 @@
     dtr heal --model runs/x/hybrids/opt --teacher smollm2-135m --out runs/x/hybrids/healed-2k --steps 200
 
 Only the students (the linear-attention layers) train, on KL(teacher || hybrid) of the next-token
-distributions over the corpus; every other weight stays bit-identical. A heal that diverges saves nothing.
+distributions over the corpus; every other weight stays bit-identical (with `--lora-rank R`, LoRA adapters on
+the frozen projections train too and are merged into the saved hybrid). A heal that diverges saves nothing.
 `--out` must be new, empty, or a folder dtr wrote, as for `dtr hybridize`.
 """
 
@@ -30,6 +31,9 @@ def heal_command(
     lr: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = HealConfig.lr,
     batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = HealConfig.batch_size,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = HealConfig.seq_len,
+    lora_rank: Annotated[int, typer.Option(help="LoRA adapters (through peft) of this rank on the frozen "
+                                           "full-attention and MLP projections, trained with the students and merged "
+                                           "into the saved hybrid (0: the students alone train).")] = HealConfig.lora_rank,
     checkpoint_every_steps: Annotated[int, typer.Option(help="A checkpoint every N steps (and every 10 minutes); "
                                                         "a killed heal run again continues from it.")] = HealConfig.checkpoint_every_steps,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out even if dtr did not write it.")] = False,
@@ -42,7 +46,7 @@ def heal_command(
 
     from tasks.params import check_corpus_exists
 
-    config = HealConfig(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
+    config = HealConfig(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, lora_rank=lora_rank,
                         checkpoint_every_steps=checkpoint_every_steps)
     check_corpus_exists(corpus)
     linear = linear_layers_of(model)

@@ -4,9 +4,12 @@
     dtr ui status    # what runs, healthy or not
     dtr ui down      # stops exactly the processes `up` started
 
-Everything listens on 127.0.0.1 only. State lives in `.dtr/` of the working directory: `ui.json` (PID,
-process group and start time of each process), `logs/`, `prefect/` (PREFECT_HOME: the server's database,
-kept apart from your own Prefect profile) and `mlartifacts/` (artifacts of runs logged through the server).
+Everything listens on 127.0.0.1 only. One place for everything: the folder `dtr ui up` is started in (the
+work folder). Flow runs work there (`DTR_WORK_DIR`, see deployments/prefect.yaml), so their run folders
+land in `./runs/` as `dtr convert` started there would put them. State lives in `.dtr/` of that folder:
+`ui.json` (PID, process group and start time of each process), `logs/`, `prefect/` (PREFECT_HOME: the
+server's database, kept apart from your own Prefect profile) and `mlartifacts/` (artifacts of runs logged
+through the server).
 The MLflow server serves the store `dtr convert` writes to by default, `sqlite:///mlflow.db` in the working
 directory (or $MLFLOW_TRACKING_URI when that is a sqlite store), so earlier conversions show up in its UI.
 Each process is started in its own session, so `down` can stop it with its children (the servers' uvicorn
@@ -32,6 +35,10 @@ import typer
 
 POOL = "dtr-process"
 HOST = "127.0.0.1"
+# The worker's log holds what flow runs print: no progress bars (tqdm, transformers, MLflow uploads) and no
+# "View run ... at ..." line per MLflow run (dtr logs the parent run's link itself). Your environment wins.
+QUIET_WORKER = {"TQDM_DISABLE": "1", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 ui_app = typer.Typer(help="Local Prefect + MLflow servers with the dtr flows deployed (127.0.0.1 only).",
                      no_args_is_help=True)
@@ -169,6 +176,52 @@ def _run(command: list[str], env: dict[str, str], cwd: Path, what: str) -> None:
         raise RuntimeError(f"{what} failed: {(result.stderr or result.stdout).strip()[-800:]}")
 
 
+def _api(api_url: str, method: str, path: str, body: Any = None) -> Any:
+    """One JSON call to the Prefect REST API."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{api_url}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        text = response.read()
+    return json.loads(text) if text else None
+
+
+def schedule_states(api_url: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """{(deployment id, schedule slug): {"id", "active"}} of every slugged schedule on the server."""
+    states = {}
+    for deployment in _api(api_url, "POST", "/deployments/filter", {}):
+        for schedule in deployment.get("schedules") or []:
+            if schedule.get("slug"):
+                states[(deployment["id"], schedule["slug"])] = {"id": schedule["id"], "active": schedule["active"]}
+    return states
+
+
+def restore_schedule_states(api_url: str, before: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    """Switch every schedule that existed in `before` back to the state it had there; returns their slugs."""
+    restored = []
+    for (deployment_id, slug), now in schedule_states(api_url).items():
+        earlier = before.get((deployment_id, slug))
+        if earlier is not None and earlier["active"] != now["active"]:
+            _api(api_url, "PATCH", f"/deployments/{deployment_id}/schedules/{now['id']}",
+                 {"active": earlier["active"]})
+            restored.append(slug)
+    return restored
+
+
+def deploy_flows(api_url: str, env: dict[str, str], root: Path, names: list[str] | None = None) -> None:
+    """`prefect deploy` the deployments of deployments/prefect.yaml (all, or `names`), keeping the schedules
+    as the user left them.
+
+    `prefect deploy` writes each schedule's `active` from the yaml. Schedules carry a `slug`, so an existing
+    one is updated in place (same id); its on/off state from before the deploy is then set back. A new
+    schedule starts as the yaml says (off)."""
+    before = schedule_states(api_url)
+    selection = ["--all"] if names is None else [arg for name in names for arg in ("--name", name)]
+    _run([_executable("prefect"), "--no-prompt", "deploy", *selection, "--prefect-file",
+          "deployments/prefect.yaml"], {**env, "PREFECT_API_URL": api_url}, root, "deploying the flows")
+    restore_schedule_states(api_url, before)
+
+
 def up(state_dir: Path, prefect_port: int, mlflow_port: int, deploy: bool = True, worker: bool = True) -> dict[str, Any]:
     """Start everything; on any failure stop what was started and raise."""
     existing = read_state(state_dir)
@@ -180,12 +233,16 @@ def up(state_dir: Path, prefect_port: int, mlflow_port: int, deploy: bool = True
     prefect_url, mlflow_url = f"http://{HOST}:{prefect_port}", f"http://{HOST}:{mlflow_port}"
     api_url = f"{prefect_url}/api"
     base_env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
-    prefect_env = {**base_env, "PREFECT_HOME": str(state_dir / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    client_env = {**prefect_env, "PREFECT_API_URL": api_url, "MLFLOW_TRACKING_URI": mlflow_url,
-                  "DTR_PROJECT_DIR": str(root)}
+    prefect_env = {**base_env, "PREFECT_HOME": str(state_dir / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                   "PREFECT_UI_API_URL": api_url}  # else the UI calls the default port, whatever --prefect-port says
+    work_dir = Path.cwd().resolve()
+    from dtr.cli import QUIET_LIBRARIES
+
+    client_env = {**QUIET_LIBRARIES, **QUIET_WORKER, **prefect_env, "PREFECT_API_URL": api_url,
+                  "MLFLOW_TRACKING_URI": mlflow_url, "DTR_WORK_DIR": str(work_dir)}
     state: dict[str, Any] = {"urls": {"prefect": prefect_url, "mlflow": mlflow_url, "prefect_api": api_url},
-                             "project_dir": str(root), "started_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-                             "processes": {}}
+                             "project_dir": str(root), "work_dir": str(work_dir),
+                             "started_at": time.strftime("%Y-%m-%d %H:%M:%S"), "processes": {}}
     try:
         server = _spawn("prefect-server", [_executable("prefect"), "server", "start", "--host", HOST, "--port",
                                            str(prefect_port), "--analytics-off"], prefect_env, state_dir, root)
@@ -204,11 +261,10 @@ def up(state_dir: Path, prefect_port: int, mlflow_port: int, deploy: bool = True
         _run([prefect, "work-pool", "create", POOL, "--type", "process", "--overwrite"], client_env, root,
              "creating the work pool")
         if deploy:
-            _run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
-                 client_env, root, "deploying the flows")
+            deploy_flows(api_url, client_env, root)
         if worker:
             state["processes"]["worker"] = _spawn("worker", [prefect, "worker", "start", "--pool", POOL, "--type",
-                                                             "process"], client_env, state_dir, root)
+                                                             "process"], client_env, state_dir, work_dir)
             write_state(state_dir, state)
             time.sleep(1.0)
             if not is_running(state["processes"]["worker"]):
@@ -267,6 +323,7 @@ def up_command(
     typer.echo(f"MLflow UI:   {urls['mlflow']}")
     typer.echo(f"use them from a shell:  export PREFECT_API_URL={urls['prefect_api']} MLFLOW_TRACKING_URI={urls['mlflow']}")
     typer.echo("run a conversion:       prefect deployment run convert/convert   (or click Run in the Prefect UI)")
+    typer.echo(f"run folders:            {Path(state['work_dir']) / 'runs'}   (flow runs work in {state['work_dir']})")
     typer.echo(f"stop:                   dtr ui down   (state in {state_dir / 'ui.json'})")
 
 

@@ -111,10 +111,11 @@ def distill_block(
     not run the teacher. `progress` is called every `log_every` steps and at the end. Bad inputs raise
     ValueError before anything is written.
     """
-    from dtr_core.hybrid.surgery import attention_module, check_layer_index
+    from dtr_core.hybrid.surgery import attention_module, check_layer_index, verify_family
     from dtr_core.mixers import MixerConfig, get_mixer_class
     from dtr_core.models import model_fingerprint
 
+    verify_family(model)  # a family outside dtr_core/families.py: surgery must be exact before any training
     if not isinstance(config, DistillConfig):
         raise ValueError(f"config must be a DistillConfig, got {type(config).__name__}")
     get_mixer_class(mixer_name)  # unknown names raise listing the valid ones
@@ -180,7 +181,7 @@ class _Block:
         self.students_dir, self.folder, self.progress = students_dir, folder, progress
         self.device = next(model.parameters()).device
         self.key = hash_json({"keys": {str(layer): keys[layer] for layer in layers}})
-        self._ropes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._ropes: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor] | None] = {}
 
     def run(self, fingerprint: str) -> dict[int, LayerResult]:
         started = time.perf_counter()
@@ -222,17 +223,18 @@ class _Block:
                              eval_sequences=self.config.eval_sequences)
         return _Student(module, optimizer, decay + no_decay, result)
 
-    def _rope(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) of positions 0..seq_len-1, each (1, T, head_dim), computed once per length."""
-        if seq_len not in self._ropes:
-            self._ropes[seq_len] = rope_for(self.model, seq_len, self.device)
-        return self._ropes[seq_len]
+    def _rope(self, seq_len: int, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(cos, sin) of positions 0..seq_len-1 as decoder layer `layer` gets them, each (1, T, rotary dim),
+        computed once per length and layer (Gemma 3's local and global layers rotate differently)."""
+        if (seq_len, layer) not in self._ropes:
+            self._ropes[seq_len, layer] = rope_for(self.model, seq_len, self.device, layer)
+        return self._ropes[seq_len, layer]
 
     def _predict(self, student: _Student, x: torch.Tensor) -> torch.Tensor:
         """The student's output for x (B, T, hidden), fp32."""
         with autocast_for(self.device):
-            prediction, _ = student.module(hidden_states=x, position_embeddings=expand_rope(self._rope(x.shape[1]),
-                                                                                            len(x)))
+            rope = self._rope(x.shape[1], student.module.layer_idx)
+            prediction, _ = student.module(hidden_states=x, position_embeddings=expand_rope(rope, len(x)))
         return prediction.float()
 
     def _train(self, students: dict[int, _Student], tap: TeacherTap, rows: TokenRows, eval_ids: torch.Tensor,
@@ -266,7 +268,8 @@ class _Block:
             for layer, student in students.items():
                 x, y = first_batch[layer]
                 with autocast_for(self.device):
-                    student.result.output_scale = calibrate_output_scale(student.module, x, y, self._rope(x.shape[1]))
+                    student.result.output_scale = calibrate_output_scale(student.module, x, y,
+                                                                         self._rope(x.shape[1], student.module.layer_idx))
         losses, variances = self._held_out(students, tap, eval_ids)
         for layer, student in students.items():
             student.variance = variances[layer]

@@ -167,15 +167,18 @@ def calibrate_output_scale(student: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 @torch.no_grad()
-def rope_for(model: PreTrainedModel, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each (1, T, head_dim) fp32, for positions 0..T-1 from the model's own rotary embedding."""
-    positions = torch.arange(seq_len, device=device).unsqueeze(0)
-    probe = torch.zeros(1, seq_len, 1, device=device, dtype=torch.float32)
-    cos, sin = model.model.rotary_emb(probe, positions)
-    return cos.float(), sin.float()
+def rope_for(model: PreTrainedModel, seq_len: int, device: torch.device, layer: int = 0
+             ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(cos, sin), each (1, T, rotary dim) fp32, for positions 0..T-1 from the model's own rotary embedding, as
+    decoder layer `layer` receives them (None for a family without RoPE; `dtr_core.families`)."""
+    from dtr_core.families import rotary_embeddings
+
+    return rotary_embeddings(model, torch.arange(seq_len, device=device).unsqueeze(0), layer)
 
 
-def expand_rope(rope: tuple[torch.Tensor, torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def expand_rope(rope: tuple[torch.Tensor, torch.Tensor] | None, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if rope is None:
+        return None
     cos, sin = rope
     return cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
 

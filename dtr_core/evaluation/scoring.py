@@ -9,7 +9,11 @@ layer from cached hidden states) and still score exactly as `evaluate` does:
         scores = score_logits(batch, logits)                # BatchScores: per-example results
 
 Classification (as lm-evaluation-harness' loglikelihood requests): the prediction is the label whose
-verbaliser continuation has the highest *summed* log-likelihood after the prompt. When every verbaliser
+verbaliser continuation has the highest log-likelihood after the prompt, compared as the task's
+`verbaliser_scoring` says: `sum` (summed), `per_token` (divided by the continuation's token count,
+lm-eval's acc_norm) or `per_byte` (by its UTF-8 byte count). Unset, it is `sum` when every verbaliser has
+the same number of tokens (dividing by one shared count changes no argmax) and `per_token` otherwise, so
+longer labels are not penalised; that choice is logged once per task and tokenizer. When every verbaliser
 is one distinct token, one row per example is enough (the next-token distribution at the prompt's last
 position scores all labels); otherwise there is one row `prompt + continuation` per (example, label).
 Prompt and continuation are tokenised separately and concatenated (the continuation as it tokenises
@@ -25,12 +29,18 @@ by length inside `encode` to waste little padding; `example_index` maps results 
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from dtr_core.evaluation.tasks import ClassificationTask, Example, LanguageModelingTask, Task
+from dtr_core.evaluation.tasks import (
+    VERBALISER_SCORINGS, ClassificationTask, Example, GenerativeTask, LanguageModelingTask, Task,
+)
+
+logger = logging.getLogger(__name__)
+_announced: set[tuple[str, tuple[int, ...]]] = set()  # (task, verbaliser token counts) whose default was logged
 
 
 @dataclass
@@ -53,6 +63,8 @@ class EncodedBatch:
     example_index: torch.Tensor    # (E,) index of each example in the list given to `encode`
     labels: torch.Tensor           # (E,) gold label index; -1 for language modelling
     num_labels: int                # C (1 for language modelling)
+    label_divisors: torch.Tensor   # (C,) float64: a label's summed log-likelihood is divided by it to compare
+    verbaliser_scoring: str = "sum"  # what `label_divisors` are: sum (ones), per_token, per_byte
 
     @property
     def num_examples(self) -> int:
@@ -67,8 +79,9 @@ class BatchScores:
     example_index: torch.Tensor    # (E,)
     label_logprobs: torch.Tensor   # (E, C) float64 summed log-likelihood per label (LM: of the document)
     token_counts: torch.Tensor     # (E, C) int64 tokens scored per cell
-    predictions: torch.Tensor      # (E,) predicted label index; -1 for language modelling
+    predictions: torch.Tensor      # (E,) predicted label index (argmax of label_logprobs / label_divisors); -1 for LM
     labels: torch.Tensor           # (E,) gold label index; -1 for language modelling
+    verbaliser_scoring: str = "sum"  # the batch's (`EncodedBatch.verbaliser_scoring`)
 
     @property
     def values(self) -> torch.Tensor:
@@ -119,13 +132,36 @@ def _pad_id(tokenizer) -> int:
 _Unit = tuple[list[list[int]], list[tuple[int, int, int, int]], int]
 
 
-def _classification_units(task: ClassificationTask, examples: Sequence[Example], tokenizer, mode: str) -> list[_Unit]:
+def verbaliser_divisors(task: ClassificationTask, continuations: Sequence[Sequence[int]]) -> tuple[str, list[float]]:
+    """(scoring, divisor per label): the task's `verbaliser_scoring`, or the default for these token ids
+    (module docstring), and what each label's summed log-likelihood is divided by."""
+    scoring = task.verbaliser_scoring
+    lengths = tuple(len(ids) for ids in continuations)
+    if scoring is None:
+        scoring = "sum" if len(set(lengths)) == 1 else "per_token"
+        if scoring == "per_token" and (task.name, lengths) not in _announced:
+            _announced.add((task.name, lengths))
+            logger.info("task '%s': verbalisers tokenise to different lengths %s, so labels are compared by "
+                        "per-token log-likelihood (acc_norm); set verbaliser_scoring to choose", task.name,
+                        dict(zip(task.labels, lengths)))
+    if scoring == "sum":
+        return scoring, [1.0] * len(lengths)
+    if scoring == "per_token":
+        return scoring, [float(n) for n in lengths]
+    if scoring == "per_byte":
+        return scoring, [float(len(c.encode("utf-8"))) for _, c in task.verbalisers]
+    raise ValueError(f"unknown verbaliser scoring '{scoring}'; choose one of: {', '.join(VERBALISER_SCORINGS)}")
+
+
+def _classification_units(task: ClassificationTask, examples: Sequence[Example], tokenizer,
+                          mode: str) -> tuple[list[_Unit], str, list[float]]:
     bos = _bos(tokenizer, task.add_bos)
     prompts = [bos + ids for ids in _encode_texts(tokenizer, [task.prompt(e) for e in examples])]
     continuations = [_continuation_ids(tokenizer, c) for _, c in task.verbalisers]
     for label, ids in zip(task.labels, continuations):
         if not ids:
             raise ValueError(f"task '{task.name}': verbaliser of label '{label}' tokenises to nothing; use a non-empty continuation")
+    scoring, divisors = verbaliser_divisors(task, continuations)
     single_ok = all(len(ids) == 1 for ids in continuations) and len({ids[0] for ids in continuations}) == len(continuations)
     if mode not in ("auto", "single", "multi"):
         raise ValueError(f"unknown scoring mode '{mode}'; choose one of: auto, multi, single")
@@ -145,7 +181,7 @@ def _classification_units(task: ClassificationTask, examples: Sequence[Example],
             rows = [prompt + ids for ids in continuations]
             pairs = [(c, last + j, token, c) for c, ids in enumerate(continuations) for j, token in enumerate(ids)]
             units.append((rows, pairs, label_index[example.label]))
-    return units
+    return units, scoring, divisors
 
 
 def _language_modeling_units(task: LanguageModelingTask, examples: Sequence[Example], tokenizer) -> list[_Unit]:
@@ -159,7 +195,8 @@ def _language_modeling_units(task: LanguageModelingTask, examples: Sequence[Exam
     return units
 
 
-def _make_batch(kind: str, units: list[_Unit], indices: list[int], num_labels: int, pad_id: int) -> EncodedBatch:
+def _make_batch(kind: str, units: list[_Unit], indices: list[int], num_labels: int, pad_id: int,
+                scoring: str, divisors: list[float]) -> EncodedBatch:
     rows: list[list[int]] = []
     scored: list[tuple[int, int, int, int]] = []
     labels = []
@@ -181,6 +218,7 @@ def _make_batch(kind: str, units: list[_Unit], indices: list[int], num_labels: i
         rows=row_ids, positions=positions, columns=torch.searchsorted(logit_positions, positions),
         targets=targets, cells=cells, example_index=torch.tensor(indices, dtype=torch.long),
         labels=torch.tensor(labels, dtype=torch.long), num_labels=num_labels,
+        label_divisors=torch.tensor(divisors, dtype=torch.float64), verbaliser_scoring=scoring,
     )
 
 
@@ -192,15 +230,21 @@ def encode(task: Task, examples: Sequence[Example], tokenizer, batch_size: int =
     (bounds the logits of long documents); an example's rows always share a batch, so one example may
     exceed both. `mode` (classification): `auto` uses the one-row-per-example path when every verbaliser
     is a single distinct token, `multi` forces one row per (example, label), `single` requires the former.
+    A generative task gives left-padded prompt batches instead (`generation.encode_prompts`).
     """
     if batch_size < 1 or max_batch_tokens < 1:
         raise ValueError(f"batch_size and max_batch_tokens must be >= 1, got {batch_size} and {max_batch_tokens}")
     if not examples:
         raise ValueError(f"no examples to encode for task '{task.name}'")
+    if isinstance(task, GenerativeTask):
+        from dtr_core.evaluation.generation import encode_prompts
+
+        return encode_prompts(task, examples, tokenizer, batch_size, max_batch_tokens)  # type: ignore[return-value]
     if isinstance(task, ClassificationTask):
-        units, num_labels = _classification_units(task, examples, tokenizer, mode), len(task.labels)
+        units, scoring, divisors = _classification_units(task, examples, tokenizer, mode)
+        num_labels = len(task.labels)
     elif isinstance(task, LanguageModelingTask):
-        units, num_labels = _language_modeling_units(task, examples, tokenizer), 1
+        units, num_labels, scoring, divisors = _language_modeling_units(task, examples, tokenizer), 1, "sum", [1.0]
     else:
         raise ValueError(f"cannot score task '{task.name}' of kind '{task.kind}'")
     lengths = [max(len(row) for row in unit[0]) for unit in units]
@@ -211,11 +255,11 @@ def encode(task: Task, examples: Sequence[Example], tokenizer, batch_size: int =
         unit_rows = len(units[i][0])
         width = max([lengths[j] for j in current] + [lengths[i]])
         if current and (current_rows + unit_rows > batch_size or (current_rows + unit_rows) * width > max_batch_tokens):
-            batches.append(_make_batch(task.kind, units, current, num_labels, pad_id))
+            batches.append(_make_batch(task.kind, units, current, num_labels, pad_id, scoring, divisors))
             current, current_rows = [], 0
         current.append(i)
         current_rows += unit_rows
-    batches.append(_make_batch(task.kind, units, current, num_labels, pad_id))
+    batches.append(_make_batch(task.kind, units, current, num_labels, pad_id, scoring, divisors))
     return batches
 
 
@@ -266,9 +310,9 @@ def score_logits(batch: EncodedBatch, logits: torch.Tensor) -> BatchScores:
         0, batch.cells, torch.ones_like(batch.cells))
     label_logprobs = sums.view(num_examples, num_labels)
     if batch.kind == "classification":
-        predictions = label_logprobs.argmax(dim=1)  # ties: the first label
+        predictions = (label_logprobs / batch.label_divisors).argmax(dim=1)  # ties: the first label
     else:
         predictions = torch.full((num_examples,), -1, dtype=torch.long)
     return BatchScores(kind=batch.kind, example_index=batch.example_index, label_logprobs=label_logprobs,
                        token_counts=counts.view(num_examples, num_labels), predictions=predictions,
-                       labels=batch.labels)
+                       labels=batch.labels, verbaliser_scoring=batch.verbaliser_scoring)

@@ -4,7 +4,12 @@
                     template="Review: {text}\nGood or bad?", verbalisers={"1": " bad", "5": " good"})
     task = spec.build()          # or get_task(spec), or get_task("reviews_task.json")
 
-`label_column=None` makes a language-modelling (perplexity) task over `text_column`. Labels are compared
+`label_column=None` makes a language-modelling (perplexity) task over `text_column`. `reference_columns` (one
+or more columns of accepted answers; empty cells are skipped) makes a generative task instead: the model answers
+`template.format(text=...) + answer_prefix` greedily (`max_new_tokens`, `stop` strings, `answer_regex` for
+regex_match) and is scored by `metric` (exact_match by default, f1, rouge_l, regex_match;
+`tasks.GenerativeTask`). `metric` and
+`verbaliser_scoring` choose the search metric and how verbalisers are compared (`tasks.py`). Labels are compared
 as strings (csv is read as text, other formats are cast with `str`). Rows with an empty text or label are
 dropped (logged). A `split_column` with values train / validation / test replaces the automatic split.
 A task spec file is a JSON object with the fields of `TaskSpec`; a relative `path` is read relative to it.
@@ -25,7 +30,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from dtr_core.evaluation.tasks import ClassificationTask, Example, LanguageModelingTask, Task
+from dtr_core.evaluation.metrics import DEFAULT_METRICS
+from dtr_core.evaluation.tasks import (
+    ClassificationTask, Example, GenerativeTask, LanguageModelingTask, Task, with_options,
+)
+from dtr_core.evaluation.text_metrics import GENERATIVE_METRICS
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +94,11 @@ _STR, _OPT_STR, _INT = "a string", "a string or null", "an integer"
 FIELD_TYPES: dict[str, str] = {
     "path": _STR, "text_column": _STR, "label_column": _OPT_STR, "template": _STR, "name": _OPT_STR,
     "split_column": _OPT_STR, "id_column": _OPT_STR, "validation_size": _INT, "test_size": _INT, "seed": _INT,
-    "num_shots": _INT, "instruction": _STR, "max_tokens": _INT,
+    "num_shots": _INT, "instruction": _STR, "max_tokens": _INT, "metric": _OPT_STR, "verbaliser_scoring": _OPT_STR,
+    "max_new_tokens": _INT, "answer_regex": _OPT_STR, "answer_prefix": _STR,
 }
+_STRINGS = "a list of strings"
+LIST_FIELDS = {"reference_columns": "a list of column names", "stop": _STRINGS}  # stored as tuples
 _NON_NEGATIVE = ("validation_size", "test_size", "num_shots", "seed")
 
 
@@ -117,6 +129,13 @@ class TaskSpec:
     num_shots: int = 0
     instruction: str = ""
     max_tokens: int = 512  # language modelling only
+    metric: str | None = None  # None: accuracy (classification) / perplexity; see `metrics.CLASSIFICATION_METRICS`
+    verbaliser_scoring: str | None = None  # None: sum, or per_token when verbalisers differ in token length
+    reference_columns: tuple[str, ...] | None = None  # set: a generative task with these reference-answer columns
+    max_new_tokens: int = 32  # generative only, like the four fields below
+    stop: tuple[str, ...] = ("\n",)
+    answer_regex: str | None = None
+    answer_prefix: str = " "
     spec_file: str | None = field(default=None, compare=False, repr=False)  # the .json it came from (messages)
 
     def __post_init__(self) -> None:
@@ -128,11 +147,27 @@ class TaskSpec:
             if not _type_ok(value, expected):
                 raise ValueError(f"{where}: field '{name}' must be {expected}, got {value!r} "
                                  f"({type(value).__name__})")
+        for name, expected in LIST_FIELDS.items():
+            value = getattr(self, name)
+            if value is None and name == "reference_columns":
+                continue
+            if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value \
+                    or not all(isinstance(item, str) and item for item in value):
+                raise ValueError(f"{where}: field '{name}' must be {expected} (non-empty strings, at least one), "
+                                 f"got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        if self.reference_columns is None and self.metric in GENERATIVE_METRICS:
+            raise ValueError(f"{where}: metric '{self.metric}' scores generated answers, but the task has no "
+                             "reference column; set reference_columns (--reference-column) to the column(s) "
+                             "holding the answers")
+        if self.reference_columns is not None and self.verbalisers:
+            raise ValueError(f"{where}: verbalisers belong to classification tasks, reference_columns to "
+                             "generative ones; set one of them")
         for name in _NON_NEGATIVE:
             if getattr(self, name) < 0:
                 raise ValueError(f"{where}: field '{name}' must be >= 0, got {getattr(self, name)}")
         object.__setattr__(self, "verbalisers", self._checked_verbalisers(where))
-        if self.label_column is not None and not self.verbalisers:
+        if self.label_column is not None and not self.verbalisers and self.reference_columns is None:
             raise ValueError(f"{where} needs verbalisers (label -> continuation), "
                              f"e.g. {{\"pos\": \" positive\", \"neg\": \" negative\"}}; or label_column=None for perplexity")
 
@@ -183,7 +218,13 @@ class TaskSpec:
         return ("put the file in a task spec .json with smaller \"validation_size\" / \"test_size\" and pass it "
                 "as the task (--task spec.json)")
 
+    @property
+    def generative(self) -> bool:
+        return self.reference_columns is not None
+
     def _examples(self, name: str) -> list[Example]:
+        if self.generative:
+            return self._generative_examples(name)
         columns = [self.text_column] + [c for c in (self.label_column, self.split_column, self.id_column) if c]
         rows = read_table(self.path, list(dict.fromkeys(columns)))
         examples, dropped = [], 0
@@ -203,11 +244,33 @@ class TaskSpec:
                              + (f" and '{self.label_column}'" if self.label_column else "") + "); check the file")
         return examples
 
+    def _generative_examples(self, name: str) -> list[Example]:
+        """Rows with a non-empty text and at least one non-empty reference; the others are dropped (logged)."""
+        columns = [self.text_column, *self.reference_columns] + [c for c in (self.split_column, self.id_column) if c]
+        rows = read_table(self.path, list(dict.fromkeys(columns)))
+        examples, dropped = [], 0
+        for number, row in enumerate(rows):
+            text = row[self.text_column]
+            references = tuple(str(row[c]) for c in self.reference_columns
+                               if row[c] is not None and str(row[c]).strip())
+            if text is None or not str(text).strip() or not references:
+                dropped += 1
+                continue
+            uid = f"{name}-{row[self.id_column] if self.id_column else number}"
+            split = str(row[self.split_column]) if self.split_column else None
+            examples.append(Example(uid=uid, text=str(text), references=references, split=split))
+        if dropped:
+            logger.warning("%s: dropped %d rows with an empty text or no reference answer", self.path, dropped)
+        if not examples:
+            raise ValueError(f"{self.path} has no usable rows (non-empty '{self.text_column}' and at least one of "
+                             f"{', '.join(repr(c) for c in self.reference_columns)}); check the file")
+        return examples
+
     def build(self) -> Task:
         """Read the file now and return the task (errors surface here, not mid-search)."""
         name = self.name or Path(self.path).stem
         examples = tuple(self._examples(name))
-        if self.label_column is not None:
+        if self.label_column is not None and not self.generative:
             labels = sorted({e.label for e in examples})
             if len(labels) < 2:
                 raise ValueError(f"{self.path}: column '{self.label_column}' has a single label ({labels[0]!r}) in "
@@ -221,14 +284,24 @@ class TaskSpec:
                                  f"add rows or {self._fix_sizes()}")
         common = dict(name=name, load=lambda: examples, validation_size=self.validation_size,
                       test_size=self.test_size, seed=self.seed, description=f"user task from {self.path}")
-        if self.label_column is None:
-            task: Task = LanguageModelingTask(**common, max_tokens=self.max_tokens)
+        if self.generative:
+            try:
+                task: Task = GenerativeTask(**common, template=self.template, num_shots=self.num_shots,
+                                            instruction=self.instruction, answer_prefix=self.answer_prefix,
+                                            max_new_tokens=self.max_new_tokens, stop=self.stop,
+                                            answer_regex=self.answer_regex,
+                                            metric=self.metric or DEFAULT_METRICS["generative"])
+            except ValueError as error:
+                raise ValueError(f"{self.spec_file or self.path}: {error}") from None
+        elif self.label_column is None:
+            task = LanguageModelingTask(**common, max_tokens=self.max_tokens)
         else:
             task = ClassificationTask(**common, template=self.template, verbalisers=self.verbalisers,
                                       num_shots=self.num_shots, instruction=self.instruction)
+        task = with_options(task, self.metric, self.verbaliser_scoring)
         task.split("validation")  # splits now: missing labels, too little data, empty splits
         task.split("test")
-        if self.label_column is not None:
+        if self.label_column is not None and not self.generative:
             held_out = {e.label for e in task.split("validation")}
             if len(held_out) < 2:
                 raise ValueError(f"{self.path}: the validation split holds a single label ({next(iter(held_out))!r}), "

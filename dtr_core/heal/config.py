@@ -33,6 +33,15 @@ class HealConfig:
     log_every: int = 10
     checkpoint_every_steps: int = 50  # a checkpoint every N steps or M minutes, whichever comes first
     checkpoint_every_minutes: float = 10.0
+    # heal-then-continue: after the ordinary search, heal and search on, healing again every `every` committed
+    # layers (`continued_search.py`); 0: heal M_opt once and stop
+    every: int = 0
+    # LoRA adapters (rank r) on the frozen full-attention and MLP projections, trained with the students and
+    # merged into the saved hybrid (`adapters.py`); 0: the students alone train
+    lora_rank: int = 0
+    # the task's train split as extra language-modelling data: loss = KL + task_lm_weight x next-token
+    # cross-entropy on its prompts and answers (`task_text.py`); 0: the KL alone
+    task_lm_weight: float = 0.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -45,6 +54,10 @@ class HealConfig:
             (math.isfinite(self.temperature) and self.temperature > 0,
              f"heal temperature must be > 0, got {self.temperature}"),
             (self.trainable in TRAINABLE, f"heal trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}"),
+            (self.every >= 0, f"heal every must be >= 0 (0: off), got {self.every}"),
+            (self.lora_rank >= 0, f"heal lora_rank must be >= 0 (0: no adapters), got {self.lora_rank}"),
+            (math.isfinite(self.task_lm_weight) and self.task_lm_weight >= 0,
+             f"heal task_lm_weight must be a finite number >= 0 (0: off), got {self.task_lm_weight}"),
             (self.eval_batches > 0, f"heal eval_batches must be > 0, got {self.eval_batches}"),
             (self.log_every > 0, f"heal log_every must be > 0, got {self.log_every}"),
             (self.checkpoint_every_steps > 0, f"heal checkpoint_every_steps must be > 0, got {self.checkpoint_every_steps}"),

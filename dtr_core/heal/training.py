@@ -3,7 +3,11 @@
 Per step, the teacher (frozen, under `no_grad`) and the hybrid run on the same token batch; the loss is the
 KL divergence KL(teacher || hybrid) of their next-token distributions, per token, at `config.temperature`
 (scaled by T^2 so the gradient size does not depend on it). Only the students (the linear-attention layers)
-train; every other weight of the hybrid stays bit-identical. The first `config.eval_batches` batches of the
+train; every other weight of the hybrid stays bit-identical. With `config.lora_rank` > 0, LoRA adapters on
+the frozen projections (`adapters.py`) train too and are merged into those weights when the heal succeeds
+(the base weights themselves never change during training). With `config.task_lm_weight` w > 0 the loss
+adds w x the hybrid's next-token cross-entropy on a batch of the task's train text (`task_text.py`), a second
+stream checkpointed with the first. The first `config.eval_batches` batches of the
 corpus stream are held out (the KL before and after); training reads the stream after them.
 
 Optimiser: AdamW per student layer (the same update as one AdamW over all of them: Adam is per parameter),
@@ -35,14 +39,16 @@ from transformers import PreTrainedModel
 from dtr_core.distill.checkpoint import (Checkpoint, read_checkpoint, remove_checkpoint, restore_rng, rng_state,
                                          write_checkpoint)
 from dtr_core.distill.corpus import Corpus
+from dtr_core.heal.adapters import add_adapters, adapter_modules, merge_adapters, remove_adapters
 from dtr_core.heal.config import HealConfig
 from dtr_core.hybrid.model import layer_map
-from dtr_core.hybrid.surgery import decoder_layers
+from dtr_core.hybrid.surgery import attention_module, attention_prefix
 from dtr_core.mixers.state_cache import FULL
 
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int, float], None]
+ADAPTERS = -1  # the LoRA adapters' key among the trained parts (students are keyed by their layer index)
 
 
 @dataclass
@@ -82,9 +88,8 @@ def linear_layers(hybrid: PreTrainedModel) -> list[int]:
 
 def student_parameters(hybrid: PreTrainedModel) -> dict[str, torch.nn.Parameter]:
     """The students' parameters by name (what healing trains)."""
-    layers = decoder_layers(hybrid)
-    return {f"model.layers.{index}.self_attn.{name}": parameter
-            for index in linear_layers(hybrid) for name, parameter in layers[index].self_attn.named_parameters()}
+    return {attention_prefix(hybrid, index) + name: parameter
+            for index in linear_layers(hybrid) for name, parameter in attention_module(hybrid, index).named_parameters()}
 
 
 def next_token_kl(teacher_logits: torch.Tensor, hybrid_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -94,6 +99,12 @@ def next_token_kl(teacher_logits: torch.Tensor, hybrid_logits: torch.Tensor, tem
     prediction = F.log_softmax(hybrid_logits.reshape(-1, vocab).float() / temperature, dim=-1)
     kl = F.kl_div(prediction, target, log_target=True, reduction="sum") / target.shape[0]
     return kl * temperature ** 2
+
+
+def next_token_loss(model: PreTrainedModel, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of `model` on `tokens` (B, T): language modelling on the task's text."""
+    logits = model(input_ids=tokens).logits[:, :-1]  # (B, T-1, V)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
 
 
 @torch.no_grad()
@@ -109,8 +120,9 @@ def held_out_kl(teacher: PreTrainedModel, hybrid: PreTrainedModel, batches: list
 
 def heal(teacher: PreTrainedModel, hybrid: PreTrainedModel, corpus: Corpus, config: HealConfig,
          progress: ProgressCallback | None = None, state_dir: str | Path | None = None,
-         key: str = "") -> HealResult:
-    """Heal `hybrid` in place on `corpus`; returns what happened (module docstring).
+         key: str = "", task_corpus: Corpus | None = None) -> HealResult:
+    """Heal `hybrid` in place on `corpus` (and `task_corpus`, the task's train text, when
+    `config.task_lm_weight` > 0); returns what happened (module docstring).
 
     With `state_dir`, checkpoints made for `key` are written there and a matching one is resumed from; the
     folder is removed when the heal ends. Raises ValueError before any work for a hybrid with no linear layer.
@@ -119,8 +131,20 @@ def heal(teacher: PreTrainedModel, hybrid: PreTrainedModel, corpus: Corpus, conf
     if not layers:
         raise ValueError("heal needs a hybrid with at least one linear-attention layer; this model has none "
                          "(heal the M_best or M_opt hybrid of a conversion)")
-    loop = _HealLoop(teacher, hybrid, layers, config, progress, None if state_dir is None else Path(state_dir), key)
-    return loop.run(corpus)
+    if config.task_lm_weight and task_corpus is None:
+        raise ValueError("task_lm_weight > 0 needs the task's train text (task_corpus)")
+    adapters = add_adapters(hybrid, config.lora_rank, config.seed) if config.lora_rank else None
+    try:
+        loop = _HealLoop(teacher, hybrid, layers, config, progress, None if state_dir is None else Path(state_dir),
+                         key)
+        result = loop.run(corpus, task_corpus if config.task_lm_weight else None)
+    except BaseException:
+        if adapters is not None:
+            remove_adapters(adapters)
+        raise
+    if adapters is not None:
+        (merge_adapters if result.ok else remove_adapters)(adapters)
+    return result
 
 
 class _HealLoop:
@@ -129,8 +153,9 @@ class _HealLoop:
     def __init__(self, teacher, hybrid, layers, config: HealConfig, progress, state_dir: Path | None, key: str):
         self.teacher, self.hybrid, self.layers, self.config = teacher, hybrid, layers, config
         self.progress, self.state_dir, self.key = progress, state_dir, key
-        blocks = decoder_layers(hybrid)
-        self.students = {layer: blocks[layer].self_attn for layer in layers}
+        self.students = {layer: attention_module(hybrid, layer) for layer in layers}
+        if config.lora_rank:  # the adapters train as one more part, under the key ADAPTERS
+            self.students[ADAPTERS] = adapter_modules(hybrid)
         self.optimizers = {layer: torch.optim.AdamW(module.parameters(), lr=config.lr, betas=(0.9, 0.95),
                                                     weight_decay=0.0)
                            for layer, module in self.students.items()}
@@ -139,7 +164,7 @@ class _HealLoop:
                                  trainable_parameters=sum(p.numel() for p in self.parameters))
         self.device = next(hybrid.parameters()).device
 
-    def run(self, corpus: Corpus) -> HealResult:
+    def run(self, corpus: Corpus, task_corpus: Corpus | None = None) -> HealResult:
         started = time.perf_counter()
         unhealed = {layer: {n: t.detach().clone() for n, t in m.state_dict().items()} for layer, m in self.students.items()}
         config = self.config
@@ -148,14 +173,17 @@ class _HealLoop:
         frozen = _freeze_all_but(self.hybrid, self.parameters)
         try:
             first_step, rows = 0, stream
+            task_rows = task_corpus.rows() if task_corpus is not None else None
             checkpoint = read_checkpoint(self.state_dir, self.key) if self.state_dir is not None else None
             if checkpoint is not None:
                 first_step, rows = checkpoint.step, corpus.rows(checkpoint.position)
+                if task_corpus is not None:
+                    task_rows = task_corpus.rows(checkpoint.layers["heal"]["task_position"])
                 self._restore(checkpoint)
                 logger.info("heal: resuming from the checkpoint at step %d/%d", first_step, config.steps)
             else:
                 self.result.initial_kl = held_out_kl(self.teacher, self.hybrid, held_out, config.temperature)
-            failure = self._train(rows, first_step, started)
+            failure = self._train(rows, task_rows, first_step, started)
             if failure is None:
                 self.result.final_kl = held_out_kl(self.teacher, self.hybrid, held_out, config.temperature)
                 if not math.isfinite(self.result.final_kl):
@@ -173,7 +201,7 @@ class _HealLoop:
         self.result.seconds = round(self.result.seconds + time.perf_counter() - started, 3)
         return self.result
 
-    def _train(self, rows, first_step: int, started: float) -> str | None:
+    def _train(self, rows, task_rows, first_step: int, started: float) -> str | None:
         """The optimiser steps from `first_step`; returns why training failed, or None."""
         config, result = self.config, self.result
         last_checkpoint = time.perf_counter()
@@ -182,9 +210,12 @@ class _HealLoop:
             with torch.no_grad():
                 teacher_logits = self.teacher(input_ids=tokens).logits
             loss = next_token_kl(teacher_logits, self.hybrid(input_ids=tokens).logits, config.temperature)
+            if task_rows is not None:
+                loss = loss + config.task_lm_weight * next_token_loss(
+                    self.hybrid, task_rows.take(config.batch_size, config.seq_len))
             loss_value = loss.item()
             if not math.isfinite(loss_value):
-                return f"non-finite training KL {loss_value} at step {step + 1}"
+                return f"non-finite training loss {loss_value} at step {step + 1}"
             for optimizer in self.optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -206,15 +237,16 @@ class _HealLoop:
             if self.state_dir is not None and due and step + 1 < config.steps:
                 result.seconds = round(result.seconds + time.perf_counter() - started, 3)
                 started = time.perf_counter()
-                self._checkpoint(step + 1, rows.position)
+                self._checkpoint(step + 1, rows.position, task_rows.position if task_rows is not None else 0)
                 last_checkpoint = time.perf_counter()
         if not all(torch.isfinite(parameter).all() for parameter in self.parameters):
             return "non-finite student parameters after healing"
         return None
 
-    def _checkpoint(self, step: int, position: int) -> None:
+    def _checkpoint(self, step: int, position: int, task_position: int) -> None:
         write_checkpoint(self.state_dir, Checkpoint(
-            key=self.key, step=step, position=position, layers={"heal": {"result": self.result.to_dict()}},
+            key=self.key, step=step, position=position,
+            layers={"heal": {"result": self.result.to_dict(), "task_position": task_position}},
             students={layer: module.state_dict() for layer, module in self.students.items()},
             optimizers={layer: {index: dict(values) for index, values in optimizer.state_dict()["state"].items()}
                         for layer, optimizer in self.optimizers.items()},

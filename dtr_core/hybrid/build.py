@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from dtr_core.artifacts import atomic_dir
 from dtr_core.hybrid.model import make_hybrid
 from dtr_core.mixers import MixerConfig, build_student, get_mixer_class
-from dtr_core.hybrid.surgery import attention_module, check_layer_index
+from dtr_core.hybrid.surgery import attention_module, check_layer_index, verify_family
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ def build_hybrid(
 ) -> PreTrainedModel:
     """The hybrid of `model` with `layers` linear (distilled students if `students_dir`, else fresh)."""
     get_mixer_class(mixer)
+    verify_family(model)  # a family outside the table: surgery must be exact before a hybrid is built on it
     for layer_idx in layers:
         check_layer_index(model, layer_idx)
     if students_dir is not None:

@@ -1,13 +1,15 @@
 """Hybrid models as first-class Hugging Face models.
 
-A hybrid of family `f` (llama, qwen2, qwen3, mistral) is a `Dtr<F>ForCausalLM` with model_type
-`dtr_<f>`: the family's own model class whose config adds
+A hybrid of family `f` (any family of `dtr_core.families`) is a `Dtr<F>ForCausalLM` with model_type
+`dtr_<f>`: the family's own causal-LM class (transformers' Auto mapping for `f`) whose config adds
     dtr_layer_mixers: ["full", "gated_deltanet", "full", ...]   # one entry per layer
     dtr_mixer_config: {"use_rope": true, ..., "student_format": 2}  # MixerConfig of the students
-`import dtr_core.hybrid` registers these with `AutoConfig` / `AutoModelForCausalLM`, so
+`import dtr_core.hybrid` registers these for every family of the table with `AutoConfig` /
+`AutoModelForCausalLM` (a family found by `probe_family` is registered when its first hybrid is made), so
 `AutoModelForCausalLM.from_pretrained(dir)` loads a saved hybrid without `trust_remote_code`, and
 `save_pretrained` writes safetensors. `forward(use_cache=True)` and `generate()` use `HybridCache`:
-a KV cache for full layers and a fixed-size recurrent state for linear ones. A hybrid whose students were
+a KV cache for full layers (bounded by the window on sliding-window layers) and a fixed-size recurrent state
+for linear ones. A hybrid whose students were
 saved by an earlier dtr (no `student_format` in `dtr_mixer_config`: expanded key/value heads, another weight
 layout) is refused on loading with one line naming the fix.
 """
@@ -17,26 +19,16 @@ from __future__ import annotations
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    DynamicCache,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    PreTrainedModel,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from dtr_core.mixers.state_cache import FULL, HybridCache
-from dtr_core.families import HYBRID_PREFIX, base_model_type, get_family
+from dtr_core.families import FAMILIES, HYBRID_PREFIX, attention_of, base_model_type, get_family, layer_type
 from dtr_core.mixers import LinearMixer, MixerConfig, build_student, get_mixer_class
-from dtr_core.mixers.base import earlier_format_message
-from dtr_core.hybrid.surgery import decoder_layers, swap_layers
+from dtr_core.mixers.base import attention_shape, earlier_format_message, key_value_heads
+from dtr_core.hybrid.surgery import attention_prefix, decoder_layers, swap_layers
 
 
 class HybridMixin:
@@ -107,27 +99,31 @@ def _hybrid_classes(base_config: type, base_model: type) -> tuple[type, type]:
     return config_cls, model_cls
 
 
-HYBRID_CLASSES: dict[str, tuple[type, type]] = {
-    config.model_type: _hybrid_classes(config, model)
-    for config, model in [
-        (LlamaConfig, LlamaForCausalLM),
-        (MistralConfig, MistralForCausalLM),
-        (Qwen2Config, Qwen2ForCausalLM),
-        (Qwen3Config, Qwen3ForCausalLM),
-    ]
-}
+HYBRID_CLASSES: dict[str, tuple[type, type]] = {}
 
-for _config_cls, _model_cls in HYBRID_CLASSES.values():
-    AutoConfig.register(_config_cls.model_type, _config_cls, exist_ok=True)
-    AutoModelForCausalLM.register(_config_cls, _model_cls, exist_ok=True)
+
+def hybrid_classes(model_type: str) -> tuple[type, type]:
+    """(config class, model class) of the hybrids of family `model_type`, made and registered with the Auto
+    classes on first use."""
+    if model_type not in HYBRID_CLASSES:
+        base_config = getattr(transformers, CONFIG_MAPPING_NAMES[model_type])
+        base_model = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+        config_cls, model_cls = _hybrid_classes(base_config, base_model)
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+        HYBRID_CLASSES[model_type] = config_cls, model_cls
+    return HYBRID_CLASSES[model_type]
+
+
+for _model_type in FAMILIES:
+    hybrid_classes(_model_type)
 
 
 def layer_map(model: PreTrainedModel) -> list[str]:
     """Per layer: "full" or the mixer name of its student."""
-    return [
-        layer.self_attn.name if isinstance(layer.self_attn, LinearMixer) else FULL
-        for layer in decoder_layers(model)
-    ]
+    family = get_family(model.config)
+    attentions = [attention_of(family, layer) for layer in decoder_layers(model)]
+    return [attention.name if isinstance(attention, LinearMixer) else FULL for attention in attentions]
 
 
 def make_hybrid(
@@ -141,7 +137,7 @@ def make_hybrid(
     exactly what the teacher computes.
     """
     family = get_family(model.config)
-    config_cls, model_cls = HYBRID_CLASSES[family.model_type]
+    config_cls, model_cls = hybrid_classes(family.model_type)
     mixers = list(layer_map(model))
     for layer_idx, student in students.items():
         if not 0 <= layer_idx < len(mixers):
@@ -160,7 +156,7 @@ def make_hybrid(
         hybrid = model_cls(config)
     state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     for layer_idx, student in students.items():
-        prefix = f"model.layers.{layer_idx}.self_attn."
+        prefix = attention_prefix(model, layer_idx)
         state = {name: tensor for name, tensor in state.items() if not name.startswith(prefix)}
         state.update({prefix + name: tensor.detach().clone() for name, tensor in student.state_dict().items()})
     missing, unexpected = hybrid.load_state_dict(state, strict=False, assign=True)
@@ -184,17 +180,26 @@ def is_hybrid(model: PreTrainedModel) -> bool:
 
 
 def cache_bytes(model: PreTrainedModel, context_len: int, batch_size: int = 1, dtype: torch.dtype | None = None) -> int:
-    """Decoding cache size at `context_len`: K and V of every full layer + the fixed state of linear layers."""
+    """Decoding cache size at `context_len`: K and V of every full layer (at most `sliding_window` positions on a
+    sliding-window layer) + the fixed state of linear layers."""
     dtype = dtype or next(model.parameters()).dtype
     element = torch.empty((), dtype=dtype).element_size()
     config = model.config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    family = get_family(config)
+    _, _, head_dim = attention_shape(config)
+    kv_heads = key_value_heads(config)
     total = 0
-    for layer in decoder_layers(model):
-        if isinstance(layer.self_attn, LinearMixer):
-            total += layer.self_attn.state_bytes(batch_size, dtype)
+    for layer_idx, layer in enumerate(decoder_layers(model)):
+        attention = attention_of(family, layer)
+        if isinstance(attention, LinearMixer):
+            total += attention.state_bytes(batch_size, dtype)
         else:
-            total += 2 * batch_size * kv_heads * head_dim * context_len * element
+            total += 2 * batch_size * kv_heads * head_dim * kv_positions(config, layer_idx, context_len) * element
     return total
+
+
+def kv_positions(config, layer_idx: int, context_len: int) -> int:
+    """Positions a softmax layer keeps in its KV cache at `context_len`: all of them, or the window."""
+    if layer_type(config, layer_idx) == "sliding_attention":
+        return min(context_len, config.sliding_window - 1)  # what `DynamicSlidingWindowLayer` keeps
+    return context_len

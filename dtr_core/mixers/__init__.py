@@ -36,7 +36,7 @@ def build_student(
     """A student for layer `layer_idx`; with `teacher_attention`, q/k/v/o are copied from it."""
     student = get_mixer_class(name)(model_config, layer_idx, mixer_config)
     if teacher_attention is not None:
-        reference = teacher_attention.q_proj.weight
+        reference = next(teacher_attention.parameters())
         student.to(device=reference.device, dtype=reference.dtype)
         student.copy_from_teacher(teacher_attention)
     return student

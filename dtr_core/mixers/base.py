@@ -33,7 +33,10 @@ Decisions the DtR paper leaves open, taken here (and why):
   (before: expanded key/value heads, separate projections; after: grouped and fused.)
 - RoPE is kept by default (`MixerConfig.use_rope`): q/k are rotated exactly as the teacher does, so
   copied projections see the features they were trained with. Set `use_rope=False` for NoPE.
-- Qwen3's per-head q/k RMSNorms are copied and applied before RoPE, as in the teacher.
+- The teacher's q/k RMSNorms are copied and applied before RoPE, as in the teacher: per head (Qwen3,
+  Gemma 3) or over the whole projection (OLMo 2). Where q/k/v/o live in each family (fused, Conv1D) and
+  what a student does with softmax-only details (scales, soft-capping, sliding windows, no RoPE) is in
+  `dtr_core/families.py`.
 - Linear attention's output has no softmax normalisation, so each head's output goes through an
   RMSNorm before `o_proj`, as in GLA / Gated DeltaNet / JetBlock. Its weight starts at 1; distillation
   then rescales it once (`scale_output`) so the output matches the teacher's scale. The output gate
@@ -45,8 +48,12 @@ Decisions the DtR paper leaves open, taken here (and why):
   `ShortConvolution`, initialised to the identity; its last 3 inputs live in the decode cache) and, for
   JetBlock, `value_kernel="channel"` (a dynamic kernel per value channel instead of per head).
 - Decay gates start near "no decay" (per-step decay ~0.999); see each mixer.
-- Padding: students ignore `attention_mask`. Right padding is safe (causal: pads come after real
-  tokens); left-padded batches are not supported for linear layers.
+- Padding: right padding is safe (causal: pads come after real tokens). Left padding is read from the
+  `attention_mask` the decoder layer passes (`real_tokens`: HF's 2D padding mask, or the diagonal of its 4D
+  boolean / additive mask) and a pad then contributes nothing: its q/k/v inputs are zeroed before the short
+  convolution, its k and v are zero and its decay is the identity (log decay 0), so the state after a
+  left-padded row, and the outputs at its real tokens, are those of the row run alone (tested). Outputs at
+  pad positions are meaningless, as the teacher's.
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from dtr_core.families import get_family
+from dtr_core.families import HEAD, PROJECTION, get_family, teacher_projections, teacher_qk_norms
 from dtr_core.mixers.state_cache import SHORT_CONV_STATE, conv_window, recurrent_layer
 from dtr_core.ops.common import DEFAULT_CHUNK_SIZE
 
@@ -154,15 +161,29 @@ def projection_biases(config: PretrainedConfig) -> tuple[bool, bool]:
     return bias, bias
 
 
+def norm_eps(config: PretrainedConfig) -> float:
+    """The epsilon of the teacher's norms (RMSNorm or LayerNorm), used by the students' norms."""
+    for name in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return 1e-6
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on `x: (B, T, H, D)` with HF's `cos, sin: (B, T, D)`, exactly as HF's `apply_rotary_pos_emb`."""
+    """RoPE on `x: (B, T, H, D)` with HF's `cos, sin: (B, T, R)`, exactly as HF's `apply_rotary_pos_emb`: the
+    first R channels of each head rotate, the rest (partial rotary, R < D) pass through."""
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return (x * cos) + (rotate_half(x) * sin)
+    rotary = cos.shape[-1]
+    if rotary == x.shape[-1]:
+        return (x * cos) + (rotate_half(x) * sin)
+    rotated, passed = x[..., :rotary], x[..., rotary:]
+    return torch.cat([(rotated * cos) + (rotate_half(rotated) * sin), passed], dim=-1)
 
 
 class HeadRMSNorm(nn.Module):
@@ -178,6 +199,27 @@ class HeadRMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+def real_tokens(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """(B, length) bool, True on the real (non-pad) tokens of the current `length` positions, or None when the
+    mask shows no padding there. `attention_mask` is what an HF decoder layer passes its attention: None, a 2D
+    padding mask (B, past + length) (1 = real), or a 4D mask (B, 1, length, kv) whose last `length` key columns
+    are the current tokens, boolean (True = attend) or additive (0 = attend). A token is real iff it may attend
+    to itself (the diagonal of the current block): a causal or sliding-window mask always allows that, a pad
+    key is masked in every row. A single new token (a decoding step) is never a pad: None without reading the
+    mask, so decoding runs no extra op."""
+    if attention_mask is None or length == 1:
+        return None
+    if attention_mask.dim() == 2:
+        real = attention_mask[:, -length:] != 0
+    elif attention_mask.dim() == 4:
+        block = attention_mask[:, 0, -length:, -length:]
+        diagonal = block.diagonal(dim1=-2, dim2=-1)  # (B, length)
+        real = diagonal if diagonal.dtype == torch.bool else diagonal == 0
+    else:
+        return None
+    return None if bool(real.all()) else real
 
 
 class LinearMixer(nn.Module):
@@ -200,11 +242,18 @@ class LinearMixer(nn.Module):
                              **self.mixer_input_widths()}
         self.in_proj = nn.Linear(self.hidden_size, sum(self.input_widths.values()), bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, self.hidden_size, bias=o_bias)
-        self.qk_norm = get_family(config).qk_norm
-        if self.qk_norm:
-            self.q_norm = HeadRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            self.k_norm = HeadRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-        self.o_norm = HeadRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        family = get_family(config)
+        self.family = family
+        self.use_rope = self.mixer_config.use_rope and family.rope  # a family without RoPE: its students use none
+        self.qk_norm = family.qk_norm  # None, "head" (over head_dim) or "projection" (over the whole q / k width)
+        eps = norm_eps(config)
+        if self.qk_norm == HEAD:
+            self.q_norm = HeadRMSNorm(self.head_dim, eps=eps)
+            self.k_norm = HeadRMSNorm(self.head_dim, eps=eps)
+        elif self.qk_norm == PROJECTION:
+            self.q_norm = HeadRMSNorm(self.input_widths["q"], eps=eps)
+            self.k_norm = HeadRMSNorm(self.input_widths["k"], eps=eps)
+        self.o_norm = HeadRMSNorm(self.head_dim, eps=eps)
         if self.mixer_config.short_conv:
             kernel = torch.zeros(self.qkv_width, SHORT_CONV_SIZE)
             kernel[:, -1] = 1.0  # tap on the current token: the convolution starts as the identity
@@ -236,21 +285,31 @@ class LinearMixer(nn.Module):
 
     @torch.no_grad()
     def copy_from_teacher(self, teacher_attention: nn.Module) -> None:
-        """Copy q/k/v into their rows of `in_proj`, o into `o_proj` (and the q/k norms) from the teacher attention."""
+        """Copy q/k/v into their rows of `in_proj`, o into `o_proj` (and the q/k norms) from the teacher attention,
+        wherever its family keeps them (`dtr_core.families.teacher_projections`)."""
+        projections = teacher_projections(self.family, teacher_attention, self.num_heads, self.num_kv_heads,
+                                          self.head_dim)
         for name in ("q", "k", "v"):
-            source, rows = getattr(teacher_attention, f"{name}_proj"), self.input_rows(name)
+            (weight, source_bias), rows = projections[name], self.input_rows(name)
             target = self.in_proj.weight[rows]
-            if source.weight.shape != target.shape:
-                raise ValueError(f"teacher {name}_proj is {tuple(source.weight.shape)}; this student expects "
+            if weight.shape != target.shape:
+                raise ValueError(f"teacher {name} projection is {tuple(weight.shape)}; this student expects "
                                  f"{tuple(target.shape)} ({self.num_heads} heads, {self.num_kv_heads} key/value heads)")
-            target.copy_(source.weight)
+            target.copy_(weight)
             bias = self.in_proj.bias[rows]
-            bias.copy_(source.bias) if source.bias is not None else bias.zero_()
-            torch.testing.assert_close(self.in_proj.weight[rows], source.weight, rtol=0, atol=0)
-        self.o_proj.load_state_dict(teacher_attention.o_proj.state_dict())
-        if self.qk_norm:
-            self.q_norm.weight.copy_(teacher_attention.q_norm.weight)
-            self.k_norm.weight.copy_(teacher_attention.k_norm.weight)
+            bias.copy_(source_bias) if source_bias is not None else bias.zero_()
+            torch.testing.assert_close(self.in_proj.weight[rows], weight, rtol=0, atol=0)
+        weight, bias = projections["o"]
+        if (bias is None) != (self.o_proj.bias is None):
+            raise ValueError(f"teacher output projection {'has no' if bias is None else 'has a'} bias; this student's "
+                             f"family entry says otherwise (projection_biases in dtr_core/families.py)")
+        self.o_proj.weight.copy_(weight)
+        if bias is not None:
+            self.o_proj.bias.copy_(bias)
+        norms = teacher_qk_norms(self.family, teacher_attention)
+        if norms is not None:
+            self.q_norm.weight.copy_(norms[0])
+            self.k_norm.weight.copy_(norms[1])
 
     @torch.no_grad()
     def scale_output(self, factor: float) -> None:
@@ -267,35 +326,46 @@ class LinearMixer(nn.Module):
         return out.transpose(1, 2).contiguous()
 
     def project(
-        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None, layer_cache
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None, layer_cache,
+        real: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """One GEMM, then q (B, T, H, D), k and v (B, T, H_kv, D), the output gate's logits (B, T, H_kv * D)
-        and the mixer's own inputs {name: (B, T, width)}.
+        and the mixer's own inputs {name: (B, T, width)}. `real` (B, T) bool (`real_tokens`): q/k/v inputs, k and
+        v are zero on the pads (so neither the short convolution nor the state sees them).
 
-        On q/k, in order: the short convolution (option), the teacher's q/k norms (Qwen3), SiLU (option), RoPE
-        (as the teacher: after its norms), the mixer's feature map (`qk_features`)."""
+        On q/k, in order: the short convolution (option), the teacher's q/k norms (Qwen3, Gemma 3, OLMo 2), SiLU
+        (option), RoPE (as the teacher: after its norms), the mixer's feature map (`qk_features`)."""
         batch, length, _ = hidden_states.shape
         projected = self.in_proj(hidden_states)  # (B, T, sum of input widths)
         qkv_width, qk_width = self.qkv_width, self.input_widths["q"] + self.input_widths["k"]
         qkv = projected[..., :qkv_width]
+        if real is not None:
+            qkv = qkv * real.unsqueeze(-1).to(qkv.dtype)
         if self.mixer_config.short_conv:
             qkv = self.short_convolution(qkv, layer_cache)
         names = list(self.input_widths)[3:]
         inputs = dict(zip(names, projected[..., qkv_width:].split([self.input_widths[n] for n in names], dim=-1)))
         # q and k side by side as one (B, T, H + H_kv, D) view: activation, RoPE and features run once
-        qk = qkv[..., :qk_width].view(batch, length, -1, self.head_dim)
-        if self.qk_norm:
+        qk = qkv[..., :qk_width]
+        if self.qk_norm == PROJECTION:
+            q, k = qk.split([self.input_widths["q"], self.input_widths["k"]], dim=-1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=-1)
+        qk = qk.view(batch, length, -1, self.head_dim)
+        if self.qk_norm == HEAD:
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=2)
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
         if self.mixer_config.qk_activation == "silu":
             qk = F.silu(qk)
-        if self.mixer_config.use_rope:
+        if self.use_rope:
             if position_embeddings is None:
                 raise ValueError("use_rope=True needs position_embeddings (cos, sin) from the decoder")
             cos, sin = position_embeddings
             qk = apply_rope(qk, cos, sin)
         q, k = self.qk_features(qk).split([self.num_heads, self.num_kv_heads], dim=2)
         v = qkv[..., qk_width:].view(batch, length, self.num_kv_heads, self.head_dim)
+        if real is not None:
+            keep = real.view(batch, length, 1, 1).to(k.dtype)
+            k, v = k * keep, v * keep  # whatever the q/k path does to a zero input, a pad writes nothing
         return q, k, v, inputs["gate"], inputs
 
     def qk_features(self, qk: torch.Tensor) -> torch.Tensor:
@@ -310,14 +380,16 @@ class LinearMixer(nn.Module):
         cache=None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        cache = cache if cache is not None else kwargs.get("past_key_values")
+        if cache is None:  # the decoder layer's name for it: GPT-NeoX passes `layer_past`
+            cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
         batch, length, _ = hidden_states.shape
         layer_cache = recurrent_layer(cache, self.layer_idx) if cache is not None else None
-        q, k, v, gate, inputs = self.project(hidden_states, position_embeddings, layer_cache)
+        real = real_tokens(attention_mask, length)
+        q, k, v, gate, inputs = self.project(hidden_states, position_embeddings, layer_cache, real)
         state = None
         if layer_cache is not None and layer_cache.is_recurrent_states_initialized[0]:
             state = layer_cache.recurrent_states[0]
-        o, new_state = self.mix(q, k, v, inputs, state, layer_cache)  # o: (B, T, H, D)
+        o, new_state = self.mix(q, k, v, inputs, state, layer_cache, real)  # o: (B, T, H, D)
         if layer_cache is not None:
             layer_cache.update_recurrent_state(new_state)
             layer_cache.seen_tokens = getattr(layer_cache, "seen_tokens", 0) + length
@@ -335,9 +407,11 @@ class LinearMixer(nn.Module):
         inputs: dict[str, torch.Tensor],
         state: torch.Tensor | None,
         layer_cache=None,
+        real: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Token mixing: q (B, T, H, D), k and v (B, T, H_kv, D), the mixer's own `inputs` {name: (B, T, width)}
-        -> (output (B, T, H, D), final state (B, H_kv, D, D))."""
+        -> (output (B, T, H, D), final state (B, H_kv, D, D)). On pads (`real` False) k and v are already zero;
+        the mixer makes its decay the identity there."""
         raise NotImplementedError
 
     def state_bytes(self, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:

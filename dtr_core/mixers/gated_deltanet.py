@@ -54,9 +54,11 @@ class GatedDeltaNetMixer(LinearMixer):
     def values(self, v: torch.Tensor, inputs: dict[str, torch.Tensor], layer_cache) -> torch.Tensor:
         return v
 
-    def mix(self, q, k, v, inputs, state, layer_cache=None):
+    def mix(self, q, k, v, inputs, state, layer_cache=None, real=None):
         v = self.values(v, inputs, layer_cache)
         g, beta = self.gates(inputs)
+        if real is not None:  # no decay on pads (k = 0 there, so the delta rule writes nothing)
+            g = g * real.unsqueeze(-1).to(g.dtype)
         if self.impl == "naive":
             return naive_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state, output_final_state=True)
         if q.shape[1] == 1 and state is not None:

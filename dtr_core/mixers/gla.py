@@ -40,8 +40,10 @@ class GLAMixer(LinearMixer):
         logits = self.gk_up(inputs["gk_down"])
         return (F.logsigmoid(logits) / GATE_LOGIT_NORMALIZER).view(batch, length, self.num_kv_heads, self.head_dim)
 
-    def mix(self, q, k, v, inputs, state, layer_cache=None):
+    def mix(self, q, k, v, inputs, state, layer_cache=None, real=None):
         gk = self.log_decay(inputs)
+        if real is not None:  # no decay on pads
+            gk = gk * real.view(*real.shape, 1, 1).to(gk.dtype)
         if self.impl == "naive":
             return naive_recurrent_gla(q, k, v, gk, initial_state=state, output_final_state=True)
         if q.shape[1] == 1 and state is not None:

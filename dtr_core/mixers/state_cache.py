@@ -12,7 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PretrainedConfig
-from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin, LinearAttentionLayer
+from transformers.cache_utils import (DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionCacheLayerMixin,
+                                      LinearAttentionLayer)
+
+from dtr_core.families import layer_type
 
 FULL = "full"  # the layer-map entry of a layer that keeps its softmax attention
 VALUE_CONV_STATE = 0  # conv state index of JetBlock's dynamic value convolution
@@ -33,14 +36,22 @@ class RecurrentStateLayer(LinearAttentionLayer):
 
 
 class HybridCache(DynamicCache):
-    """DynamicCache whose layer i is a KV layer if `layer_map[i] == "full"`, else a recurrent-state layer."""
+    """DynamicCache whose layer i is a KV layer if `layer_map[i] == "full"` (a sliding-window one, holding the
+    last `sliding_window - 1` positions, on the config's sliding-window layers), else a recurrent-state layer."""
 
     def __init__(self, config: PretrainedConfig | None = None, layer_map: list[str] | None = None):
         if layer_map is None:
             layer_map = list(getattr(config, "dtr_layer_mixers", None) or [])
         super().__init__()
-        self.layers = [DynamicLayer() if kind == FULL else RecurrentStateLayer() for kind in layer_map]
+        self.layers = [RecurrentStateLayer() if kind != FULL else self._kv_layer(config, index)
+                       for index, kind in enumerate(layer_map)]
         self.layer_class_to_replicate = DynamicLayer
+
+    @staticmethod
+    def _kv_layer(config: PretrainedConfig | None, layer_idx: int) -> DynamicLayer:
+        if config is not None and layer_type(config, layer_idx) == "sliding_attention":
+            return DynamicSlidingWindowLayer(sliding_window=config.sliding_window)
+        return DynamicLayer()
 
     def _all_linear(self) -> bool:
         return bool(self.layers) and all(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in self.layers)

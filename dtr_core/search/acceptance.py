@@ -13,7 +13,10 @@ Definitions (all pure functions, deterministic):
   examples, d_i = c_i - t_i. Draw B resamples of n indices with replacement (numpy PCG64 seeded with `seed`),
   m_b = mean(d[idx_b]). LCB = P_base + quantile(m, 1 - confidence) (numpy's default linear interpolation).
   The candidate's point score is P_base + mean(d), so this needs a metric whose score is the mean of its
-  per-example values (accuracy: 0/1 correctness); we check that and raise otherwise.
+  per-example values (accuracy: 0/1 correctness; `metrics.BOOTSTRAP_METRICS`); we check that and raise
+  otherwise. Macro-F1, balanced accuracy, per-class recall and perplexity are not such means: a search on
+  them with bootstrap acceptance is refused before any work (`metrics.check_bootstrap_metric`, called by
+  `greedy_search.run_greedy_search` and the convert parameter checks).
 """
 
 from __future__ import annotations

@@ -11,12 +11,16 @@ traced pass happens once) and builds a `scorer.RoundScorer` per round, which ord
 scores them with prefix reuse and exact early rejection. The Prefect flow uses the same `RoundScorer`
 one candidate per task (tasks/candidates.py).
 
-`run_greedy_search` is phase 2 on one model in one process (library, CLI and benchmarks).
+`run_greedy_search` is phase 2 on one model in one process (library, CLI and benchmarks);
+`run_continued_search` the heal-then-continue search after it (`dtr_core.heal.continued_search`), healing in
+memory and scoring each stage with a `FastEvaluator` on that heal's students.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
@@ -25,18 +29,23 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from dtr_core.search.acceptance import Acceptance, Tolerance
+from dtr_core.evaluation.metrics import check_bootstrap_metric
+from dtr_core.evaluation.generation import generative_result, regex_warning
 from dtr_core.evaluation.results import EvalResult, summarize
 from dtr_core.evaluation.scoring import EncodedBatch, encode, model_logits, score_logits
 from dtr_core.evaluation.tasks import Task
-from dtr_core.search.decisions import CandidateScore, GreedyResult, RoundRecord, greedy_replace
+from dtr_core.search.decisions import CandidateScore, GreedyResult, RoundRecord, greedy_replace, layer_cap
 from dtr_core.search.scorer import DEFAULT_CACHE_LIMIT_BYTES, CommittedHybrid, RoundScorer, SearchCost, kept_layers
 from dtr_core.hybrid.surgery import num_layers, restore_layers, swap_layers
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "FastEvaluator",
     "PlainEvaluator",
     "SearchCost",
     "encode_split",
+    "run_continued_search",
     "run_greedy_search",
 ]
 
@@ -106,7 +115,11 @@ class _Evaluator:
             self.model.train(was_training)
 
     def _full_scores(self) -> EvalResult:
-        """One full forward per batch of the model as it is now."""
+        """One full forward per batch of the model as it is now (a generative task: generation per batch)."""
+        if self.task.kind == "generative":
+            result = generative_result(self.model, self.task, self.split, self.batches)
+            self.cost.count(self.num_layers, self.batches)
+            return result
         scores = [score_logits(batch, model_logits(self.model, batch)) for batch in self.batches]
         self.cost.count(self.num_layers, self.batches)
         return summarize(self.task, self.split, scores)
@@ -220,9 +233,15 @@ def run_greedy_search(
 ) -> tuple[GreedyResult, EvalResult, SearchCost]:
     """Phase 2 on one model: teacher score, then `greedy_replace` with the plain or fast evaluator.
 
-    Returns (result, teacher evaluation, cost). `fast_options` go to `FastEvaluator`. The fast evaluator's
-    hybrid and traces are freed when the search ends.
+    Returns (result, teacher evaluation, cost). `fast_options` go to `FastEvaluator`; a generative task always
+    runs the plain evaluator (no early rejection; `search.generation_scorer`). The fast evaluator's
+    hybrid and traces are freed when the search ends. Bootstrap acceptance with a metric it cannot resample
+    (`metrics.BOOTSTRAP_METRICS`) is refused before any work.
     """
+    if acceptance.mode == "bootstrap":
+        check_bootstrap_metric(task.metric, f"task '{task.name}'")
+    if task.kind == "generative":  # scored by generation: the plain evaluator (`search.generation_scorer`)
+        fast, fast_options = False, {}
     if fast:
         evaluator: _Evaluator = FastEvaluator(model, task, batches, students, split, **fast_options)
     else:
@@ -231,6 +250,9 @@ def run_greedy_search(
         evaluator = PlainEvaluator(model, task, batches, students, split)
     if teacher is None:
         teacher = evaluator.evaluate_layers(())
+    warning = regex_warning(task, teacher.predictions)  # before the search starts
+    if warning:
+        logger.warning(warning)
     result = greedy_replace(
         evaluator,
         num_layers(model),
@@ -247,3 +269,53 @@ def run_greedy_search(
     if isinstance(evaluator, FastEvaluator):
         evaluator.release()
     return result, teacher, evaluator.cost
+
+
+def run_continued_search(
+    model: PreTrainedModel,
+    task: Task,
+    batches: Sequence[EncodedBatch],
+    students: Mapping[int, nn.Module],
+    start_order: Sequence[int],
+    heal_config,
+    corpus,
+    heal_every: int,
+    tolerance: Tolerance = Tolerance(),
+    acceptance: Acceptance = Acceptance(),
+    *,
+    max_layers: int | None = None,
+    teacher: EvalResult | None = None,
+    split: str = "validation",
+):
+    """Heal-then-continue on one model in one process: returns (`ContinuedResult`, {layer: student} of the final
+    healed hybrid). `heal_config` is a `HealConfig`, `corpus` a `Corpus`; `students` are left as they are."""
+    from dtr_core.heal.continued_search import HealStep, continue_with_healing
+    from dtr_core.heal.training import heal
+    from dtr_core.hybrid.model import make_hybrid
+    from dtr_core.hybrid.surgery import attention_module
+
+    stages: list[dict[int, nn.Module]] = []  # the students after each heal (the failed ones: unchanged)
+    current = dict(students)
+    if teacher is None:
+        teacher = PlainEvaluator(model, task, batches, current, split).evaluate_layers(())
+
+    def heal_stage(index: int, order: tuple[int, ...]) -> HealStep:
+        hybrid = make_hybrid(model, {layer: copy.deepcopy(current[layer]) for layer in order})
+        result = heal(model, hybrid, corpus, heal_config)
+        if result.ok:
+            current.update({layer: attention_module(hybrid, layer) for layer in order})
+        stages.append(dict(current))
+        if not result.ok:
+            return HealStep(False, reason=result.reason)
+        return HealStep(True, PlainEvaluator(model, task, batches, current, split).evaluate_layers(order).score)
+
+    def score_candidates(heal_index: int, committed, candidates, hint):
+        evaluator_class = PlainEvaluator if task.kind == "generative" else FastEvaluator  # generation: plain
+        evaluator = evaluator_class(model, task, batches, stages[heal_index], split)
+        return evaluator(committed, candidates, hint)
+
+    result = continue_with_healing(heal_stage, score_candidates, students.keys(), start_order, teacher.score,
+                                   tolerance, heal_every, acceptance, teacher_per_example=teacher.per_example,
+                                   cap=layer_cap(num_layers(model), max_layers))
+    final = {layer: current[layer] for layer in result.healed_layers}
+    return result, final

@@ -19,6 +19,8 @@ from the embeddings when nothing fits.
 
 from __future__ import annotations
 
+import inspect
+
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +30,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_utils import slice_logits_to_keep
 
+from dtr_core.families import input_embeddings, output_logits
 from dtr_core.hybrid.surgery import decoder_layers
 
 __all__ = [
@@ -73,9 +76,12 @@ def trace_batch(model: PreTrainedModel, model_inputs: Mapping[str, Any], keep: I
                 states, extra = args[0], args[1:]
             else:
                 states, extra = kwargs["hidden_states"], ()
-            if extra:
+            # a decoder layer called with more positional arguments (GPT-2's cache, mask): by their parameter names
+            names = list(inspect.signature(module.forward).parameters)[1:1 + len(extra)]
+            if len(names) < len(extra) or set(names) & set(kwargs):
                 raise RuntimeError(f"decoder layer {index} got unexpected positional arguments; update layerwise.py")
-            layer_kwargs[index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            layer_kwargs[index] = {**dict(zip(names, extra)),
+                                   **{k: v for k, v in kwargs.items() if k != "hidden_states"}}
             if index in keep:
                 hidden[index] = states
 
@@ -116,9 +122,9 @@ def run_layers(
 
 
 def head_logits(model: PreTrainedModel, trace: BatchTrace, hidden: torch.Tensor) -> torch.Tensor:
-    """Final norm + LM head, as `<Family>ForCausalLM.forward` (with its `logits_to_keep` slicing)."""
-    hidden = model.model.norm(hidden)
-    return model.lm_head(slice_logits_to_keep(hidden, trace.logits_to_keep))
+    """Final norm + LM head (+ the family's logit scaling), as `<Family>ForCausalLM.forward` (with its
+    `logits_to_keep` slicing; `dtr_core.families.output_logits`)."""
+    return output_logits(model, slice_logits_to_keep(hidden, trace.logits_to_keep))
 
 
 def _restart(model: PreTrainedModel, trace: BatchTrace, start: int) -> tuple[torch.Tensor, int]:
@@ -128,7 +134,7 @@ def _restart(model: PreTrainedModel, trace: BatchTrace, start: int) -> tuple[tor
         return trace.hidden[restart], restart
     if trace.input_ids is None:
         raise ValueError("no kept layer at or below the start and no input_ids to recompute the embeddings")
-    return model.model.embed_tokens(trace.input_ids), 0
+    return input_embeddings(model, trace.input_ids), 0
 
 
 def logits_from(

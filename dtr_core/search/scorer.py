@@ -19,8 +19,11 @@ swaps anything in place: it runs a shallow copy of decoder layer l whose attenti
 (`layerwise.logits_from(..., substitute=...)`), so threads score candidates of a round concurrently. The
 logits equal a full forward of M + l bit for bit (tests/test_scorer.py).
 1. Exact early rejection, shared by every thread of the round: after each batch, the best score the
-   candidate can still reach (`metrics.score_upper_bound`) is compared with the round's best full score so
-   far (`rejected`); a candidate that can no longer be the round's argmax stops there and comes back with
+   candidate can still reach is compared with the round's best full score so far (`rejected`). The bound is
+   the task metric's own: for classification metrics (accuracy, macro_f1, balanced_accuracy, recall:<class>)
+   the metric of the confusion counts so far completed with every unseen example predicted right (their
+   gold labels are in the batches; `metrics.classification_upper_bound`, which proves it), for perplexity
+   `metrics.score_upper_bound`. A candidate that can no longer be the round's argmax stops there and comes back with
    `score=None` and its bound. Which candidates are dropped depends on the order (with threads, on timing);
    the chosen layer and every full score never do.
 2. Order: every candidate sees the batches cheapest per example first (the bound tightens with examples
@@ -48,12 +51,12 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from dtr_core.search import layerwise
-from dtr_core.evaluation.metrics import score_upper_bound
+from dtr_core.evaluation.metrics import Confusion, classification_upper_bound, score_upper_bound
 from dtr_core.evaluation.results import summarize
 from dtr_core.evaluation.scoring import BatchScores, EncodedBatch, model_inputs, score_logits
 from dtr_core.evaluation.tasks import Task
 from dtr_core.search.decisions import CandidateScore
-from dtr_core.hybrid.surgery import decoder_layers, num_layers, swap_layers
+from dtr_core.hybrid.surgery import attention_name, decoder_layers, num_layers, swap_layers
 
 __all__ = [
     "DEFAULT_CACHE_LIMIT_BYTES",
@@ -99,8 +102,9 @@ def rejected(kind: str, bound: float, best: tuple[float, int] | None, layer: int
     """Can candidate `layer`, whose final score is at most `bound`, no longer be the round's argmax?
 
     `best`: (score, layer) of the round's best fully scored candidate so far. `select_next_layer` takes the
-    highest score, ties to the lowest layer, so `layer` is out when its bound is below the best, or (exact
-    classification counts, see `score_upper_bound`) equal to it while the best has the lower index.
+    highest score, ties to the lowest layer, so `layer` is out when its bound is below the best, or equal to
+    it while the best has the lower index (classification: the bound is never below the float of the final
+    score, for every metric; see `metrics.py`).
     Language modelling compares with a relative slack `LM_BOUND_SLACK` and never drops on a tie. A dropped
     candidate's true score is <= its bound, so the argmax, its score and every full score stay those of a
     search without rejection.
@@ -198,6 +202,9 @@ class RoundScorer:
         self.num_examples = sum(batch.num_examples for batch in batches)
         self.total_weight = float(sum(int(batch.targets.numel()) for batch in batches)) \
             if task.kind == "language_modeling" else float(self.num_examples)
+        gold = torch.cat([batch.labels for batch in batches])
+        self.gold_counts = tuple(torch.bincount(gold, minlength=batches[0].num_labels).tolist()) \
+            if task.kind == "classification" else ()
         self.batch_order = sorted(range(len(batches)),
                                   key=lambda i: (batches[i].input_ids.numel() / batches[i].num_examples, i))
         self._lock = threading.Lock()
@@ -223,7 +230,7 @@ class RoundScorer:
         original = decoder_layers(self.hybrid.model)[layer]
         patched = copy.copy(original)
         patched._modules = dict(original._modules)  # a new dict: M's layer keeps its own attention
-        patched._modules["self_attn"] = student
+        patched._modules[attention_name(self.hybrid.model)] = student
         return patched
 
     def _next_batch(self, layer: int, patched: nn.Module, seen: list[BatchScores]) -> None:
@@ -257,6 +264,11 @@ class RoundScorer:
                                                      -self._partial_score(self._partial[layer]), layer))
 
     def _bound(self, seen: Sequence[BatchScores]) -> float:
+        if self.task.kind == "classification":
+            counts = Confusion.from_indices(torch.cat([s.labels for s in seen]).tolist(),
+                                            torch.cat([s.predictions for s in seen]).tolist(), len(self.gold_counts))
+            remaining = [total - now for total, now in zip(self.gold_counts, counts.gold)]
+            return classification_upper_bound(self.task.metric, counts, remaining, self.task.labels)
         values = torch.cat([s.values for s in seen]).tolist()
         weights = torch.cat([s.weights for s in seen]).tolist()
         return score_upper_bound(self.task.kind, values, weights, self.total_weight)
