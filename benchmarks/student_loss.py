@@ -23,9 +23,9 @@ from benchmarks.students import WORK_DIR, distill_config
 
 logger = logging.getLogger("benchmarks.student_loss")
 
-# a variant is "default" or options joined by "+": `gate=swish_norm+qk_activation=silu+short_conv`
-PUBLISHED = "gate=swish_norm+qk_activation=silu+short_conv"
-VARIANTS = ("default", "gate=swish_norm", "qk_activation=silu", "short_conv", PUBLISHED)
+# a variant is "default" (today's `MixerConfig`, the published forms) or options joined by "+"
+EARLIER = "gate=sigmoid+qk_activation=none+short_conv=false"  # the defaults before the published forms
+VARIANTS = ("default", "gate=sigmoid", "qk_activation=none", "short_conv=false", EARLIER)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,19 +36,22 @@ class Settings:
     budgets: tuple[int, ...] = option((10 * 1024, 40 * 1024), "training tokens per layer, e.g. 10K,40K,100K",
                                       int_list, minimum=1)
     variants: tuple[str, ...] = option(VARIANTS, "comma-separated variants: default, or MixerConfig options "
-                                       "joined by + (short_conv, gate=swish_norm, qk_activation=silu, ...)", name_list)
+                                       "joined by + (short_conv=false, gate=sigmoid, qk_activation=none, ...)",
+                                       name_list)
     seq_len: int = option(256, "tokens per training sequence", minimum=1)
     work_dir: str = option(WORK_DIR, "where the students live (reused by key)")
 
 
 def mixer_options(variant: str) -> dict:
-    """`gate=swish_norm+short_conv` -> {"gate": "swish_norm", "short_conv": True}; "default" -> {}."""
+    """`gate=sigmoid+short_conv=false+conv_size=3` -> {"gate": "sigmoid", "short_conv": False, "conv_size": 3};
+    a bare name is True; "default" -> {}."""
     if variant == "default":
         return {}
     options = {}
     for part in variant.split("+"):
         name, _, value = part.partition("=")
-        options[name] = value if value else True
+        options[name] = (True if value.lower() in ("", "true") else False if value.lower() == "false"
+                         else int(value) if value.isdigit() else value)
     return options
 
 
@@ -69,6 +72,7 @@ def _parameters(module) -> int:
 
 
 def measure(s: Settings) -> dict:
+    from dtr_core.artifacts import hash_json
     from dtr_core.distill.block import distill_block
     from dtr_core.distill.corpus import Corpus
     from dtr_core.hybrid.surgery import attention_module
@@ -88,7 +92,8 @@ def measure(s: Settings) -> dict:
             config = distill_config(None, tokens=tokens, seq_len=s.seq_len)
             if s.model in RANDOM_CONFIGS:  # a teacher with random weights: its students cannot beat the mean
                 config = dataclasses.replace(config, max_normalized_loss=RANDOM_TEACHER_MAX_NORMALIZED_LOSS)
-            folder = Path(s.work_dir) / "student_loss" / f"{slug(s.model)}-{s.mixer}-{slug(variant)}-t{tokens}"
+            student = hash_json(MixerConfig(**config_values).defining_dict())[:12]  # the label may change meaning
+            folder = Path(s.work_dir) / "student_loss" / f"{slug(s.model)}-{s.mixer}-{student}-t{tokens}"
             started = time.perf_counter()
             results = distill_block(model, list(s.layers), s.mixer, config, Corpus("bbc", tokenizer), folder,
                                     mixer_config=MixerConfig(**config_values))
@@ -122,7 +127,8 @@ def markdown(result: dict) -> str:
         f"{result['num_layers']}, distilled together on the BBC corpus in sequences of {s['seq_len']} tokens. "
         f"Parameters per layer: teacher attention {result['teacher_attention_params'] / 1e6:.2f}M.", "",
         harness.markdown_table(["variant", "training tokens per layer", "steps", *(f"layer {x}" for x in layers),
-                                "median", "worst", "params per layer", "wall"], rows)]))
+                                "median", "worst", "params per layer", "wall"], rows),
+        *(["", f"Note: {result['relabelled']}."] if result.get("relabelled") else [])]))
 
 
 def plots(result: dict, out_dir: Path) -> list[str]:
@@ -137,7 +143,7 @@ def plots(result: dict, out_dir: Path) -> list[str]:
 
 BENCH = harness.Benchmark("students", Settings, measure, markdown, plots, check=check,
                           presets={"quick": dict(model="tiny-llama", layers=(0, 1), budgets=(512, 1024),
-                                                 variants=("default", PUBLISHED), seq_len=64)})
+                                                 variants=("default", EARLIER), seq_len=64)})
 main = BENCH.main
 
 if __name__ == "__main__":

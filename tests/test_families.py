@@ -151,8 +151,9 @@ def test_sliding_window_layers_hold_a_bounded_cache(family):
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     held = 0
     for index, layer in enumerate(cache.layers):
-        if hasattr(layer, "recurrent_states"):
-            held += sum(t.numel() * t.element_size() for t in layer.recurrent_states.values() if t is not None)
+        if hasattr(layer, "recurrent_states"):  # the recurrent state and the short convolution's inputs
+            held += sum(t.numel() * t.element_size() for states in (layer.recurrent_states, layer.conv_states or {})
+                        for t in states.values() if t is not None)
         else:
             positions = 5 if layer_type(hybrid.config, index) == "sliding_attention" else 20  # window 6 keeps 5
             assert layer.keys.shape[-2] == positions
