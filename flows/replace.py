@@ -32,7 +32,9 @@ from tasks import runtime
 from tasks.candidates import score_candidate_task
 from tasks.context import RunContext
 from tasks.evaluate import evaluate_task
-from tasks.params import AcceptanceParams, ConvertParams, MixerName, RunnerParams, TaskParams, ToleranceParams
+from tasks.params import (
+    AcceptanceParams, ConvertParams, MixerName, RunnerParams, SpeedParams, TaskParams, ToleranceParams,
+)
 from tasks.report import publish_table
 from tasks.runtime import serial_threads
 from tasks.tracking import Tracking
@@ -48,6 +50,20 @@ def round_rows(rounds: list[dict[str, Any]], p_min: float) -> list[dict[str, Any
                      "decision": "commit" if r["accepted"] else "stop", "new_best": r["new_best"],
                      "candidates": len(r["candidates"]), "rejected_early": len(r["candidates"]) - len(scored)})
     return rows
+
+
+SAVINGS_CONTEXT = SpeedParams.model_fields["long_context_len"].default  # the speed line's long context
+
+
+def replacement_savings_lines(teacher, mixer: str, layers: list[int]) -> list[str]:
+    """One line per candidate layer: the decoding-cache bytes its replacement alone saves at the long context
+    (a sliding-window layer's K/V is bounded by its window, so replacing it saves less, or nothing)."""
+    from dtr_core.speed import replacement_savings
+
+    savings = {s["layer"]: s for s in replacement_savings(teacher, SAVINGS_CONTEXT, mixer)}
+    return [f"layer {layer} ({savings[layer]['layer_type']}): replacing it saves "
+            f"{savings[layer]['cache_bytes_saved'] / 1024:,.0f} KiB of cache at {SAVINGS_CONTEXT:,} tokens"
+            for layer in layers]
 
 
 @flow(name="replace", task_runner=ThreadPoolTaskRunner(max_workers=2), flow_run_name=run_name("replace"),
@@ -87,6 +103,8 @@ def replace(
     p_min = tolerance_obj.threshold(teacher["score"])
     logger.info("phase 2: teacher validation %s %.4f, P_min %.4f, %d candidate layers", teacher["metric"],
                 teacher["score"], p_min, len(available))
+    for line in replacement_savings_lines(runtime.teacher(model)[0], mixer, available):
+        logger.info(line)
     # 3. greedy rounds: every candidate of a round its own task, strongest first (round 0: by distillation loss)
     first_hint = {layer: -(layer_results[layer].normalized_loss or math.inf) for layer in available}
     recorder = RoundRecorder(layout, p_min, tracking)

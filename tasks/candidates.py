@@ -56,7 +56,8 @@ def score_candidate_task(ctx: RunContext, task_params: TaskParams, committed: tu
     if ctx.tracking is not None:
         ctx.tracking.child_run(
             f"r{round_index:02d}-l{layer:03d}",
-            params={"round": round_index, "layer": layer, "committed": ",".join(map(str, committed)) or "-"},
+            params={"round": round_index, "layer": layer, "committed": ",".join(map(str, committed)) or "none",
+                    "linear_layers_with_candidate": len(committed) + 1},
             metrics={"score": result["score"], "upper_bound": result["upper_bound"],
                      "evaluated_fraction": result["evaluated_fraction"], "seconds": result["seconds"],
                      "round": round_index, "layer": layer},

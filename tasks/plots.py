@@ -54,6 +54,7 @@ def plot_distill_losses(layer_results: Sequence[Mapping[str, Any]], path: str | 
     """`layer_results` are `LayerResult.to_dict()` values. Failed layers: red bar (if a loss was measured) and a
     red "failed" label; the failure threshold `max_normalized_loss` is drawn when the results carry it."""
     from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
 
     results = sorted(layer_results, key=lambda r: r["layer"])
     fig, ax = plt.subplots(figsize=(max(6.4, 0.22 * len(results) + 2), 4.0))
@@ -79,6 +80,7 @@ def plot_distill_losses(layer_results: Sequence[Mapping[str, Any]], path: str | 
         handles.append(ax.axhline(threshold, color="tab:red", linewidth=0.8, linestyle="--",
                                   label=f"max_normalized_loss {threshold:g} (fails at or above)"))
     ax.set_yscale("symlog", linthresh=1.0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are integers: no ticks at -0.5 or 0.5
     ax.set_xlabel("layer")
     ax.set_ylabel("normalised held-out MSE")
     ax.set_title("blockwise local distillation per layer")

@@ -294,3 +294,17 @@ def test_fla_path_matches_the_torch_path(family, mixer):
             logits[backend] = make_hybrid(model, students)(torch.arange(3, 40, device="cuda")[None]).logits.float()
     error = (logits["fla"] - logits["torch"]).norm() / logits["torch"].norm()
     assert error < 5e-3  # fla computes in tf32 tiles (tests/test_ops_gpu.py)
+
+
+def test_search_logs_what_each_replacement_saves():
+    """The replace flow's per-layer lines: a sliding-window layer saves less than a global one."""
+    from flows.replace import SAVINGS_CONTEXT, replacement_savings_lines
+
+    model = tiny_model("gemma2")
+    kinds = [layer_type(model.config, index) for index in range(model.config.num_hidden_layers)]
+    sliding, full = kinds.index("sliding_attention"), kinds.index("full_attention")
+    lines = replacement_savings_lines(model, "gated_deltanet", [sliding, full])
+    assert [line.split(" (")[0] for line in lines] == [f"layer {sliding}", f"layer {full}"]
+    assert "(sliding_attention)" in lines[0] and "(full_attention)" in lines[1]
+    saved = [float(line.split("saves ")[1].split(" KiB")[0].replace(",", "")) for line in lines]
+    assert saved[0] < saved[1] and saved[1] > 0 and all(f"at {SAVINGS_CONTEXT:,} tokens" in line for line in lines)
