@@ -23,7 +23,8 @@ from tasks.params import TrackingParams
 from tasks.checks import check_tracking_uri
 from tasks.tracking import Tracking, resolve_tracking_uri
 
-BenchName = Literal["mixers", "search", "distill", "placements", "inference", "recall", "reliability"]  # = harness.REGISTRY (tested)
+BenchName = Literal["mixers", "search", "distill", "students", "placements", "inference", "recall", "healing",
+                    "reliability"]  # = harness.REGISTRY (tested)
 EXPERIMENT = "dtr-benchmarks"
 
 

@@ -54,6 +54,7 @@ Decisions the DtR paper leaves open, taken here (and why):
       mixer            10K tokens per layer                   40K tokens per layer (the pipeline's default)
       gated DeltaNet   0.81 0.76 1.44 -> 0.84 0.61 0.44       0.61 0.42 0.67 -> 0.63 0.40 0.24
       GLA              0.78 1.55 1.79 -> 0.85 0.66 0.51       0.62 0.67 0.95 -> 0.69 0.46 0.35
+      JetBlock         0.80 0.71 1.41 -> 0.83 0.60 0.42       0.59 0.39 0.65 -> 0.61 0.39 0.23
   The published forms cost 7 more aten ops per decoded token and layer (below: 84 -> 91 for gated DeltaNet,
   67 -> 74 for GLA, 100 -> 107 for JetBlock), and the same GEMMs.
 - Decay gates start near "no decay" (per-step decay ~0.999); see each mixer.
