@@ -291,7 +291,7 @@ def register(params: ConvertParams, ctx: RunContext, roles: dict[str, list[int]]
     card = task_card(build_task(params.task))
     rows = {role: row for role, name in REPORT_ROLES for row in summary["rows"] if row["model"] == name}
     facts = {role: version_facts(rows[role], rows["teacher"], summary, describe_test_set(params.task)) for role in roles}
-    return register_task(ctx.tracking, params.registered_name(), quote({role: paths[role] for role in roles}), card,
+    return register_task(ctx.tracking, params.registered_name(), quote({role: paths[role] for role in roles}), quote(card),
                          quote({role: description for role, (_, description) in facts.items()}),
                          quote({role: tags for role, (tags, _) in facts.items()}), params.tracking.promote)
 

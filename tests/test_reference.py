@@ -116,9 +116,11 @@ def test_continued_search_matches_the_reference_listing(distilled, task_index, h
                 assert candidate.score == listed["scores"][layer]
     assert list(result.healed_layers) == reference["healed_layers"] == sorted(healed)
     assert result.healed_score == reference["healed_score"]
-    assert len(result.rounds) >= 1 and len(result.heals) >= 2  # the search did continue and heal again
-    if tolerance.mode == "absolute":  # a rejected round after a commit heals and runs again; rejected again: stop
-        assert [r.record.accepted for r in result.rounds][-2:] == [False, False] and result.stop_reason == "rejected"
+    assert len(result.rounds) >= 1 and len(result.heals) >= 1  # the search did continue from a heal
+    if tolerance.mode == "absolute":  # rejected right after a heal: stop (a heal and rerun: tests/test_heal.py)
+        assert not result.rounds[-1].record.accepted and result.stop_reason == "rejected"
+    else:
+        assert len(result.heals) >= 2  # healed again after committing
     # the healed students moved; the caller's students did not
     assert any(not torch.equal(healed[layer].state_dict()[name], before[layer][name])
                for layer in healed for name in before[layer])
