@@ -20,7 +20,7 @@ the corpus still trains (on repeated text). Nothing but the current document is 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -122,6 +122,8 @@ class Corpus:
         self.identity = {"source": source, "text_column": text_column,
                          "tokenizer": tokenizer_fingerprint(tokenizer)}
 
+    repeat_log_level = logging.WARNING  # a budget larger than the corpus repeats it: worth a warning
+
     def rows(self, position: int = 0) -> TokenRows:
         """The stream, `position` tokens in (deterministic: the same position gives the same rows)."""
         return TokenRows(self._documents(), position)
@@ -134,7 +136,7 @@ class Corpus:
         epoch = 1
         while True:
             tokens = 0
-            for text in load_corpus(self.source, self.text_column):
+            for text in self._texts():
                 if not text or not text.strip():
                     continue
                 ids = prefix + list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
@@ -143,8 +145,12 @@ class Corpus:
             if tokens == 0:
                 raise ValueError(f"corpus {self.source!r} holds no text; use a corpus with documents")
             epoch += 1
-            logger.warning("corpus %r repeats: epoch %d (it holds %d tokens; the budget needs more)",
-                           self.source, epoch, tokens)
+            logger.log(self.repeat_log_level, "corpus %r repeats: epoch %d (it holds %d tokens; the budget needs "
+                       "more)", self.source, epoch, tokens)
+
+    def _texts(self) -> Iterable[str]:
+        """One epoch of the corpus's texts, read lazily."""
+        return load_corpus(self.source, self.text_column)
 
 
 class TokenRows:

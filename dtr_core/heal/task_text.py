@@ -12,13 +12,11 @@ so the heal's reuse key changes with the data.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from dtr_core.artifacts import hash_json
 from dtr_core.distill.corpus import Corpus, tokenizer_fingerprint
 from dtr_core.evaluation.tasks import ClassificationTask, GenerativeTask, Task
-
-logger = logging.getLogger(__name__)
 
 
 def task_lm_texts(task: Task) -> list[str]:
@@ -36,6 +34,8 @@ def task_lm_texts(task: Task) -> list[str]:
 class TaskTextCorpus(Corpus):
     """In-memory documents as a `Corpus` (`rows(position)`: the same packed, endless, resumable stream)."""
 
+    repeat_log_level = logging.DEBUG  # the task's train text repeats by design: healing outlasts it
+
     def __init__(self, texts: Sequence[str], tokenizer, name: str = "task"):
         texts = [text for text in texts if text and text.strip()]
         if not texts:
@@ -44,13 +44,5 @@ class TaskTextCorpus(Corpus):
         self.source, self.tokenizer, self.text_column, self.texts = f"task:{name}", tokenizer, "text", texts
         self.identity = {"task_texts": hash_json(texts), "tokenizer": tokenizer_fingerprint(tokenizer)}
 
-    def _documents(self) -> Iterator[list[int]]:
-        separator = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None \
-            else self.tokenizer.eos_token_id
-        prefix = [separator] if separator is not None else []
-        epoch = 1
-        while True:
-            for text in self.texts:
-                yield prefix + list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-            epoch += 1
-            logger.debug("%s repeats: epoch %d", self.source, epoch)
+    def _texts(self) -> Sequence[str]:
+        return self.texts
